@@ -1,0 +1,47 @@
+"""bespoke_fast: learned Bespoke solvers for flow models, fused Triton kernels, and a sampler
+that captures the whole NFE loop in one CUDA graph.
+
+Data flows one way: model -> GT trajectories -> trainer -> solver file -> engine -> samples.
+
+    >>> import torch, bespoke_fast as bf
+    >>> model = bf.zoo.load("gmm-64").model            # any model(x, t[B]) -> u
+    >>> x1 = bf.solve(model, torch.randn(4, 64), method="midpoint", n_steps=10)
+
+Importing this package is cheap: it loads submodules on first use, needs neither triton nor a
+GPU, and queries no GPU.
+"""
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    # models.py: velocity contract, adapters, exact flows
+    "as_velocity": "models", "cfg": "models", "from_torchdiffeq": "models",
+    "to_torchdiffeq": "models", "GaussianPath": "models", "GaussianMixtureFlow": "models",
+    # solvers
+    "solve": "solvers.fixed", "solve_adaptive": "solvers.adaptive",
+    "BespokeSolver": "solvers.bespoke", "NonStationarySolver": "solvers.bns",
+    "load_solver": "io",
+    # fit
+    "generate_trajectories": "gt", "load_trajectories": "gt", "train": "train",
+    "evaluate": "evaluate",
+    # engine
+    "FastSampler": "engine",
+}
+_SUBMODULES = ("models", "solvers", "io", "ops", "table", "gt", "train", "evaluate", "engine",
+               "metrics", "telemetry", "zoo", "cli")
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module = importlib.import_module("." + _LAZY[name], __name__)
+        return getattr(module, name)
+    if name in _SUBMODULES:
+        return importlib.import_module("." + name, __name__)
+    raise AttributeError(f"module 'bespoke_fast' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

@@ -1,0 +1,154 @@
+"""Reference (pure torch) solver-update ops and the backend dispatch.
+
+These are the correctness oracle for the Triton kernels in ``bespoke_fast.kernels`` and the CPU
+path of every sampler. Each op reads its scalars from the coefficient table (``bespoke_fast.table``)
+at a step index, updates the float32 state and, optionally, writes the model's next input in the
+model's dtype (``model_in``), all without reading anything back to the host.
+
+Arithmetic is defined as (``addcmul(y, u, c) = y + c * u``; coefficients cast to the state dtype)::
+
+    rk1_step:    x_new = addcmul(a * x, u, b)
+    rk2_stage1:  x_mid = addcmul(A * x, u1, B)
+    rk2_stage2:  x_new = addcmul(addcmul(C * x, x_mid, D), u2, E)
+
+With guidance, ``u`` is the raw model output of shape ``[2B, ...]`` (conditional half first,
+unconditional half second) and the op first forms ``u = u_unc + w (u_cond - u_unc)``; then
+``model_in`` has shape ``[2B, ...]`` and receives the new state in both halves.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import table as T
+
+__all__ = [
+    "rk1_step", "rk2_stage1", "rk2_stage2",
+    "rk1_step_ref", "rk2_stage1_ref", "rk2_stage2_ref", "guidance_combine_ref",
+    "triton_available",
+]
+
+
+def guidance_combine_ref(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``[2B, ...]`` model output (cond half, then uncond half) -> ``[B, ...]`` guided velocity,
+    ``u_unc + w (u_cond - u_unc)`` computed in float32."""
+    u_cond, u_unc = u.float().chunk(2, dim=0)
+    return torch.addcmul(u_unc, u_cond - u_unc, w.float())
+
+
+def _velocity(u, coef_row, guidance, like):
+    if guidance:
+        u = guidance_combine_ref(u, coef_row[T.W])
+    return u.to(like.dtype)
+
+
+def _needs_grad(*tensors):
+    # Autograd cannot record in-place writes into ``out`` buffers: use the functional form
+    # (same kernels, same arithmetic, so results are bitwise equal to the in-place form).
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _write_model_in(model_in, x):
+    if model_in is None:
+        return
+    if model_in.shape[0] == 2 * x.shape[0]:  # guidance: both halves get the state
+        model_in[: x.shape[0]].copy_(x)
+        model_in[x.shape[0]:].copy_(x)
+    else:
+        model_in.copy_(x)
+
+
+def rk1_step_ref(x, u, table, step, model_in=None, guidance=False, out=None):
+    """Bespoke RK1 step ``x_new = a x + b u`` (row ``step`` of ``table``).
+
+    Args:
+        x: state ``[B, ...]`` (float32 for the engine; any float dtype here).
+        u: model output ``[B, ...]`` (``[2B, ...]`` with ``guidance``), any float dtype.
+        table: ``[n, NUM_COLS]`` coefficient table. step: Python int.
+        model_in: optional buffer ``[B or 2B, ...]`` that receives ``x_new`` in its own dtype.
+        out: optional buffer for ``x_new`` (may be ``x`` itself: in-place).
+    Returns: ``x_new``.
+    """
+    row = table[step].to(x.dtype)
+    u = _velocity(u, row, guidance, x)
+    if _needs_grad(x, u, row):
+        x_new = torch.addcmul(x * row[T.A], u, row[T.B])
+    else:
+        x_new = torch.mul(x, row[T.A], out=out) if out is not None else x * row[T.A]
+        x_new.addcmul_(u, row[T.B])
+    _write_model_in(model_in, x_new)
+    return x_new
+
+
+def rk2_stage1_ref(x, u1, table, step, model_in=None, guidance=False, out=None):
+    """Bespoke RK2 stage 1 ``x_mid = A x + B u1``; returns ``x_mid`` (written to ``out`` if given)."""
+    row = table[step].to(x.dtype)
+    u1 = _velocity(u1, row, guidance, x)
+    if _needs_grad(x, u1, row):
+        x_mid = torch.addcmul(x * row[T.A], u1, row[T.B])
+    else:
+        x_mid = torch.mul(x, row[T.A], out=out) if out is not None else x * row[T.A]
+        x_mid.addcmul_(u1, row[T.B])
+    _write_model_in(model_in, x_mid)
+    return x_mid
+
+
+def rk2_stage2_ref(x, x_mid, u2, table, step, model_in=None, guidance=False, out=None):
+    """Bespoke RK2 stage 2 ``x_new = C x + D x_mid + E u2``; returns ``x_new`` (``out`` may be ``x``)."""
+    row = table[step].to(x.dtype)
+    u2 = _velocity(u2, row, guidance, x)
+    if _needs_grad(x, x_mid, u2, row):
+        x_new = torch.addcmul(torch.addcmul(x * row[T.C], x_mid, row[T.D]), u2, row[T.E])
+    else:
+        x_new = torch.mul(x, row[T.C], out=out) if out is not None else x * row[T.C]
+        x_new.addcmul_(x_mid, row[T.D]).addcmul_(u2, row[T.E])
+    _write_model_in(model_in, x_new)
+    return x_new
+
+
+# ----------------------------------------------------------------------------- dispatch
+_BACKENDS = ("auto", "reference", "triton")
+
+
+def triton_available() -> bool:
+    """True when ``bespoke_fast.kernels`` imports (triton installed). Queries no GPU."""
+    try:
+        from . import kernels  # noqa: F401  (installed from kernels/ via package_dir)
+    except Exception:  # ImportError, or triton failing to initialise
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"triton"`` on CUDA when triton imports, else ``"reference"``."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+    if backend == "triton" and not triton_available():
+        raise RuntimeError("backend='triton' needs the 'triton' package (pip install bespoke_fast[triton])")
+    return backend
+
+
+def _op(name, backend, device):
+    if resolve_backend(backend, device) == "triton":
+        from . import kernels
+        return getattr(kernels, name)
+    return globals()[name + "_ref"]
+
+
+def rk1_step(x, u, table, step, model_in=None, guidance=False, out=None, backend="auto"):
+    """Dispatching RK1 step; see :func:`rk1_step_ref` for the maths and arguments."""
+    return _op("rk1_step", backend, x.device)(x, u, table, step, model_in=model_in,
+                                              guidance=guidance, out=out)
+
+
+def rk2_stage1(x, u1, table, step, model_in=None, guidance=False, out=None, backend="auto"):
+    """Dispatching RK2 stage 1; see :func:`rk2_stage1_ref`."""
+    return _op("rk2_stage1", backend, x.device)(x, u1, table, step, model_in=model_in,
+                                                guidance=guidance, out=out)
+
+
+def rk2_stage2(x, x_mid, u2, table, step, model_in=None, guidance=False, out=None, backend="auto"):
+    """Dispatching RK2 stage 2; see :func:`rk2_stage2_ref`."""
+    return _op("rk2_stage2", backend, x.device)(x, x_mid, u2, table, step, model_in=model_in,
+                                                guidance=guidance, out=out)

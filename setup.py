@@ -1,0 +1,25 @@
+"""bespoke_fast: learned Bespoke solvers for flow models, with fused Triton kernels and a
+whole-loop CUDA-graph sampler. See README.md."""
+from setuptools import setup
+
+setup(
+    name="bespoke_fast",
+    version="0.1.0",
+    description="Bespoke (learned scale-time) ODE solvers for flow-matching / diffusion models, "
+    "fused Triton kernels and a one-CUDA-graph sampler",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["bespoke_fast", "bespoke_fast.solvers", "bespoke_fast.zoo", "bespoke_fast.kernels"],
+    package_dir={"bespoke_fast.kernels": "kernels"},
+    package_data={"bespoke_fast.zoo": ["weights/*.safetensors", "weights/*.json"]},
+    install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors"],
+    extras_require={
+        "triton": ["triton"],
+        "test": ["pytest", "pytest-benchmark", "torchdiffeq", "scipy", "scikit-learn"],
+        "bench": ["pytest-benchmark", "nvidia-ml-py", "torchdiffeq", "flow_matching", "diffusers",
+                  "matplotlib"],
+        "viz": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["bespoke-fast=bespoke_fast.cli:main"]},
+)
