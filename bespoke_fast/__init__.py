@@ -23,12 +23,12 @@ _LAZY = {
     "BespokeSolver": "solvers.bespoke", "NonStationarySolver": "solvers.bns",
     "load_solver": "io",
     # fit
-    "generate_trajectories": "gt", "load_trajectories": "gt", "train": "train",
-    "evaluate": "evaluate",
+    "generate_trajectories": "gt", "load_trajectories": "gt", "train": "trainer",
+    "evaluate": "evaluation",
     # engine
     "FastSampler": "engine",
 }
-_SUBMODULES = ("models", "solvers", "io", "ops", "table", "gt", "train", "evaluate", "engine",
+_SUBMODULES = ("models", "solvers", "io", "ops", "table", "gt", "trainer", "evaluation", "engine",
                "metrics", "telemetry", "zoo", "cli")
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -319,25 +319,35 @@ class GaussianMixtureFlow(nn.Module):
         self.register_buffer("log_weights", torch.log(weights / weights.sum()))
 
     def _posterior(self, x, t):
-        """Returns flattened x, per-component p(k|x,t) [B, K], and path scalars (each [B, 1])."""
+        """Flattened x [B, D], p(k|x,t) [B, K], and the path scalars a, s (each [B, 1]),
+        v and tau^2 ([B, K] and [K], or [B, 1] and [1] when all stds are equal), t [B, 1]."""
         dt = torch.float64 if x.dtype == torch.float64 else torch.float32
         xf = x.reshape(x.shape[0], -1).to(dt)
-        mu, tau2, logw = self.means.to(dt), (self.stds ** 2).to(dt), self.log_weights.to(dt)
+        mu = self.means.to(dt)
         t = t.to(dt).reshape(-1, 1)
         a, s = self.path.alpha(t), self.path.sigma(t)
-        v = a * a * tau2 + s * s                                   # [B, K]
-        D = xf.shape[1]
-        sq = ((xf * xf).sum(1, keepdim=True) - 2 * a * (xf @ mu.T)
-              + a * a * (mu * mu).sum(1))                          # ||x - a mu_k||^2, [B, K]
-        logp = logw - 0.5 * sq / v - 0.5 * D * torch.log(v)
+        # equal stds (e.g. the digits flow): v is one number per sample, and the
+        # -D/2 log v term is the same for every component, so it drops out of the softmax
+        uniform = bool((self.stds == self.stds[0]).all())
+        tau2 = (self.stds[:1] if uniform else self.stds).to(dt) ** 2
+        v = a * a * tau2 + s * s                                   # [B, 1] or [B, K]
+        # ||x - a mu_k||^2 = ||x||^2 - 2 a x.mu_k + a^2 ||mu_k||^2, with one matmul
+        sq = (xf * (-2 * a)) @ mu.T + (a * a) * (mu * mu).sum(1) + (xf * xf).sum(1, keepdim=True)
+        logp = self.log_weights.to(dt) - (0.5 / v) * sq
+        if not uniform:
+            logp = logp - (0.5 * xf.shape[1]) * torch.log(v)
         return xf, torch.softmax(logp, dim=1), a, s, v, tau2, t
 
     def forward(self, x, t, **extras):
         xf, p, a, s, v, tau2, tt = self._posterior(x, t)
         da, ssd = self.path.d_alpha(tt), self.path.sigma_dsigma(tt)
-        c = (a * da * tau2 + ssd) / v                              # [B, K]
+        c = (a * da * tau2 + ssd) / v                              # [B, K] or [B, 1]
+        mu = self.means.to(xf.dtype)
         # u = sum_k p_k [c_k x + (a' - a c_k) mu_k]
-        u = (p * c).sum(1, keepdim=True) * xf + (p * (da - a * c)) @ self.means.to(xf.dtype)
+        if c.shape[1] == 1:
+            u = c * xf + (da - a * c) * (p @ mu)
+        else:
+            u = (p * c).sum(1, keepdim=True) * xf + (p * (da - a * c)) @ mu
         return u.reshape(x.shape).to(x.dtype)
 
     def predict(self, x, t, kind="eps"):

@@ -1,0 +1,233 @@
+"""The ``bespoke-fast`` command line: ``demo``, ``gt``, ``train``, ``eval``, ``sample``.
+
+Each sub-command has ``--help``; long work shows progress bars on stderr; ``--json`` prints a
+machine-readable summary on stdout. Errors are one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def _device(name):
+    import torch
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _model(args):
+    from .zoo import resolve_model
+    try:
+        return resolve_model(args.model, device=_device(args.device))
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+
+
+def _gt(args, zm):
+    from .gt import load_trajectories
+    try:
+        gt = load_trajectories(args.gt, device=_device(args.device))
+    except (FileNotFoundError, ValueError) as e:
+        raise CLIError(str(e)) from e
+    if tuple(gt.shape) != tuple(zm.shape):
+        raise CLIError(f"{args.gt}: GT samples have shape {tuple(gt.shape)} but model {args.model!r} "
+                       f"makes shape {tuple(zm.shape)}: generate GT for this model")
+    name = gt.meta.get("model", {}).get("name")
+    if name and name != zm.name:
+        raise CLIError(f"{args.gt}: GT was generated with model {name!r}, not {zm.name!r}")
+    return gt
+
+
+def _emit(args, summary, human_lines):
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        for line in human_lines:
+            print(line)
+
+
+# ----------------------------------------------------------------------------- sub-commands
+def cmd_gt(args):
+    from .gt import generate_trajectories
+    zm = _model(args)
+    manifest = generate_trajectories(zm.model, args.num, zm.shape, args.out, seed=args.seed,
+                                     rtol=args.rtol, atol=args.atol, knots=args.knots,
+                                     batch_size=args.batch_size, model_name=zm.name,
+                                     data_range=zm.data_range, progress=not args.quiet)
+    interp = manifest.get("interpolation", {})
+    _emit(args, {"out": str(args.out), "num": manifest["num"], "nfe": manifest["nfe"],
+                 "interpolation": interp, "wall_seconds": manifest["wall_seconds_last_run"]},
+          [f"wrote {manifest['num']} GT trajectories of {zm.name} to {args.out} "
+           f"({manifest['nfe']['per_trajectory']:.0f} model evaluations per trajectory)",
+           f"Hermite interpolation RMSE vs direct solves: mean {interp.get('rmse_mean', float('nan')):.2e}, "
+           f"max {interp.get('rmse_max', float('nan')):.2e}"])
+
+
+def _nfe_to_steps(solver_kind, base, nfe):
+    if solver_kind == "bns":
+        return nfe
+    per = 2 if base == "rk2" else 1
+    if nfe < per or nfe % per:
+        raise CLIError(f"--nfe {nfe}: a bespoke-{base} solver uses {per} NFE per step, so NFE must "
+                       f"be a positive multiple of {per}")
+    return nfe // per
+
+
+def cmd_train(args):
+    zm = _model(args)
+    gt = _gt(args, zm)
+    n = _nfe_to_steps(args.solver, args.base, args.nfe)
+    try:
+        if args.solver == "bns":
+            from .bns_train import train_bns
+            solver, report = train_bns(zm.model, gt, n_steps=n, iters=args.iters, lr=args.lr,
+                                       batch_size=args.batch_size, seed=args.seed,
+                                       checkpoint=args.checkpoint, progress=not args.quiet,
+                                       model_name=zm.name)
+        else:
+            from .trainer import train
+            solver, report = train(zm.model, gt, base=args.base, n_steps=n, iters=args.iters,
+                                   batch_size=args.batch_size, lr=args.lr, val=args.val,
+                                   seed=args.seed, checkpoint=args.checkpoint,
+                                   gt_mode=args.gt_mode, finetune_iters=args.finetune_iters,
+                                   progress=not args.quiet, model_name=zm.name)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    solver.save(args.out)
+    best = report["best"]
+    _emit(args, {"out": str(args.out), "nfe": solver.nfe, "best": best, "nfe_spent": report["nfe"],
+                 "wall_seconds": report["wall_seconds"]},
+          [f"saved {args.solver} solver (NFE {solver.nfe}) to {args.out}",
+           f"validation: RMSE {best['rmse']:.3e}, PSNR {best['psnr']:.2f} dB "
+           f"(iteration {best['iteration']}, {report['wall_seconds']:.1f} s)"])
+
+
+def cmd_eval(args):
+    from .evaluation import evaluate
+    zm = _model(args)
+    gt = _gt(args, zm)
+    results = []
+    for spec in args.solvers:
+        try:
+            results.append(evaluate(zm.model, spec, gt))
+        except (ValueError, TypeError) as e:
+            raise CLIError(f"solver {spec!r}: {e}") from e
+    lines = [f"{'solver':<28} {'NFE':>4} {'RMSE':>10} {'PSNR (dB)':>10}"]
+    lines += [f"{r['solver']:<28} {r['nfe']:>4} {r['rmse']:>10.3e} {r['psnr']:>10.2f}" for r in results]
+    lines.append(f"({len(gt)} GT trajectories, data range {gt.data_range})")
+    _emit(args, {"results": results}, lines)
+
+
+# ----------------------------------------------------------------------------- parser
+def _common(p, model=True, gt=False):
+    if model:
+        p.add_argument("--model", default="digits-fmot",
+                       help="bundled model name (gmm-64, digits-exact, digits-fmot, digits-vcs, "
+                            "digits-eps) or package.module:factory (default: %(default)s)")
+    if gt:
+        p.add_argument("--gt", required=True, type=Path, help="GT directory made by 'bespoke-fast gt'")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bespoke-fast",
+        description="Fit Bespoke solvers to flow models and sample fast. "
+                    "Data flow: model -> gt -> train -> solver file -> eval / sample.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"bespoke_fast {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("gt", help="generate ground-truth trajectories (adaptive RK45)",
+                       description="Integrate N noises with adaptive Dormand-Prince and store the "
+                                   "trajectories (dense knots) as a sharded GT set. Rerunning the "
+                                   "same command resumes an interrupted run.")
+    _common(p)
+    p.add_argument("--num", type=int, default=1280, help="trajectories (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--rtol", type=float, default=1e-5)
+    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--knots", type=int, default=None, help="knots per trajectory (default: gt.DEFAULT_KNOTS)")
+    p.add_argument("--batch-size", type=int, default=256, help="trajectories per shard")
+    p.set_defaults(func=cmd_gt)
+
+    p = sub.add_parser("train", help="fit a Bespoke (or BNS) solver on a GT set",
+                       description="Fit a solver to the model on its GT trajectories and save the "
+                                   "solver file (JSON).")
+    _common(p, gt=True)
+    p.add_argument("--solver", choices=("bespoke", "bns"), default="bespoke",
+                   help="solver family (default %(default)s)")
+    p.add_argument("--base", choices=("rk1", "rk2"), default="rk2", help="bespoke base (default rk2)")
+    p.add_argument("--nfe", type=int, default=10, help="network evaluations (default %(default)s)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the trainer's)")
+    p.add_argument("--finetune-iters", type=int, default=None,
+                   help="end-to-end fine-tune iterations after the bound phase (bespoke)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--val", type=int, default=256, help="held-out trajectories (bespoke)")
+    p.add_argument("--gt-mode", choices=("cached", "online"), default="cached")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint file: resume from it if present")
+    p.add_argument("--out", type=Path, required=True, help="solver file to write (.json)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="RMSE / PSNR of solvers against a GT set",
+                       description="Evaluate solver files and baselines (name@NFE: euler, midpoint, "
+                                   "heun, rk4) against the GT endpoints.")
+    _common(p, gt=True)
+    p.add_argument("solvers", nargs="+", metavar="SOLVER", help="solver file or method@NFE")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        _fill_defaults(args)
+        args.func(args)
+    except CLIError as e:
+        print(f"bespoke-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bespoke-fast {args.command}: interrupted (rerun the same command to resume)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _fill_defaults(args):
+    """Options given as None take the defaults of the function they feed."""
+    import inspect
+    if args.command == "gt" and args.knots is None:
+        from .gt import DEFAULT_KNOTS
+        args.knots = DEFAULT_KNOTS
+    if args.command == "train":
+        if args.solver == "bns":
+            from .bns_train import train_bns as fn
+        else:
+            from .trainer import train as fn
+        params = inspect.signature(fn).parameters
+        for name in ("iters", "batch_size", "lr", "finetune_iters"):
+            if getattr(args, name, None) is None and name in params:
+                setattr(args, name, params[name].default)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Fitting a Bespoke solver to a model: the RMSE-bound loss and the trainer (method.md section 5).
+
+Loss for a batch of GT trajectories ``x(t)`` (all n steps in parallel)::
+
+    d_{i+1} = || x(t_{i+1}) - step_i(x(t_i)) ||            per-sample RMSE local error
+    M_i     = prod_{j=i+1}^{n-1} L_j                       (M_{n-1} = 1: the LAST error has weight 1)
+    loss    = mean_batch sum_{i=0}^{n-1} M_i d_{i+1}
+
+Gradients reach the solver parameters through the step coefficients, through ``M``, through
+the model inputs (times and states), and through ``x(t_i)`` at the moving grid times: cached GT
+interpolates the stored trajectories with a cubic Hermite (differentiable in t); online GT
+solves RK45 at the detached grid each iteration and uses ``x(sg t) + u(sg t, x(sg t)) (t - sg t)``.
+
+After the bound phase an optional end-to-end fine-tune **(ours)** minimises
+``mean log ||x_n - x(1)||^2`` (i.e. maximises PSNR) through the n-step sampler.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ._checks import call_model, check_choice, check_int
+from .gt import TrajectorySet
+from .io import model_fingerprint
+from .metrics import rmse_psnr
+from .solvers.adaptive import solve_adaptive
+from .solvers.bespoke import BespokeSolver
+
+__all__ = ["train", "rmse_bound_loss", "local_errors", "lipschitz_weights", "gt_at_grid"]
+
+GT_MODES = ("cached", "online")
+
+
+# ----------------------------------------------------------------------------- the loss
+def lipschitz_weights(L: torch.Tensor) -> torch.Tensor:
+    """``M_i = prod_{j=i+1}^{n-1} L_j`` for ``L`` of shape ``[n]``; ``M_{n-1} = 1``.
+
+    Each local error is weighted by the Lipschitz constants of the steps AFTER it (a forward
+    cumulative product would be the known bug)."""
+    tail = torch.flip(torch.cumprod(torch.flip(L[1:], [0]), 0), [0])
+    return torch.cat([tail, L.new_ones(1)])
+
+
+def _grid(solver: BespokeSolver) -> torch.Tensor:
+    """The solver's n + 1 grid times in t (differentiable)."""
+    t = solver.tables()["t"]
+    return t if solver.base == "rk1" else t[0::2]
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def local_errors(solver: BespokeSolver, model, X: torch.Tensor, extras: dict | None = None) -> torch.Tensor:
+    """Per-sample local errors ``d [n, B]`` of every step applied to GT states, in parallel.
+
+    ``X``: ``[n + 1, B, ...]`` GT states at the solver's grid times. Step i maps ``X[i]`` and is
+    compared with ``X[i + 1]``. The model sees one batch of ``n B`` samples with per-sample
+    times. ``extras`` (per-trajectory, ``[B, ...]``) are repeated for every step."""
+    n, B = solver.n_steps, X.shape[1]
+    xs = X[:-1].reshape(n * B, *X.shape[2:])
+    extras = {k: (v.repeat(n, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) else v)
+              for k, v in (extras or {}).items()}
+    c = {k: v.to(X.dtype).repeat_interleave(B) for k, v in solver.coefficients().items()}
+    if solver.base == "rk1":
+        u = call_model(model, xs, c["t"], extras)
+        x_next = _bcast(c["a"], xs) * xs + _bcast(c["b"], xs) * u
+    else:
+        u1 = call_model(model, xs, c["t0"], extras)
+        x_mid = _bcast(c["A"], xs) * xs + _bcast(c["B"], xs) * u1
+        u2 = call_model(model, x_mid, c["tm"], extras)
+        x_next = _bcast(c["C"], xs) * xs + _bcast(c["D"], xs) * x_mid + _bcast(c["E"], xs) * u2
+    diff = (x_next - X[1:].reshape_as(x_next)).reshape(n, B, -1)
+    return diff.pow(2).mean(-1).add(1e-20).sqrt()
+
+
+def rmse_bound_loss(solver: BespokeSolver, model, X: torch.Tensor, extras=None, L_tau: float = 1.0):
+    """``(loss, d)``: the RMSE bound ``mean_b sum_i M_i d_{i+1}`` and the local errors ``[n, B]``."""
+    d = local_errors(solver, model, X, extras)
+    M = lipschitz_weights(solver.lipschitz(L_tau)).to(d.dtype)
+    return (M[:, None] * d).sum(0).mean(), d
+
+
+def gt_at_grid(solver, model, batch: TrajectorySet, mode: str = "cached", rtol=1e-5, atol=1e-5,
+               extras=None):
+    """GT states ``[n + 1, B, ...]`` at the solver's (moving) grid times, differentiable in them,
+    and the per-sample model evaluations this cost (0 for cached)."""
+    t = _grid(solver)
+    if mode == "cached":
+        return batch.at(t), 0
+    ts = t.detach()
+    with torch.no_grad():
+        x0 = batch.x0
+        X, stats = solve_adaptive(model, x0, ts.clamp(0, 1), rtol=rtol, atol=atol,
+                                  return_stats=True, **(extras or {}))
+        flat = X.reshape(-1, *X.shape[2:])
+        tt = ts.to(X.dtype).repeat_interleave(X.shape[1])
+        rep = {k: v.repeat(X.shape[0], *([1] * (v.dim() - 1))) for k, v in (extras or {}).items()}
+        U = call_model(model, flat, tt, rep).reshape_as(X)
+    dt = (t - ts).to(X.dtype).reshape(-1, *([1] * (X.dim() - 1)))
+    return X + U * dt, (stats["nfe"] + X.shape[0]) * X.shape[1]
+
+
+# ----------------------------------------------------------------------------- helpers
+@contextmanager
+def _frozen(model):
+    """Model parameters do not need gradients while fitting the solver; restore afterwards."""
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def _dist():
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+def _validate(solver, model, val: TrajectorySet, batch_size=1024):
+    """End-to-end validation: sample from the held-out noises and compare with GT x(1)."""
+    outs = []
+    with torch.no_grad():
+        for lo in range(0, len(val), batch_size):
+            rows = slice(lo, lo + batch_size)
+            extras = {k: v[rows] for k, v in val.extras.items()}
+            outs.append(solver.sample(model, val.x0[rows], **extras))
+    return rmse_psnr(torch.cat(outs), val.x1, val.data_range)
+
+
+def _cosine_lr(config, k):
+    """Learning rate at iteration k: a cosine decay to 5% within each phase (bound, then
+    fine-tune). A pure function of k, so resuming from a checkpoint needs no scheduler state."""
+    if k < config["iters"]:
+        base, frac = config["lr"], k / config["iters"]
+    else:
+        base, frac = config["finetune_lr"], (k - config["iters"]) / max(1, config["finetune_iters"])
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _atomic_torch_save(obj, path: Path):
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _check_gt_matches(model, trajectories, model_name):
+    meta = trajectories.meta.get("model", {})
+    want = meta.get("hash", "")
+    have = model_fingerprint(model)
+    if want and have and want != have:
+        raise ValueError(f"the GT set was generated by model {meta.get('name') or want!r} "
+                         f"(hash {want}), not by this model (hash {have}{', ' + model_name if model_name else ''}); "
+                         f"generate GT for this model first")
+
+
+# ----------------------------------------------------------------------------- the trainer
+def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 5,
+          iters: int = 400, batch_size: int = 128, lr: float = 5e-3, val=256,
+          val_every: int = 50, seed: int = 0, checkpoint=None, checkpoint_every: int = 50,
+          gt_mode: str = "cached", finetune_iters: int = 200, finetune_lr: float | None = None,
+          L_tau: float = 1.0, model_name: str = "", progress: bool = True, callback=None):
+    """Fit a :class:`BespokeSolver` to ``model`` on GT trajectories.
+
+    Args:
+        model: the velocity model the GT was generated with.
+        trajectories: a :class:`TrajectorySet` (``load_trajectories(dir)``).
+        base, n_steps: the solver family (NFE = n for rk1, 2n for rk2).
+        iters: iterations of the RMSE-bound phase; batch_size: trajectories per iteration.
+        lr: Adam learning rate (cosine decay to 5% over each phase). val: number of trajectories held out (the last ones) for
+            validation, or a separate TrajectorySet. val_every: validate every k iterations;
+            the parameters with the best validation PSNR are kept.
+        seed: seeds the batch order (the result is a deterministic function of the inputs on CPU).
+        checkpoint: path; saved every ``checkpoint_every`` iterations (atomically). If it exists,
+            training resumes from it and ends with exactly the parameters of an uninterrupted run.
+        gt_mode: ``"cached"`` (Hermite interpolation of the stored trajectories, default) or
+            ``"online"`` (an RK45 solve per iteration at the current grid, as in the paper).
+        finetune_iters, finetune_lr: end-to-end fine-tune after the bound phase (ours),
+            starting from the best bound-phase solver; ``finetune_lr`` defaults to ``lr / 5``.
+        callback: optional ``callback(iteration, record)`` after each validation.
+
+    Returns: ``(solver, report)``; the report holds the curve (iteration, loss, validation
+    RMSE/PSNR), the best validation figures, model evaluations spent (``nfe``: GT, training,
+    validation; per-sample evaluations) and the wall time.
+
+    Under torchrun, each rank draws its own batches, gradients are all-reduced, and only rank 0
+    writes checkpoints.
+
+    Example::
+
+        >>> gt = load_trajectories("runs/gt")
+        >>> solver, report = train(model, gt, base="rk2", n_steps=5, iters=1500)
+        >>> solver.save("solver.json")
+    """
+    check_choice("gt_mode", gt_mode, GT_MODES)
+    n_steps = check_int("n_steps", n_steps)
+    iters = check_int("iters", iters, 0)
+    finetune_iters = check_int("finetune_iters", finetune_iters, 0)
+    batch_size = check_int("batch_size", batch_size)
+    val_every = check_int("val_every", val_every)
+    if iters + finetune_iters == 0:
+        raise ValueError("iters + finetune_iters must be >= 1")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    if not isinstance(trajectories, TrajectorySet):
+        raise TypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
+    _check_gt_matches(model, trajectories, model_name)
+    if isinstance(val, TrajectorySet):
+        train_set, val_set = trajectories, val
+    else:
+        train_set, val_set = trajectories.split(check_int("val", val))
+    rank, world = _dist()
+    device = train_set.x0.device
+    solver = BespokeSolver(base, n_steps).to(device)
+    config = {"base": base, "n_steps": n_steps, "iters": iters, "batch_size": batch_size, "lr": lr,
+              "seed": seed, "gt_mode": gt_mode, "finetune_iters": finetune_iters,
+              "finetune_lr": finetune_lr if finetune_lr is not None else lr / 5, "L_tau": L_tau,
+              "num_train": len(train_set), "num_val": len(val_set), "val_every": val_every}
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    state = {"iteration": 0, "curve": [], "best": None, "best_psnr": -math.inf,
+             "nfe_train": 0, "nfe_val": 0, "wall_total": 0.0}
+    optim = torch.optim.Adam(solver.parameters(), lr=lr)
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.is_file():
+        saved = torch.load(ckpt, weights_only=True)
+        if saved["config"] != config:
+            diff = {k: (saved["config"].get(k), v) for k, v in config.items() if saved["config"].get(k) != v}
+            raise ValueError(f"checkpoint {ckpt} was made with other settings {diff} "
+                             f"(saved, now); remove it or use the same settings")
+        solver.load_state_dict(saved["solver"])
+        if saved["iteration"] > iters:  # resumed inside the fine-tune phase
+            optim = torch.optim.Adam(solver.parameters(), lr=config["finetune_lr"])
+        optim.load_state_dict(saved["optim"])
+        gen.set_state(saved["rng"])
+        state = saved["state"]
+    started = time.perf_counter()
+    total = iters + finetune_iters
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=state["iteration"], disable=not progress or rank != 0,
+               desc=f"fit bespoke-{base} NFE {solver.nfe}", unit="it", dynamic_ncols=True)
+    stages = 1 if base == "rk1" else 2
+    with _frozen(model):
+        while state["iteration"] < total:
+            k = state["iteration"]
+            if k == iters and finetune_iters and k > 0:
+                # bound phase done: fine-tune end to end from its best parameters
+                solver.load_state_dict(state["best"])
+                optim = torch.optim.Adam(solver.parameters(), lr=config["finetune_lr"])
+            for group in optim.param_groups:
+                group["lr"] = _cosine_lr(config, k)
+            rows = torch.randint(len(train_set), (batch_size,), generator=gen)
+            batch = train_set.subset(rows)
+            optim.zero_grad(set_to_none=True)
+            if k < iters:
+                X, gt_nfe = gt_at_grid(solver, model, batch, gt_mode, extras=batch.extras)
+                loss, _ = rmse_bound_loss(solver, model, X, batch.extras, L_tau)
+                state["nfe_train"] += gt_nfe + n_steps * stages * batch_size
+            else:
+                x_n = solver.sample(model, batch.x0, **batch.extras)
+                err2 = (x_n - batch.x1).flatten(1).pow(2).mean(1)
+                loss = torch.log(err2 + 1e-20).mean()
+                state["nfe_train"] += solver.nfe * batch_size
+            loss.backward()
+            if world > 1:
+                for p in solver.parameters():
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= world
+            optim.step()
+            state["iteration"] = k + 1
+            bar.update(1)
+            done = state["iteration"]
+            if done % val_every == 0 or done == total or done == iters:
+                record = {"iteration": done, "loss": float(loss.detach()),
+                          "phase": "bound" if done <= iters else "finetune",
+                          **_validate(solver, model, val_set)}
+                state["nfe_val"] += solver.nfe * len(val_set)
+                state["curve"].append(record)
+                if record["psnr"] > state["best_psnr"]:
+                    state["best_psnr"] = record["psnr"]
+                    state["best"] = copy.deepcopy(solver.state_dict())
+                    state["best_record"] = record
+                bar.set_postfix(loss=f"{record['loss']:.3g}", val_psnr=f"{record['psnr']:.2f}",
+                                best=f"{state['best_psnr']:.2f}")
+                if callback is not None:
+                    callback(done, record)
+            if ckpt is not None and rank == 0 and (done % checkpoint_every == 0 or done == total):
+                state["wall_total"] += time.perf_counter() - started
+                started = time.perf_counter()
+                _atomic_torch_save({"config": config, "solver": solver.state_dict(),
+                                    "optim": optim.state_dict(), "rng": gen.get_state(),
+                                    "iteration": done, "state": state}, ckpt)
+    bar.close()
+    state["wall_total"] += time.perf_counter() - started
+    solver.load_state_dict(state["best"])
+    gt_nfe = trajectories.meta.get("nfe", {}).get("total")
+    report = {
+        "config": config,
+        "curve": state["curve"],
+        "best": state["best_record"],
+        "nfe": {"gt": gt_nfe, "train": state["nfe_train"], "validation": state["nfe_val"]},
+        "wall_seconds": state["wall_total"],
+        "gt_wall_seconds": trajectories.meta.get("wall_seconds_last_run"),
+    }
+    solver.meta = {
+        "model": {"name": model_name or trajectories.meta.get("model", {}).get("name", ""),
+                  "hash": model_fingerprint(model)},
+        "training": {**config, "wall_seconds": report["wall_seconds"], "nfe": report["nfe"]},
+        "validation": state["best_record"],
+    }
+    return solver, report

@@ -1,0 +1,66 @@
+"""The bespoke-fast command line: help, the gt -> train -> eval flow, clear errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bespoke_fast.cli import build_parser, main
+
+
+def test_every_command_has_help(capsys):
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"gt", "train", "eval"} <= set(commands)
+    for name in commands:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        assert "usage: bespoke-fast " + name in capsys.readouterr().out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "bespoke_fast.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "gt" in out and "train" in out and "eval" in out
+
+
+@pytest.fixture(scope="module")
+def gt_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "gt"
+    assert main(["gt", "--model", "gmm-64", "--num", "96", "--out", str(out), "--batch-size", "48",
+                 "--quiet", "--device", "cpu"]) == 0
+    return out
+
+
+def test_gt_train_eval_flow(gt_dir, tmp_path, capsys):
+    capsys.readouterr()
+    solver = tmp_path / "s.json"
+    assert main(["train", "--model", "gmm-64", "--gt", str(gt_dir), "--nfe", "6", "--iters", "30",
+                 "--finetune-iters", "10", "--val", "32", "--out", str(solver), "--quiet", "--json",
+                 "--device", "cpu"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["nfe"] == 6 and solver.is_file()
+    assert main(["eval", "--model", "gmm-64", "--gt", str(gt_dir), "--json", "--device", "cpu",
+                 str(solver), "midpoint@6", "euler@6"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [r["nfe"] for r in results] == [6, 6, 6]
+    assert set(results[0]) >= {"solver", "nfe", "rmse", "psnr"}
+    by_name = {r["solver"]: r["psnr"] for r in results}
+    assert by_name["s.json"] > by_name["euler@6"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["eval", "--model", "gmm-64", "--gt", "/nonexistent/gt", "midpoint@4"], "not a GT directory"),
+    (["eval", "--model", "digits-exact", "--gt", "GT", "midpoint@4"], "shape"),
+    (["eval", "--model", "gmm-64", "--gt", "GT", "midpoint@5"], "NFE must be a positive multiple of 2"),
+    (["eval", "--model", "gmm-64", "--gt", "GT", "rk9@4"], "unknown method 'rk9'"),
+    (["eval", "--model", "gmm-64", "--gt", "GT", "nonsense"], "neither a solver file nor"),
+    (["eval", "--model", "no-such-model", "--gt", "GT", "midpoint@4"], "unknown model 'no-such-model'"),
+    (["train", "--model", "gmm-64", "--gt", "GT", "--nfe", "7", "--out", "x.json"], "multiple of 2"),
+])
+def test_clear_errors(gt_dir, capsys, argv, message):
+    argv = [str(gt_dir) if a == "GT" else a for a in argv]
+    assert main(argv + ["--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
