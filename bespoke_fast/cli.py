@@ -127,6 +127,34 @@ def cmd_eval(args):
     _emit(args, {"results": results}, lines)
 
 
+def cmd_sample(args):
+    import torch
+    from .io import load_solver
+    from .sampling import sample_to_dir
+    zm = _model(args)
+    try:
+        solver = load_solver(args.solver)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from e
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.model_dtype]
+    result = sample_to_dir(zm.model, solver, zm.shape, args.num, args.out, batch_size=args.batch_size,
+                           seed=args.seed, model_dtype=dtype, backend=args.backend,
+                           device=_device(args.device), progress=not args.quiet, model_name=zm.name)
+    _emit(args, result, [f"wrote {args.num} samples of {zm.name} (NFE {solver.nfe}) to {args.out}"])
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+    try:
+        summary = run_demo(args.model, nfe=args.nfe, out=args.out, num_gt=args.num_gt,
+                           device=_device(args.device), progress=not args.quiet,
+                           log=(lambda *a: None) if args.json else print)
+    except ValueError as e:
+        raise CLIError(str(e)) from e
+    if args.json:
+        print(json.dumps(summary, indent=1))
+
+
 # ----------------------------------------------------------------------------- parser
 def _common(p, model=True, gt=False):
     if model:
@@ -148,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     parser.add_argument("--version", action="version", version=f"bespoke_fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the whole pipeline on a bundled model (GT, fit, eval, plots)",
+                       description="Generate GT for a bundled model, fit a Bespoke RK2 solver, "
+                                   "compare it with euler/midpoint/rk4 at the same NFE and midpoint "
+                                   "at twice the NFE, save the solver file, sample grids and plots.")
+    _common(p)
+    p.add_argument("--nfe", type=int, default=10, help="network evaluations (even; default %(default)s)")
+    p.add_argument("--num-gt", type=int, default=1280, help="GT trajectories (default %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("bespoke_demo"), help="output directory")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("gt", help="generate ground-truth trajectories (adaptive RK45)",
                        description="Integrate N noises with adaptive Dormand-Prince and store the "
@@ -190,6 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, gt=True)
     p.add_argument("solvers", nargs="+", metavar="SOLVER", help="solver file or method@NFE")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="draw samples with a solver file into .npy shards",
+                       description="Sample with FastSampler (triton + one CUDA graph on GPU, the "
+                                   "pure-torch reference on CPU) into DIR/samples_*.npy shards and a "
+                                   "manifest.json. Sample i's noise depends only on (seed, i), so "
+                                   "results do not depend on the batch size; reruns resume.")
+    _common(p)
+    p.add_argument("--solver", required=True, type=Path, help="solver file (.json)")
+    p.add_argument("--num", type=int, required=True, help="number of samples")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype the model runs in (the solver state stays fp32)")
+    p.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.set_defaults(func=cmd_sample)
     return parser
 
 

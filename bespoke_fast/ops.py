@@ -11,6 +11,10 @@ Arithmetic is defined as (``addcmul(y, u, c) = y + c * u``; coefficients cast to
     rk2_stage1:  x_mid = addcmul(A * x, u1, B)
     rk2_stage2:  x_new = addcmul(addcmul(C * x, x_mid, D), u2, E)
 
+``out`` may be ``x`` itself (in place), but ``u`` must not share memory with ``x`` or ``out``
+(the state is overwritten before ``u`` is read). Under autograd the ops ignore ``out`` and
+return a new tensor (autograd cannot record the in-place form).
+
 With guidance, ``u`` is the raw model output of shape ``[2B, ...]`` (conditional half first,
 unconditional half second) and the op first forms ``u = u_unc + w (u_cond - u_unc)``; then
 ``model_in`` has shape ``[2B, ...]`` and receives the new state in both halves.

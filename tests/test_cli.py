@@ -11,7 +11,7 @@ from bespoke_fast.cli import build_parser, main
 def test_every_command_has_help(capsys):
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert {"gt", "train", "eval"} <= set(commands)
+    assert {"demo", "gt", "train", "eval", "sample"} <= set(commands)
     for name in commands:
         with pytest.raises(SystemExit) as e:
             main([name, "--help"])

@@ -1,0 +1,485 @@
+"""The fast sampler: a learned solver's whole NFE loop on preallocated buffers, optionally fused
+Triton updates, and (on CUDA) the entire loop -- every model call included -- captured in ONE
+CUDA graph and replayed.
+
+Anatomy of one call (``B`` = rows asked for, ``Bp`` = the run size, see *Batch sizes*)::
+
+    x      float32 [Bp, *shape]   solver state (x0 copied in, padded with zeros; the output)
+    x_mid  float32 [Bp, *shape]   RK2 midpoint state
+    model_in  model_dtype [Bp or 2Bp, *shape]   the network's input, written by the update op
+    t      float32 [Bp or 2Bp]    model time, copied from the device table (never .item())
+    extras   static copies of the tensor extras (padded / doubled for guidance)
+    table  float32 [n, 8] on the device (bespoke_fast.table layout)
+
+    for i in range(n):                         # RK2 shown; RK1 has one stage
+        t <- table[i, T0];  u1 = net(model_in, t, **extras)
+        x_mid = A x + B u1        -> also writes model_in            (ops.rk2_stage1)
+        t <- table[i, TM];  u2 = net(model_in, t, **extras)
+        x = C x + D x_mid + E u2  -> also writes model_in            (ops.rk2_stage2)
+
+When the model runs in float32 without guidance the model input IS the state buffer (``x`` or
+``x_mid``), so no model-input copy is made at all.
+
+Batch sizes
+    A call with ``B <= batch_size`` rows runs at ``Bp = batch_size``: the rows are PADDED with
+    zeros (per-sample tensor extras, i.e. those whose first dim is ``B``, are padded by repeating
+    their last row) and the result is sliced back to ``B``. A call with ``B > batch_size`` runs
+    at ``Bp = B`` (a new graph / buffer set). :meth:`FastSampler.sample` streams batches at its
+    own ``batch_size`` (default the constructor's), padding only the last one. Padding keeps the
+    number of captured graphs small; its cost is the compute of the padded rows, so pick
+    ``batch_size`` to match the batches you actually run.
+
+Graph cache
+    One state (buffers + graph) per ``(Bp, shape, model_dtype, extras signature)``; the extras
+    signature holds each tensor extra's shape/dtype and the VALUE of each non-tensor extra (it is
+    baked into the graph). States live in an LRU dict of at most ``max_graphs`` entries.
+
+CUDA graph (device cuda and ``cuda_graph=True``)
+    First use of a key: warm up on a side stream (``warmup`` full loops; compiles and caches
+    the Triton kernels, cuBLAS workspaces, ``torch.compile`` code), then capture the whole loop
+    with ``torch.cuda.graph(g, stream=side)``, then replay. Later calls copy x0 / extras into the
+    static buffers, ``g.replay()``, and return ``x[:B].clone()``. Capture time (warm-up
+    included) is kept apart in ``capture_seconds[key]`` and :meth:`FastSampler.stats`.
+
+    If the capture raises (the model syncs with the host: ``.item()``, ``.cpu()``, printing a
+    CUDA tensor, data-dependent shapes, ...), the sampler warns ONCE for that key with the
+    reason and runs the same loop eagerly for that key from then on. Host-side values a model
+    reads during capture (Python RNG, counters) are frozen into the graph: such models should
+    use ``cuda_graph=False``.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections import OrderedDict
+
+import torch
+
+from . import ops
+from . import table as T
+from ._checks import call_model, check_int, check_state
+from .models import GuidedModel
+
+__all__ = ["FastSampler"]
+
+
+def _infer_device(model) -> torch.device:
+    if isinstance(model, torch.nn.Module):
+        for tensor in model.parameters():
+            return tensor.device
+        for tensor in model.buffers():
+            return tensor.device
+    return torch.device("cpu")
+
+
+def _extra_signature(extras: dict) -> tuple:
+    """Hashable description of the extras: tensors by (shape, dtype), other values by value
+    (they are baked into a captured graph, so a different value needs another graph)."""
+    sig = []
+    for k in sorted(extras):
+        v = extras[k]
+        if isinstance(v, torch.Tensor):
+            sig.append((k, "tensor", tuple(v.shape), v.dtype))
+        else:
+            try:
+                hash(v)
+                sig.append((k, "value", type(v).__name__, v))
+            except TypeError:
+                sig.append((k, "repr", type(v).__name__, repr(v)))
+    return tuple(sig)
+
+
+def _exception_chain(e: BaseException, limit: int = 3) -> str:
+    """``capture_end`` may raise while the model's own error is being handled: report both,
+    innermost (the model's) first."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen and len(chain) < limit:
+        seen.add(id(e))
+        chain.append(f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+        e = e.__cause__ or e.__context__
+    return " <- ".join(reversed(chain))
+
+
+class _State:
+    """Static buffers (and the graph, once captured) for one cache key."""
+
+    def __init__(self, key, run_b, shape, model_dtype, device, guided, alias, base, extras):
+        f32 = dict(dtype=torch.float32, device=device)
+        self.key = key
+        self.run_b = run_b
+        rows = 2 * run_b if guided else run_b
+        self.x = torch.zeros(run_b, *shape, **f32)
+        self.x_mid = torch.zeros(run_b, *shape, **f32) if base == "rk2" else None
+        self.model_in = None if alias else torch.zeros(rows, *shape, dtype=model_dtype, device=device)
+        self.t = torch.zeros(rows, **f32)
+        self.extras = {k: (torch.empty_like(v, device=device) if isinstance(v, torch.Tensor) else v)
+                       for k, v in extras.items()}
+        # A "bns" solver would add here: x0 (float32 copy of the start state) and
+        # us ([n, Bp or 2Bp, *shape] past velocities) -- see FastSampler._build_program.
+        self.graph = None
+        self.failure: str | None = None
+        self.capture_tried = False
+
+    def load(self, x0: torch.Tensor, extras: dict) -> None:
+        b = x0.shape[0]
+        self.x[:b].copy_(x0)
+        if b < self.run_b:
+            self.x[b:].zero_()
+        for k, v in extras.items():
+            if isinstance(v, torch.Tensor):
+                self.extras[k].copy_(v)
+
+
+class FastSampler:
+    """Sample with a learned solver on preallocated buffers, fused kernels and one CUDA graph.
+
+    Args:
+        model: velocity model ``model(x [B, *shape], t [B] float32, **extras) -> u`` (``u`` in
+            ``model_dtype``, shaped like ``x``), or a :class:`~bespoke_fast.models.GuidedModel`
+            from :func:`bespoke_fast.cfg` for classifier-free guidance. The sampler does not cast
+            the model's weights: pass a model that takes ``model_dtype`` inputs.
+        solver: a :class:`~bespoke_fast.BespokeSolver` (base ``"rk1"`` or ``"rk2"``).
+        shape: per-sample shape, e.g. ``(64,)`` or ``(3, 32, 32)``.
+        batch_size: the captured batch size (see the module docs on padding).
+        model_dtype: dtype of the network input/output (float32, bfloat16, float16). The state
+            stays float32; the update ops upcast ``u`` and write the next input in this dtype.
+        backend: ``"reference"`` (pure torch, in place into the buffers), ``"triton"`` (fused
+            kernels; CUDA, or CPU tensors under ``TRITON_INTERPRET=1`` with ``cuda_graph=False``)
+            or ``"auto"`` (triton on CUDA when it imports, else reference).
+        cuda_graph: capture the loop in a CUDA graph (only on CUDA devices; ignored elsewhere).
+        guidance: ``None``, or the guidance scale ``w`` (needs a ``GuidedModel``; default its
+            ``scale``). The network then runs once per stage on a ``[2Bp, ...]`` batch (cond
+            half first) and the update op forms ``u_unc + w (u_cond - u_unc)``.
+        compile_model: wrap the network with ``torch.compile(mode="default")`` before the first
+            capture. ``"reduce-overhead"`` / ``"max-autotune"`` use CUDA graphs of their own and
+            conflict with capturing the whole loop; if the compiled model still cannot be
+            captured the sampler warns and runs eagerly.
+        device: where buffers, table and the loop live (default: the model's parameters' device,
+            else CPU).
+        max_graphs: at most this many cached states (graphs + buffers), least recently used
+            evicted first.
+        warmup: full loops run on a side stream before a capture.
+
+    Calling it: ``sampler(x0=None, generator=None, **extras) -> float32 [B, *shape]`` (a new
+    tensor). ``x0=None`` draws ``[batch_size, *shape]`` with ``torch.randn(generator=...)``.
+    ``x0`` may be any float dtype and device; it is copied into the float32 state.
+
+    Example::
+
+        >>> solver = BespokeSolver.load("solver.json")
+        >>> sampler = FastSampler(model, solver, shape=(3, 32, 32), batch_size=64,
+        ...                       model_dtype=torch.bfloat16)
+        >>> x1 = sampler(torch.randn(64, 3, 32, 32, device="cuda"))     # capture + replay
+        >>> x1 = sampler()                                                # replay only
+        >>> xs = sampler.sample(10_000, seed=0)   # counter-based noise: batch-size independent
+        >>> sampler.load_solver(other_solver)     # same kind/base/n: table copy, no re-capture
+        >>> sampler.stats()["capture_seconds"]
+    """
+
+    def __init__(self, model, solver, shape, batch_size: int, model_dtype=torch.float32,
+                 backend: str = "auto", cuda_graph: bool = True, guidance=None,
+                 compile_model: bool = False, device=None, max_graphs: int = 8, warmup: int = 2):
+        if not isinstance(model_dtype, torch.dtype) or not model_dtype.is_floating_point:
+            raise ValueError(f"model_dtype must be a floating-point torch.dtype (torch.float32, "
+                             f"torch.bfloat16, torch.float16), got {model_dtype!r}")
+        self.shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list, torch.Size))
+                                            else (shape,)))
+        self.batch_size = check_int("batch_size", batch_size)
+        self.max_graphs = check_int("max_graphs", max_graphs)
+        self.warmup = check_int("warmup", warmup, minimum=0)
+        self.model_dtype = model_dtype
+        self.device = torch.device(device) if device is not None else _infer_device(
+            model.model if isinstance(model, GuidedModel) else model)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.backend = ops.resolve_backend(backend, self.device)
+
+        # ---- guidance: the raw network runs on [2Bp] inputs, the op combines the halves
+        if guidance is not None and not isinstance(model, GuidedModel):
+            raise ValueError("guidance needs a classifier-free-guidance model: wrap the "
+                             "conditional model with bespoke_fast.cfg(model, scale, cond_key=..., "
+                             "null=...) and pass that")
+        self.model = model
+        self.guided = isinstance(model, GuidedModel)
+        self.guidance_scale = (float(guidance) if guidance is not None else
+                               float(model.scale) if self.guided else 1.0)
+        net = model.model if self.guided else model
+        if compile_model:
+            net = torch.compile(net, mode="default")
+        self._net = net
+        # fp32 without guidance: the model reads the state buffers directly (no input copy).
+        self._alias = model_dtype == torch.float32 and not self.guided
+
+        self.use_graph = bool(cuda_graph) and self.device.type == "cuda"
+        self.solver = solver
+        self._build_program(solver)
+        with torch.no_grad():
+            self.table = self._solver_table(solver)
+
+        self._states: OrderedDict = OrderedDict()
+        self.capture_seconds: dict = {}
+        self.num_captures = 0
+        self.num_replays = 0
+        self.num_eager_runs = 0
+        self.num_evictions = 0
+        self.capture_failures: dict = {}
+
+    # ------------------------------------------------------------------ solver program
+    def _build_program(self, solver) -> None:
+        """Pick the per-step function for the solver's kind. A ``"bns"`` branch goes here: its
+        step evaluates the model, stores u into ``us[i]`` and calls ``bns_step(x0, us, i, ...)``
+        (extra buffers in ``_State``, its own tables in ``_solver_table``)."""
+        kind = getattr(solver, "kind", None)
+        if kind == "bespoke":
+            if solver.base not in ("rk1", "rk2"):
+                raise ValueError(f"unsupported bespoke base {solver.base!r}")
+            self.kind, self.base, self.n_steps = kind, solver.base, int(solver.n_steps)
+            self._step = self._step_rk1 if solver.base == "rk1" else self._step_rk2
+        elif kind == "bns":
+            raise NotImplementedError("FastSampler does not run non-stationary (BNS) solvers yet")
+        else:
+            raise TypeError(f"solver must be a BespokeSolver, got {type(solver).__name__}")
+
+    def _solver_table(self, solver) -> torch.Tensor:
+        tab = solver.coefficient_table(guidance_scale=self.guidance_scale, dtype=torch.float32,
+                                       device=self.device)
+        return tab.detach().contiguous()
+
+    def load_solver(self, other) -> None:
+        """Swap in another solver of the same kind, base and ``n_steps``: its coefficients are
+        copied into the existing device table (``table.copy_``), so captured graphs stay valid
+        and the next call uses the new coefficients (no re-capture). ``ValueError`` otherwise."""
+        for attr in ("kind", "base", "n_steps"):
+            mine, theirs = getattr(self.solver, attr), getattr(other, attr, None)
+            if mine != theirs:
+                raise ValueError(f"load_solver: {attr} mismatch: the sampler runs {attr}={mine!r}, "
+                                 f"the new solver has {attr}={theirs!r}; build a new FastSampler")
+        with torch.no_grad():
+            self.table.copy_(self._solver_table(other))
+        self.solver = other
+
+    def set_guidance_scale(self, scale: float) -> None:
+        """Change the guidance scale in place (the table's W column; no re-capture)."""
+        if not self.guided:
+            raise ValueError("set_guidance_scale: this sampler was not built with a cfg(...) model")
+        self.guidance_scale = float(scale)
+        self.table[:, T.W].fill_(self.guidance_scale)
+
+    # ------------------------------------------------------------------ the loop
+    def _eval(self, st: _State, inp: torch.Tensor, i: int, col: int, out: torch.Tensor):
+        st.t.copy_(self.table[i, col].expand(st.t.shape[0]))  # device copy, no host read
+        u = call_model(self._net, inp, st.t, st.extras, expect_dtype=self.model_dtype)
+        if u.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+            u = u.clone()  # a model returning (a view of) its input: the in-place update would clobber it
+        elif self.backend == "triton" and not u.is_contiguous():
+            u = u.contiguous()
+        return u
+
+    def _fill_model_in(self, st: _State) -> None:
+        if st.model_in is None:
+            return
+        if self.guided:
+            st.model_in[: st.run_b].copy_(st.x)
+            st.model_in[st.run_b:].copy_(st.x)
+        else:
+            st.model_in.copy_(st.x)
+
+    def _step_rk1(self, st: _State, i: int, last: bool) -> None:
+        mi = None if last else st.model_in
+        u = self._eval(st, st.x if self._alias else st.model_in, i, T.T0, st.x)
+        ops.rk1_step(st.x, u, self.table, i, model_in=mi, guidance=self.guided, out=st.x,
+                     backend=self.backend)
+
+    def _step_rk2(self, st: _State, i: int, last: bool) -> None:
+        u1 = self._eval(st, st.x if self._alias else st.model_in, i, T.T0, st.x_mid)
+        ops.rk2_stage1(st.x, u1, self.table, i, model_in=st.model_in, guidance=self.guided,
+                       out=st.x_mid, backend=self.backend)
+        u2 = self._eval(st, st.x_mid if self._alias else st.model_in, i, T.TM, st.x)
+        ops.rk2_stage2(st.x, st.x_mid, u2, self.table, i, model_in=None if last else st.model_in,
+                       guidance=self.guided, out=st.x, backend=self.backend)
+
+    def _loop(self, st: _State) -> None:
+        """The whole n-step solve on ``st``'s buffers: no host reads, no Python branching on
+        tensor values, no allocation outside what the model (and guidance/low-precision
+        upcasts in the reference ops) make -- so it can be captured as it is."""
+        self._fill_model_in(st)
+        for i in range(self.n_steps):
+            self._step(st, i, i == self.n_steps - 1)
+
+    # ------------------------------------------------------------------ graph capture
+    def _capture(self, st: _State) -> None:
+        """Warm up on a side stream, capture the loop, replay (or fall back to eager). On return
+        ``st.x`` holds the result for the inputs loaded in ``st``."""
+        st.capture_tried = True
+        dev = self.device
+        saved = st.x.clone()  # warm-up advances the state: restart each pass from x0
+        start = time.perf_counter()
+        with torch.cuda.device(dev):
+            current = torch.cuda.current_stream(dev)
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    st.x.copy_(saved)
+                    self._loop(st)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=side):
+                    self._loop(st)
+            except Exception as e:  # the model did something a capture cannot record
+                torch.cuda.set_stream(current)  # graph.__exit__ skips restoring it when capture_end raises
+                del graph
+                try:
+                    torch.cuda.synchronize(dev)
+                except Exception:  # pragma: no cover - a sticky error: nothing left to salvage
+                    raise RuntimeError(f"CUDA graph capture failed and left the device in an "
+                                       f"error state: {_exception_chain(e)}") from e
+                st.failure = _exception_chain(e)
+                self.capture_failures[st.key] = st.failure
+                warnings.warn(f"FastSampler: could not capture the sampling loop in a CUDA graph "
+                              f"for batch {st.run_b}, shape {self.shape}; running it eagerly for "
+                              f"this key from now on. Reason: {st.failure}",
+                              RuntimeWarning, stacklevel=3)
+                st.x.copy_(saved)
+                self._loop(st)
+                self.num_eager_runs += 1
+                return
+            torch.cuda.synchronize(dev)
+            self.capture_seconds[st.key] = time.perf_counter() - start
+            self.num_captures += 1
+            st.graph = graph
+            st.x.copy_(saved)
+            graph.replay()
+            self.num_replays += 1
+
+    def _execute(self, st: _State) -> None:
+        if st.graph is not None:
+            with torch.cuda.device(self.device):
+                st.graph.replay()
+            self.num_replays += 1
+        elif self.use_graph and not st.capture_tried:
+            self._capture(st)
+        else:
+            self._loop(st)
+            self.num_eager_runs += 1
+
+    # ------------------------------------------------------------------ states
+    def _state_for(self, run_b: int, net_extras: dict) -> _State:
+        key = (run_b, self.shape, self.model_dtype, _extra_signature(net_extras))
+        st = self._states.get(key)
+        if st is not None:
+            self._states.move_to_end(key)
+            return st
+        st = _State(key, run_b, self.shape, self.model_dtype, self.device, self.guided,
+                    self._alias, self.base, net_extras)
+        self._states[key] = st
+        while len(self._states) > self.max_graphs:
+            old_key, _ = self._states.popitem(last=False)
+            self.capture_seconds.pop(old_key, None)
+            self.num_evictions += 1
+        return st
+
+    def _network_extras(self, extras: dict, b: int, run_b: int) -> dict:
+        """User extras -> what the network sees: tensors on the device, per-sample ones (first
+        dim ``b``) padded to ``run_b`` by repeating the last row, doubled for guidance."""
+        out = {}
+        for k, v in extras.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device)
+                if v.dim() > 0 and v.shape[0] == b and run_b > b:
+                    v = torch.cat([v, v[-1:].expand(run_b - b, *v.shape[1:])])
+            out[k] = v
+        if self.guided:
+            dummy = torch.empty(run_b, 0, device=self.device)  # only its batch size is used
+            _, _, out = self.model.doubled_inputs(dummy, dummy, out)
+        return out
+
+    def _check_x0(self, x0) -> torch.Tensor:
+        check_state("x0", x0)
+        if tuple(x0.shape[1:]) != self.shape:
+            raise ValueError(f"x0 must have shape [B, {', '.join(map(str, self.shape))}] "
+                             f"(B, *shape with shape={self.shape}), got {tuple(x0.shape)}")
+        return x0
+
+    def _randn(self, b: int, generator) -> torch.Tensor:
+        dev = generator.device if generator is not None else self.device
+        return torch.randn(b, *self.shape, generator=generator, device=dev).to(self.device)
+
+    def _run(self, x0: torch.Tensor, run_b: int, extras: dict) -> torch.Tensor:
+        b = x0.shape[0]
+        with torch.no_grad():
+            net_extras = self._network_extras(extras, b, run_b)
+            st = self._state_for(run_b, net_extras)
+            st.load(x0, net_extras)
+            self._execute(st)
+            return st.x[:b].clone()
+
+    # ------------------------------------------------------------------ public
+    def __call__(self, x0: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 **extras) -> torch.Tensor:
+        """``x0`` ``[B, *shape]`` (default: ``[batch_size, *shape]`` standard normal drawn with
+        ``generator``) -> float32 samples ``[B, *shape]`` on the sampler's device (a new
+        tensor). ``B <= batch_size`` runs padded to ``batch_size``; larger ``B`` runs at ``B``."""
+        if x0 is None:
+            x0 = self._randn(self.batch_size, generator)
+        else:
+            x0 = self._check_x0(x0)
+        b = x0.shape[0]
+        return self._run(x0, max(b, self.batch_size), extras)
+
+    def sample(self, num: int, batch_size: int | None = None, seed: int = 0,
+               generator: torch.Generator | None = None, start: int = 0, **extras) -> torch.Tensor:
+        """``num`` samples ``[num, *shape]`` (float32, on the sampler's device), streamed in
+        batches of ``batch_size`` (default the constructor's; every batch runs at that size,
+        the last one padded).
+
+        Noise: sample ``start + j`` gets ``noise_for_indices([start + j], shape, seed)``, so the
+        result does not depend on ``batch_size``; with a ``generator`` the noise is drawn batch by
+        batch with ``torch.randn(generator=generator)`` instead. Tensor extras whose first dim is
+        ``num`` are sliced per batch; other extras are passed to every batch.
+
+        Example::
+
+            >>> xs = sampler.sample(1000, batch_size=250, seed=3)
+        """
+        from .noise import noise_for_indices
+
+        num = check_int("num", num)
+        bs = self.batch_size if batch_size is None else check_int("batch_size", batch_size)
+        outs = []
+        for a in range(0, num, bs):
+            e = min(a + bs, num)
+            x0 = (self._randn(e - a, generator) if generator is not None else
+                  noise_for_indices(range(start + a, start + e), self.shape, seed,
+                                    device=self.device))
+            ex = {k: (v[a:e] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == num
+                      else v) for k, v in extras.items()}
+            outs.append(self._run(x0, bs, ex))
+        return torch.cat(outs)
+
+    def stats(self) -> dict:
+        """Counters and timings: backend, graph use, cached keys, captures (with seconds per key,
+        warm-up included), replays, eager runs, evictions and capture failures (with reasons)."""
+        def name(key):
+            run_b, shape, dtype, sig = key
+            extra = ",".join(f"{s[0]}:{s[2] if s[1] == 'tensor' else s[3]}" for s in sig)
+            return f"b={run_b} shape={shape} dtype={str(dtype).replace('torch.', '')}" + (
+                f" extras={extra}" if extra else "")
+        return {
+            "backend": self.backend, "device": str(self.device), "cuda_graph": self.use_graph,
+            "kind": self.kind, "base": self.base, "n_steps": self.n_steps,
+            "nfe": self.solver.nfe, "guided": self.guided, "model_dtype": str(self.model_dtype),
+            "cached_keys": len(self._states), "captures": self.num_captures,
+            "replays": self.num_replays, "eager_runs": self.num_eager_runs,
+            "evictions": self.num_evictions,
+            "capture_seconds": {name(k): v for k, v in self.capture_seconds.items()},
+            "capture_seconds_total": math.fsum(self.capture_seconds.values()),
+            "capture_failures": {name(k): v for k, v in self.capture_failures.items()},
+        }
+
+    def __repr__(self) -> str:
+        return (f"FastSampler({self.kind}/{self.base}, n_steps={self.n_steps}, shape={self.shape}, "
+                f"batch_size={self.batch_size}, backend={self.backend!r}, device={self.device}, "
+                f"cuda_graph={self.use_graph}, model_dtype={self.model_dtype}, guided={self.guided})")
