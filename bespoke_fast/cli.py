@@ -108,6 +108,7 @@ def cmd_train(args):
                  "wall_seconds": report["wall_seconds"]},
           [f"saved {args.solver} solver (NFE {solver.nfe}) to {args.out}",
            f"validation: RMSE {best['rmse']:.3e}, PSNR {best['psnr']:.2f} dB "
+           f"(set {best['psnr_set']:.2f} dB) "
            f"(iteration {best['iteration']}, {report['wall_seconds']:.1f} s)"])
 
 
@@ -121,8 +122,9 @@ def cmd_eval(args):
             results.append(evaluate(zm.model, spec, gt))
         except (ValueError, TypeError) as e:
             raise CLIError(f"solver {spec!r}: {e}") from e
-    lines = [f"{'solver':<28} {'NFE':>4} {'RMSE':>10} {'PSNR (dB)':>10}"]
-    lines += [f"{r['solver']:<28} {r['nfe']:>4} {r['rmse']:>10.3e} {r['psnr']:>10.2f}" for r in results]
+    lines = [f"{'solver':<28} {'NFE':>4} {'RMSE':>10} {'PSNR (dB)':>10} {'PSNR set':>9}"]
+    lines += [f"{r['solver']:<28} {r['nfe']:>4} {r['rmse']:>10.3e} {r['psnr']:>10.2f} "
+              f"{r['psnr_set']:>9.2f}" for r in results]
     lines.append(f"({len(gt)} GT trajectories, data range {gt.data_range})")
     _emit(args, {"results": results}, lines)
 
