@@ -1,0 +1,298 @@
+"""Fitting a non-stationary (BNS) solver to a model (method.md section 6).
+
+BNS solvers are trained end to end on a fixed set of GT pairs ``(x0, x(1))`` (paper: 520 for
+training, 1024 held out for validation) by minimising, through the whole n-step sampler::
+
+    loss = mean_batch log ||x_n - x(1)||^2          (per-sample MSE; = -mean PSNR ln10/10 + const)
+
+i.e. maximising the mean PSNR, with full-batch L-BFGS (default) or Adam. The parameters with the
+best validation PSNR are kept (the initial solver counts, so the result is never worse on
+validation than the base solver). Validation, checkpoint writing and model checks reuse the
+Bespoke trainer's helpers (``bespoke_fast.trainer``); the checkpoint scheme is the same.
+
+Measured on ``zoo`` gmm-64 (520 train / 1024 validation pairs, CPU, one thread), validation PSNR:
+midpoint NFE 8 / 10 / 20: 43.9 / 49.3 / 65.6 dB; bespoke-rk2 NFE 10: 65.5 dB; BNS (defaults,
+L-BFGS 300 it, about 70 s) NFE 8: 71.9 dB, NFE 10: 75.1 dB; with Adam (1000 it, 2-3 min)
+67.0 / 69.3 dB.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from ._checks import check_choice, check_int
+from .gt import TrajectorySet
+from .io import model_fingerprint
+from .solvers.bns import INITS, NonStationarySolver
+from .trainer import _atomic_torch_save, _check_gt_matches, _dist, _frozen, _validate
+
+__all__ = ["train_bns", "end_to_end_loss", "OPTIMIZERS"]
+
+
+OPTIMIZERS = ("lbfgs", "adam")
+
+
+def end_to_end_loss(solver: NonStationarySolver, model, batch: TrajectorySet,
+                    dtype=torch.float64, model_dtype=None) -> torch.Tensor:
+    """``mean log ||x_n - x(1)||^2`` over the batch (per-sample mean squared error), through the
+    whole sampler; differentiable in the solver parameters. The sampler's state runs in
+    ``dtype`` (default float64) and the model in ``model_dtype`` (default: the batch's dtype,
+    i.e. the GT's); the error and the log are taken in float64. Near the optimum the loss is a
+    small difference of large logs: with a float32 state its rounding stalls L-BFGS's line
+    search (measured on gmm-64, NFE 8: 64.8 dB float32 state, 70.7 dB float64 state with the
+    model still in float32, 72.4 dB all float64)."""
+    mdt = batch.x0.dtype if model_dtype is None else model_dtype
+    x0 = batch.x0 if dtype is None else batch.x0.to(dtype)
+    x_n = solver.sample(model, x0, model_dtype=mdt, **batch.extras)
+    err2 = (x_n.double() - batch.x1.double()).flatten(1).pow(2).mean(1)
+    return torch.log(err2 + 1e-30).mean()
+
+
+def _full_loss_backward(solver, model, data: TrajectorySet, chunk: int, world: int,
+                        dtype, model_dtype) -> float:
+    """The loss over all of ``data`` with its gradient accumulated into ``.grad``, evaluated in
+    chunks of ``chunk`` pairs (memory stays bounded by one chunk through the sampler)."""
+    total, n = 0.0, len(data)
+    for lo in range(0, n, chunk):
+        part = data.subset(range(lo, min(n, lo + chunk)))
+        loss = end_to_end_loss(solver, model, part, dtype, model_dtype) * (len(part) / n)
+        loss.backward()
+        total += float(loss.detach())
+    if world > 1:
+        for p in solver.parameters():
+            torch.distributed.all_reduce(p.grad)
+            p.grad /= world
+    return total
+
+
+def _lr_at(k: int, iters: int, lr: float, lr_final: float) -> float:
+    """Adam: cosine decay from ``lr`` (iteration 0) to ``lr * lr_final`` (the last iteration)."""
+    frac = k / max(iters - 1, 1)
+    return lr * (lr_final + (1 - lr_final) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def _next_stop(done: int, iters: int, *every: int) -> int:
+    """The next iteration after ``done`` that is a multiple of one of ``every``, or ``iters``."""
+    return min([iters] + [(done // e + 1) * e for e in every])
+
+
+def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = "midpoint",
+              optimizer: str = "lbfgs", iters: int | None = None, batch_size: int = 520,
+              lr: float | None = None, lr_final: float = 0.01, num_train: int = 520,
+              num_val: int = 1024, val=None, val_every: int = 25, seed: int = 0,
+              checkpoint=None, checkpoint_every: int = 50, dtype=torch.float64, model_dtype=None,
+              progress: bool = True,
+              model_name: str = "", callback=None):
+    """Fit a :class:`~bespoke_fast.solvers.bns.NonStationarySolver` (NFE = ``n_steps``) to ``model``.
+
+    Args:
+        model: the velocity model the GT was generated with.
+        trajectories: a :class:`TrajectorySet`; only the pairs ``(x0, x1)`` are used.
+        n_steps: NFE. init: ``"midpoint"`` (n even) or ``"euler"``: the starting solver.
+        optimizer: ``"lbfgs"`` (default: full-batch L-BFGS with a strong-Wolfe line search; the
+            problem is small, smooth and deterministic, and it is ill-conditioned: measured on
+            gmm-64, 3-4 dB better than Adam in a quarter of the time) or ``"adam"``.
+        iters: optimizer iterations (default 300 for L-BFGS, 1000 for Adam). L-BFGS: one
+            direction + line search, about 1.3 loss and gradient evaluations on the whole
+            training set; it stops early once it makes no more progress. Adam: one step on a batch.
+        batch_size: Adam's batch (``>= num_train``: the whole training set every step);
+            L-BFGS always uses the whole training set and evaluates it in chunks of
+            ``batch_size`` pairs (gradient accumulation: bounds memory).
+        lr: L-BFGS step scale (default 1) or Adam's learning rate (default 3e-3), decayed along a
+            cosine to ``lr * lr_final`` at the last iteration (Adam only: the end-to-end loss is
+            sharp, and a constant rate leaves the validation PSNR jumping by tens of dB).
+        num_train, num_val: the last ``num_val`` trajectories are held out for validation
+            first (at most ``len - 1``), then the first ``num_train`` of the rest are the
+            training pairs (at most what is left). ``val``: a separate TrajectorySet to validate
+            on instead (then ``trajectories`` are all for training, up to ``num_train``).
+        val_every: validate every k iterations (and at the start and the end); the parameters
+            with the best validation PSNR are kept (the initial solver included).
+        seed: seeds Adam's batch order (the result is a deterministic function of the inputs on CPU).
+        checkpoint: path; saved every ``checkpoint_every`` iterations (atomically). If it exists,
+            training resumes from it and ends with exactly the parameters of an uninterrupted run.
+        dtype: dtype of the sampler's state while training (default float64: float32 rounding
+            of the loss stalls L-BFGS, see ``end_to_end_loss``); ``None``: the GT's dtype.
+        model_dtype: dtype the model is called in while training (default: the GT's, which
+            any model accepts); ``torch.float64`` for models that run in float64 (exact flows)
+            goes further still. Validation samples in the GT's dtype, like deployment.
+        callback: optional ``callback(iteration, record)`` after each validation.
+
+    Returns: ``(solver, report)``; the report holds the curve (iteration, loss, validation
+    RMSE/PSNR; iteration 0 is the initial solver), the initial and best validation figures,
+    model evaluations spent (``nfe``: GT, training, validation; per-sample), the number of loss
+    evaluations, whether L-BFGS converged (stopped before ``iters``) and the wall time.
+
+    Under torchrun, gradients are all-reduced (Adam: each rank draws its own batches; L-BFGS:
+    every rank computes the same full batch, so nothing is gained) and only rank 0 writes
+    checkpoints. (Not tested multi-process.)
+
+    Example::
+
+        >>> gt = load_trajectories("runs/gt")                       # >= 1544 trajectories
+        >>> solver, report = train_bns(model, gt, n_steps=8)        # 520 train / 1024 val
+        >>> solver.save("bns_nfe8.json")
+    """
+    n_steps = check_int("n_steps", n_steps)
+    check_choice("init", init, INITS)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    iters = check_int("iters", (300 if optimizer == "lbfgs" else 1000) if iters is None else iters)
+    batch_size = check_int("batch_size", batch_size)
+    num_train = check_int("num_train", num_train)
+    val_every = check_int("val_every", val_every)
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every)
+    lr = (1.0 if optimizer == "lbfgs" else 3e-3) if lr is None else lr
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr}")
+    if not 0 <= lr_final <= 1:
+        raise ValueError(f"lr_final must be in [0, 1] (a fraction of lr), got {lr_final}")
+    if not isinstance(trajectories, TrajectorySet):
+        raise TypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
+    _check_gt_matches(model, trajectories, model_name)
+    if isinstance(val, TrajectorySet):
+        pool, val_set = trajectories, val
+    elif val is None:
+        num_val = check_int("num_val", num_val)
+        if len(trajectories) < 2:
+            raise ValueError(f"need at least 2 trajectories (training + validation), got {len(trajectories)}")
+        pool, val_set = trajectories.split(min(num_val, len(trajectories) - 1))
+    else:
+        raise TypeError("val must be None or a TrajectorySet")
+    train_set = pool.subset(range(min(num_train, len(pool))))
+    model_dtype = train_set.x0.dtype if model_dtype is None else model_dtype
+    rank, world = _dist()
+    device = train_set.x0.device
+    solver = NonStationarySolver(n_steps, init=init).to(device)
+    batch_size = min(batch_size, len(train_set))
+    config = {"kind": "bns", "n_steps": n_steps, "init": init, "optimizer": optimizer,
+              "iters": iters, "batch_size": batch_size, "lr": lr,
+              "lr_final": lr_final if optimizer == "adam" else None, "seed": seed,
+              "num_train": len(train_set), "num_val": len(val_set), "val_every": val_every,
+              "checkpoint_every": checkpoint_every,
+              "dtype": str(dtype or train_set.x0.dtype).replace("torch.", ""),
+              "model_dtype": str(model_dtype).replace("torch.", ""),
+              "loss": "mean log mse"}
+    gen = torch.Generator().manual_seed(seed * 1000 + rank)
+    state = {"iteration": 0, "curve": [], "best": None, "best_psnr": -math.inf,
+             "nfe_train": 0, "nfe_val": 0, "loss_evals": 0, "converged": False, "wall_total": 0.0,
+             "last_loss": None, "restarted": False, "restarts": 0}
+    if optimizer == "adam":
+        optim = torch.optim.Adam(solver.parameters(), lr=lr)
+    else:
+        optim = torch.optim.LBFGS(solver.parameters(), lr=lr, max_iter=1, history_size=100,
+                                  line_search_fn="strong_wolfe")
+    ckpt = Path(checkpoint) if checkpoint else None
+    if ckpt is not None and ckpt.is_file():
+        saved = torch.load(ckpt, weights_only=True)
+        if saved["config"] != config:
+            diff = {k: (saved["config"].get(k), v) for k, v in config.items() if saved["config"].get(k) != v}
+            raise ValueError(f"checkpoint {ckpt} was made with other settings {diff} "
+                             f"(saved, now); remove it or use the same settings")
+        solver.load_state_dict(saved["solver"])
+        optim.load_state_dict(saved["optim"])
+        gen.set_state(saved["rng"])
+        state = saved["state"]
+    started = time.perf_counter()
+    from tqdm.auto import tqdm
+    bar = tqdm(total=iters, initial=state["iteration"], disable=not progress or rank != 0,
+               desc=f"fit bns-{init} NFE {solver.nfe} ({optimizer})", unit="it", dynamic_ncols=True)
+
+    def validate(done, loss):
+        record = {"iteration": done, "loss": loss, **_validate(solver, model, val_set)}
+        state["nfe_val"] += solver.nfe * len(val_set)
+        state["curve"].append(record)
+        if record["psnr"] > state["best_psnr"]:
+            state["best_psnr"] = record["psnr"]
+            state["best"] = copy.deepcopy(solver.state_dict())
+            state["best_record"] = record
+        return record
+
+    def closure():  # L-BFGS: loss and gradient on the whole training set
+        optim.zero_grad(set_to_none=True)
+        loss = _full_loss_backward(solver, model, train_set, batch_size, world, dtype, model_dtype)
+        state["nfe_train"] += solver.nfe * len(train_set)
+        state["loss_evals"] += 1
+        state["last_loss"] = loss
+        return torch.tensor(loss, dtype=torch.float64)
+
+    with _frozen(model):
+        if state["iteration"] == 0 and not state["curve"]:
+            state["init_record"] = validate(0, None)
+        while state["iteration"] < iters and not state["converged"]:
+            k = state["iteration"]
+            if optimizer == "adam":
+                rows = (range(len(train_set)) if batch_size == len(train_set) else
+                        torch.randperm(len(train_set), generator=gen)[:batch_size])
+                for group in optim.param_groups:
+                    group["lr"] = _lr_at(k, iters, lr, lr_final)
+                optim.zero_grad(set_to_none=True)
+                loss = _full_loss_backward(solver, model, train_set.subset(rows), batch_size, world,
+                                            dtype, model_dtype)
+                optim.step()
+                state["nfe_train"] += solver.nfe * batch_size
+                state["loss_evals"] += 1
+                done = k + 1
+            else:
+                # L-BFGS keeps its direction memory across calls: run up to the next
+                # validation / checkpoint iteration in one call (one extra evaluation per call)
+                stop = _next_stop(k, iters, val_every, checkpoint_every)
+                group = optim.param_groups[0]
+                group["max_iter"], group["max_eval"] = stop - k, 4 * (stop - k) + 4
+                lb = optim.state[solver.theta_t]
+                iters_before, evals_before = lb.get("n_iter", 0), state["loss_evals"]
+                optim.step(closure)
+                loss = state["last_loss"]
+                done = k + lb["n_iter"] - iters_before
+                # fewer iterations than asked, with evaluations to spare: the gradient is ~0 or
+                # the tolerances stopped it. Often a line search that float32 rounding of the
+                # loss defeated: drop the curvature memory and go on; converged when a fresh
+                # start makes no more than one iteration either.
+                if done < stop and state["loss_evals"] - evals_before < group["max_eval"]:
+                    state["converged"] = state["restarted"] and done - k <= 1
+                    state["restarted"] = True
+                    optim.state.clear()
+                    state["restarts"] += 1
+                else:
+                    state["restarted"] = False
+            state["iteration"] = done
+            bar.update(done - k)
+            fresh = not state["curve"] or state["curve"][-1]["iteration"] != done
+            if fresh and (done % val_every == 0 or done == iters or state["converged"]):
+                record = validate(done, loss)
+                bar.set_postfix(loss=f"{record['loss']:.3g}", val_psnr=f"{record['psnr']:.2f}",
+                                best=f"{state['best_psnr']:.2f}")
+                if callback is not None:
+                    callback(done, record)
+            if ckpt is not None and rank == 0 and (done % checkpoint_every == 0 or done == iters
+                                                   or state["converged"]):
+                state["wall_total"] += time.perf_counter() - started
+                started = time.perf_counter()
+                _atomic_torch_save({"config": config, "solver": solver.state_dict(),
+                                    "optim": optim.state_dict(), "rng": gen.get_state(),
+                                    "iteration": done, "state": state}, ckpt)
+    bar.close()
+    state["wall_total"] += time.perf_counter() - started
+    solver.load_state_dict(state["best"])
+    gt_nfe = trajectories.meta.get("nfe", {}).get("total")
+    report = {
+        "config": config,
+        "curve": state["curve"],
+        "init": state["init_record"],
+        "best": state["best_record"],
+        "nfe": {"gt": gt_nfe, "train": state["nfe_train"], "validation": state["nfe_val"]},
+        "loss_evaluations": state["loss_evals"],
+        "converged": state["converged"],
+        "lbfgs_restarts": state["restarts"],
+        "wall_seconds": state["wall_total"],
+        "gt_wall_seconds": trajectories.meta.get("wall_seconds_last_run"),
+    }
+    solver.meta = {
+        "model": {"name": model_name or trajectories.meta.get("model", {}).get("name", ""),
+                  "hash": model_fingerprint(model)},
+        "training": {**config, "wall_seconds": report["wall_seconds"], "nfe": report["nfe"]},
+        "validation": state["best_record"],
+    }
+    return solver, report

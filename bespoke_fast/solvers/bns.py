@@ -1,0 +1,219 @@
+"""Bespoke Non-Stationary (BNS) solvers (method.md section 6).
+
+``n`` steps, NFE = n. The model is evaluated at the learned times ``t_0 = 0 < t_1 < ... < t_{n-1}``
+and every step combines the start noise with ALL velocities so far::
+
+    u_j     = u(t_j, x_j)                                  j = 0..n-1
+    x_{i+1} = a_i x0 + sum_{j=0..i} b_ij u_j               i = 0..n-1;  x_n is the sample
+
+Parametrization (unconstrained, float64)::
+
+    t     = [0, cumsum(|theta_t|) / sum(|theta_t|)]     theta_t [n]            t [n+1], t_n = 1
+    a     = theta_a                                     theta_a [n]            init 1
+    b     = tril(theta_b)                               theta_b [n(n+1)/2]     row-major lower
+                                                                               triangle of b [n, n]
+
+``t_n = 1`` is not a model time; it closes the grid (solver files require ``t`` from 0 to 1).
+The ``n`` entries of ``theta_t`` carry one redundant overall scale, so the solver stores
+``n + n + n(n+1)/2 = n(n+5)/2`` raw numbers (method.md's count: 18 / 52 / 168 at NFE 4 / 8 / 16)
+but has ``n(n+5)/2 - 1`` free scalars (``num_parameters``).
+
+Identity initialisations (``init``), both on the uniform grid ``t_i = i / n``:
+
+* ``"euler"``: ``a = 1``, ``b_ij = 1/n`` (j <= i): plain Euler with n steps.
+* ``"midpoint"`` (n even, n/2 midpoint steps of size ``h = 2/n``): evaluation 2k is at the grid
+  state ``x_{2k}`` (time ``k h``), evaluation 2k+1 at the stage state (time ``k h + h/2``)::
+
+      x_{2k+1} = x_{2k} + (h/2) u_{2k}  = x0 + h sum_{l<k} u_{2l+1} + (h/2) u_{2k}
+      x_{2k+2} = x_{2k} + h u_{2k+1}    = x0 + h sum_{l<=k} u_{2l+1}
+
+  i.e. ``b[2k, 2l+1] = h`` (l < k), ``b[2k, 2k] = h/2``, ``b[2k+1, 2l+1] = h`` (l <= k), else 0.
+
+Both reproduce ``bespoke_fast.solve(model, x0, "euler" / "midpoint", ...)`` (float64: to
+rounding; the sums run in the same order, so usually bit for bit).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._checks import call_model, check_choice, check_int, check_state
+from ..ops_bns import bns_step_ref
+
+__all__ = ["NonStationarySolver", "INITS", "init_coefficients"]
+
+INITS = ("euler", "midpoint")
+
+
+def init_coefficients(n_steps: int, init: str = "midpoint"):
+    """``(a [n], b [n, n])`` float64 that write Euler / midpoint (NFE = n) in BNS form."""
+    n = check_int("n_steps", n_steps)
+    check_choice("init", init, INITS)
+    a = torch.ones(n, dtype=torch.float64)
+    b = torch.zeros(n, n, dtype=torch.float64)
+    if init == "euler":
+        h = torch.tensor(1.0, dtype=torch.float64) / n
+        return a, torch.tril(torch.ones(n, n, dtype=torch.float64)) * h
+    if n % 2:
+        raise ValueError(f"init='midpoint' needs an even number of steps (NFE = n, two evaluations "
+                         f"per midpoint step), got n_steps={n}; use an even n or init='euler'")
+    m = n // 2
+    h = torch.tensor(1.0, dtype=torch.float64) / m        # the midpoint step 2/n, as solve() rounds it
+    for k in range(m):
+        b[2 * k, 1:2 * k:2] = h                           # x_{2k} = x0 + h sum_{l<k} u_{2l+1}
+        b[2 * k, 2 * k] = h / 2                           # stage: + (h/2) u_{2k}
+        b[2 * k + 1, 1:2 * k + 2:2] = h                   # x_{2k+2} = x0 + h sum_{l<=k} u_{2l+1}
+    return a, b
+
+
+class NonStationarySolver(nn.Module):
+    """A learned non-stationary (BNS) solver: NFE = ``n_steps``.
+
+    Args:
+        n_steps: number of steps n = NFE (>= 1; even for ``init="midpoint"``).
+        init: ``"midpoint"`` (n/2 midpoint steps) or ``"euler"`` (n Euler steps), written exactly
+            in BNS form; the new solver reproduces that base solver.
+
+    Attributes / methods: ``nfe``, ``num_parameters``, ``tables()``, ``coefficients()``,
+    ``coefficient_tables()``, ``sample(model, x0, **extras)``, ``save(path)``,
+    ``NonStationarySolver.load(path)``. ``meta`` is a dict saved with the file (model it was
+    fitted to, training and validation figures).
+
+    Example::
+
+        >>> solver = NonStationarySolver(8, init="midpoint")      # NFE 8, 51 free scalars
+        >>> x1 = solver.sample(model, torch.randn(16, 64))        # == midpoint with 4 steps
+        >>> solver.save("bns.json"); NonStationarySolver.load("bns.json")
+    """
+
+    kind = "bns"
+
+    def __init__(self, n_steps: int = 8, init: str = "midpoint"):
+        super().__init__()
+        self.n_steps = check_int("n_steps", n_steps)
+        self.init = check_choice("init", init, INITS)
+        a, b = init_coefficients(self.n_steps, init)
+        rows, cols = self._tril()
+        self.theta_t = nn.Parameter(torch.ones(self.n_steps, dtype=torch.float64))
+        self.theta_a = nn.Parameter(a)
+        self.theta_b = nn.Parameter(b[rows, cols].clone())
+        self.meta: dict = {}
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def nfe(self) -> int:
+        return self.n_steps
+
+    @property
+    def num_parameters(self) -> int:
+        """Free scalars: ``n(n+5)/2 - 1`` (n - 1 interior times, n a's, n(n+1)/2 b's); the
+        stored ``theta_t`` has one more entry (its overall scale is not free)."""
+        n = self.n_steps
+        return n * (n + 5) // 2 - 1
+
+    def extra_repr(self) -> str:
+        return f"n_steps={self.n_steps}, nfe={self.nfe}, init={self.init!r}"
+
+    def _tril(self):
+        return torch.tril_indices(self.n_steps, self.n_steps)
+
+    # ------------------------------------------------------------------ tables
+    def tables(self) -> dict:
+        """The derived float64 tables (differentiable): ``t`` [n+1] (0 ... 1, strictly increasing;
+        ``t[:n]`` are the model times), ``a`` [n], ``b`` [n(n+1)/2]: the lower triangle of the
+        ``[n, n]`` matrix, row-major (``b00, b10, b11, b20, ...``; see ``coefficients``)."""
+        c = torch.cumsum(self.theta_t.abs(), 0)
+        t = torch.cat([c.new_zeros(1), c / c[-1]])           # c[-1] / c[-1]: t_n is exactly 1
+        return {"t": t, "a": self.theta_a, "b": self.theta_b}
+
+    def coefficients(self) -> dict:
+        """``t`` [n] model times, ``a`` [n], ``b`` [n, n] lower-triangular (float64,
+        differentiable): ``x_{i+1} = a_i x0 + sum_{j<=i} b_ij u(t_j, x_j)``."""
+        tb = self.tables()
+        n = self.n_steps
+        rows, cols = self._tril()
+        b = tb["b"].new_zeros(n, n).index_put((rows.to(tb["b"].device), cols.to(tb["b"].device)),
+                                              tb["b"])
+        return {"t": tb["t"][:-1], "a": tb["a"], "b": b}
+
+    def coefficient_tables(self, dtype=torch.float32, device=None):
+        """``(t [n], a [n], b [n, n])`` device tensors for the ops, kernels and engine
+        (``bespoke_fast.ops_bns.bns_step_ref`` / ``kernels.bns_step`` read ``a`` and ``b``).
+        Differentiable (not detached); contiguous."""
+        c = self.coefficients()
+        return tuple(c[k].to(dtype=dtype, device=device).contiguous() for k in ("t", "a", "b"))
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, model, x0: torch.Tensor, check_finite: bool = False,
+               return_trajectory: bool = False, model_dtype: torch.dtype | None = None,
+               **extras) -> torch.Tensor:
+        """Pure-torch sampler: ``x0`` (noise, ``[B, ...]``) -> ``x_n`` (``[B, ...]``).
+
+        The state keeps x0's dtype; coefficients are computed in float64 and cast to it.
+        ``model_dtype`` (default: the state's) is the dtype the model is called in (its inputs
+        are cast to it and its velocities back), e.g. a float64 state around a float32 network
+        while training. Differentiable in the solver parameters when autograd records
+        (end-to-end training); otherwise, for a float32 state, each step runs the reference op
+        ``bns_step_ref`` (the oracle of the fused kernel; same values, same summation order).
+        ``return_trajectory`` returns the ``[n + 1, B, ...]`` states ``x_0 .. x_n`` (the inputs
+        of the model evaluations, then the sample).
+
+        Example::
+
+            >>> x1 = NonStationarySolver.load("bns.json").sample(model, torch.randn(8, 64))
+        """
+        check_state("x0", x0)
+        n = self.n_steps
+        mdt = x0.dtype if model_dtype is None else model_dtype
+        c = self.coefficients()
+        t = c["t"].to(dtype=mdt, device=x0.device)
+        a, b = (c[k].to(dtype=x0.dtype, device=x0.device) for k in ("a", "b"))
+        grad = torch.is_grad_enabled() and (x0.requires_grad
+                                             or any(p.requires_grad for p in self.parameters()))
+        ref = not grad and x0.dtype == torch.float32
+        if ref:
+            t, a, b = t.detach(), a.detach().contiguous(), b.detach().contiguous()
+            us = torch.empty(n, *x0.shape, dtype=x0.dtype, device=x0.device)
+        else:
+            us = []
+        x, trajectory = x0, [x0]
+        for i in range(n):
+            u = call_model(model, x.to(mdt), t[i].expand(x.shape[0]), extras, check_finite)
+            if ref:
+                us[i].copy_(u)
+                x = bns_step_ref(x0, us, i, a, b, torch.empty_like(x0))
+            else:
+                us.append(u.to(x0.dtype))
+                x = x0 * a[i]                      # same op order as bns_step_ref
+                for j in range(i + 1):
+                    x = x + us[j] * b[i, j]
+            if return_trajectory:
+                trajectory.append(x)
+        return torch.stack(trajectory) if return_trajectory else x
+
+    def forward(self, model, x0: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``solver(model, x0)`` is ``solver.sample(model, x0)`` (for ``torch.func`` and wrappers)."""
+        return self.sample(model, x0, **kwargs)
+
+    # ------------------------------------------------------------------ files
+    def file_header(self) -> dict:
+        return {"init": self.init}
+
+    def raw_parameters(self) -> dict:
+        return {name: getattr(self, name).detach().cpu().tolist()
+                for name in ("theta_t", "theta_a", "theta_b")}
+
+    def save(self, path) -> None:
+        """Write the versioned JSON solver file (see ``bespoke_fast.io``)."""
+        from ..io import save_solver
+        save_solver(self, path)
+
+    @classmethod
+    def load(cls, path) -> "NonStationarySolver":
+        """Read and validate a solver file; ``ValueError`` names what is wrong."""
+        from ..io import load_solver
+        solver = load_solver(path)
+        if not isinstance(solver, cls):
+            raise ValueError(f"{path}: holds a {solver.kind!r} solver, not a bns one; "
+                             f"use bespoke_fast.load_solver")
+        return solver
