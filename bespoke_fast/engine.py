@@ -20,6 +20,21 @@ Anatomy of one call (``B`` = rows asked for, ``Bp`` = the run size, see *Batch s
 When the model runs in float32 without guidance the model input IS the state buffer (``x`` or
 ``x_mid``), so no model-input copy is made at all.
 
+Non-stationary (BNS) solvers (``kind == "bns"``, NFE = n) keep the start state and every past
+velocity instead of ``x_mid``::
+
+    x0     float32 [Bp, *shape]          the start state (x0 copied in, padded with zeros)
+    us     model_dtype [n, Bp, *shape]   u_0 .. u_{n-1}, written one row per step
+    x      float32 [Bp, *shape]          x_{i+1} (the output after the last step)
+    table  float32 [n + n + n*n]         t [n] | a [n] | b [n, n] row-major (views of one buffer)
+
+    for i in range(n):
+        t <- t_table[i];  us[i] <- net(model_in, t, **extras)     (x0 / x themselves in fp32)
+        x = a_i x0 + sum_{j<=i} b_ij us[j]  -> also writes model_in      (ops_bns / kernels.bns_step)
+
+With guidance the ``[2Bp]`` output's halves are combined (``u_unc + w (u_cond - u_unc)`` in
+float32, ``ops.guidance_combine_ref``) before the row is stored, so ``us`` stays ``[n, Bp]``.
+
 Batch sizes
     A call with ``B <= batch_size`` rows runs at ``Bp = batch_size``: the rows are PADDED with
     zeros (per-sample tensor extras, i.e. those whose first dim is ``B``, are padded by repeating
@@ -104,7 +119,8 @@ def _exception_chain(e: BaseException, limit: int = 3) -> str:
 class _State:
     """Static buffers (and the graph, once captured) for one cache key."""
 
-    def __init__(self, key, run_b, shape, model_dtype, device, guided, alias, base, extras):
+    def __init__(self, key, run_b, shape, model_dtype, device, guided, alias, base, extras,
+                 bns_steps=None):
         f32 = dict(dtype=torch.float32, device=device)
         self.key = key
         self.run_b = run_b
@@ -115,17 +131,21 @@ class _State:
         self.t = torch.zeros(rows, **f32)
         self.extras = {k: (torch.empty_like(v, device=device) if isinstance(v, torch.Tensor) else v)
                        for k, v in extras.items()}
-        # A "bns" solver would add here: x0 (float32 copy of the start state) and
-        # us ([n, Bp or 2Bp, *shape] past velocities) -- see FastSampler._build_program.
+        # BNS: the start state (read by every step) and the past velocities (model dtype;
+        # guidance halves are combined before storing, so always [n, Bp, *shape]).
+        self.x0 = torch.zeros(run_b, *shape, **f32) if bns_steps else None
+        self.us = (torch.zeros(bns_steps, run_b, *shape, dtype=model_dtype, device=device)
+                   if bns_steps else None)
         self.graph = None
         self.failure: str | None = None
         self.capture_tried = False
 
     def load(self, x0: torch.Tensor, extras: dict) -> None:
         b = x0.shape[0]
-        self.x[:b].copy_(x0)
+        start = self.x0 if self.x0 is not None else self.x  # BNS: the loop reads x0, writes x
+        start[:b].copy_(x0)
         if b < self.run_b:
-            self.x[b:].zero_()
+            start[b:].zero_()
         for k, v in extras.items():
             if isinstance(v, torch.Tensor):
                 self.extras[k].copy_(v)
@@ -139,7 +159,12 @@ class FastSampler:
             ``model_dtype``, shaped like ``x``), or a :class:`~bespoke_fast.models.GuidedModel`
             from :func:`bespoke_fast.cfg` for classifier-free guidance. The sampler does not cast
             the model's weights: pass a model that takes ``model_dtype`` inputs.
-        solver: a :class:`~bespoke_fast.BespokeSolver` (base ``"rk1"`` or ``"rk2"``).
+        solver: a :class:`~bespoke_fast.BespokeSolver` (base ``"rk1"`` or ``"rk2"``) or a
+            :class:`~bespoke_fast.solvers.bns.NonStationarySolver` (``kind == "bns"``). A BNS
+            solver keeps every past velocity in a ``us`` buffer ``[n, Bp, *shape]`` in
+            ``model_dtype``: ``n x Bp x prod(shape) x itemsize`` bytes per cached state, e.g.
+            NFE 10, batch 256, shape (3, 32, 32), bf16: 10 * 256 * 3072 * 2 B = 15.7 MB (plus
+            the float32 ``x0`` and ``x``, ``Bp x prod(shape) x 4`` B each).
         shape: per-sample shape, e.g. ``(64,)`` or ``(3, 32, 32)``.
         batch_size: the captured batch size (see the module docs on padding).
         model_dtype: dtype of the network input/output (float32, bfloat16, float16). The state
@@ -150,7 +175,9 @@ class FastSampler:
         cuda_graph: capture the loop in a CUDA graph (only on CUDA devices; ignored elsewhere).
         guidance: ``None``, or the guidance scale ``w`` (needs a ``GuidedModel``; default its
             ``scale``). The network then runs once per stage on a ``[2Bp, ...]`` batch (cond
-            half first) and the update op forms ``u_unc + w (u_cond - u_unc)``.
+            half first) and the update op forms ``u_unc + w (u_cond - u_unc)``. BNS solvers
+            support it too: the halves are combined in float32 (``ops.guidance_combine_ref``)
+            before the velocity is stored into ``us`` (in ``model_dtype``).
         compile_model: wrap the network with ``torch.compile(mode="default")`` before the first
             capture. ``"reduce-overhead"`` / ``"max-autotune"`` use CUDA graphs of their own and
             conflict with capturing the whole loop; if the compiled model still cannot be
@@ -174,6 +201,7 @@ class FastSampler:
         >>> x1 = sampler()                                                # replay only
         >>> xs = sampler.sample(10_000, seed=0)   # counter-based noise: batch-size independent
         >>> sampler.load_solver(other_solver)     # same kind/base/n: table copy, no re-capture
+        >>> bns = FastSampler(model, NonStationarySolver.load("bns.json"), (3, 32, 32), 64)
         >>> sampler.stats()["capture_seconds"]
     """
 
@@ -216,6 +244,11 @@ class FastSampler:
         self._build_program(solver)
         with torch.no_grad():
             self.table = self._solver_table(solver)
+        if self.kind == "bns":
+            n = self.n_steps  # contiguous views of the one flat table (load_solver copies into it)
+            self._t_model, self._a = self.table[:n], self.table[n:2 * n]
+            self._b = self.table[2 * n:].view(n, n)
+            self._w = torch.full((), self.guidance_scale, dtype=torch.float32, device=self.device)
 
         self._states: OrderedDict = OrderedDict()
         self.capture_seconds: dict = {}
@@ -227,9 +260,9 @@ class FastSampler:
 
     # ------------------------------------------------------------------ solver program
     def _build_program(self, solver) -> None:
-        """Pick the per-step function for the solver's kind. A ``"bns"`` branch goes here: its
-        step evaluates the model, stores u into ``us[i]`` and calls ``bns_step(x0, us, i, ...)``
-        (extra buffers in ``_State``, its own tables in ``_solver_table``)."""
+        """Pick the per-step function for the solver's kind: ``"bespoke"`` (RK1 / RK2 steps on
+        the ``[n, 8]`` table) or ``"bns"`` (model -> ``us[i]``, then ``bns_step(x0, us, i, a,
+        b)``; extra buffers ``x0`` / ``us`` in ``_State``, a flat ``t | a | b`` table)."""
         kind = getattr(solver, "kind", None)
         if kind == "bespoke":
             if solver.base not in ("rk1", "rk2"):
@@ -237,11 +270,21 @@ class FastSampler:
             self.kind, self.base, self.n_steps = kind, solver.base, int(solver.n_steps)
             self._step = self._step_rk1 if solver.base == "rk1" else self._step_rk2
         elif kind == "bns":
-            raise NotImplementedError("FastSampler does not run non-stationary (BNS) solvers yet")
+            self.kind, self.base, self.n_steps = kind, None, int(solver.n_steps)
+            self._step = self._step_bns
+            if self.backend == "triton":
+                from .kernels import bns_step  # lazy: triton is optional
+            else:
+                from .ops_bns import bns_step_ref as bns_step
+            self._bns_op = bns_step
         else:
-            raise TypeError(f"solver must be a BespokeSolver, got {type(solver).__name__}")
+            raise TypeError(f"solver must be a BespokeSolver or a NonStationarySolver, got "
+                            f"{type(solver).__name__}")
 
     def _solver_table(self, solver) -> torch.Tensor:
+        if self.kind == "bns":
+            t, a, b = solver.coefficient_tables(dtype=torch.float32, device=self.device)
+            return torch.cat([t.detach(), a.detach(), b.detach().reshape(-1)]).contiguous()
         tab = solver.coefficient_table(guidance_scale=self.guidance_scale, dtype=torch.float32,
                                        device=self.device)
         return tab.detach().contiguous()
@@ -249,9 +292,12 @@ class FastSampler:
     def load_solver(self, other) -> None:
         """Swap in another solver of the same kind, base and ``n_steps``: its coefficients are
         copied into the existing device table (``table.copy_``), so captured graphs stay valid
-        and the next call uses the new coefficients (no re-capture). ``ValueError`` otherwise."""
+        and the next call uses the new coefficients (no re-capture). ``ValueError`` otherwise
+        (BNS solvers have no base: kind and ``n_steps`` must match)."""
         for attr in ("kind", "base", "n_steps"):
-            mine, theirs = getattr(self.solver, attr), getattr(other, attr, None)
+            if attr == "base" and self.kind == "bns" and getattr(other, "kind", None) == "bns":
+                continue
+            mine, theirs = getattr(self.solver, attr, None), getattr(other, attr, None)
             if mine != theirs:
                 raise ValueError(f"load_solver: {attr} mismatch: the sampler runs {attr}={mine!r}, "
                                  f"the new solver has {attr}={theirs!r}; build a new FastSampler")
@@ -264,7 +310,10 @@ class FastSampler:
         if not self.guided:
             raise ValueError("set_guidance_scale: this sampler was not built with a cfg(...) model")
         self.guidance_scale = float(scale)
-        self.table[:, T.W].fill_(self.guidance_scale)
+        if self.kind == "bns":
+            self._w.fill_(self.guidance_scale)
+        else:
+            self.table[:, T.W].fill_(self.guidance_scale)
 
     # ------------------------------------------------------------------ the loop
     def _eval(self, st: _State, inp: torch.Tensor, i: int, col: int, out: torch.Tensor):
@@ -279,11 +328,12 @@ class FastSampler:
     def _fill_model_in(self, st: _State) -> None:
         if st.model_in is None:
             return
+        start = st.x0 if st.x0 is not None else st.x
         if self.guided:
-            st.model_in[: st.run_b].copy_(st.x)
-            st.model_in[st.run_b:].copy_(st.x)
+            st.model_in[: st.run_b].copy_(start)
+            st.model_in[st.run_b:].copy_(start)
         else:
-            st.model_in.copy_(st.x)
+            st.model_in.copy_(start)
 
     def _step_rk1(self, st: _State, i: int, last: bool) -> None:
         mi = None if last else st.model_in
@@ -298,6 +348,17 @@ class FastSampler:
         u2 = self._eval(st, st.x_mid if self._alias else st.model_in, i, T.TM, st.x)
         ops.rk2_stage2(st.x, st.x_mid, u2, self.table, i, model_in=None if last else st.model_in,
                        guidance=self.guided, out=st.x, backend=self.backend)
+
+    def _step_bns(self, st: _State, i: int, last: bool) -> None:
+        # fp32 without guidance the model reads the state itself: x0 at step 0, then x.
+        inp = (st.x0 if i == 0 else st.x) if self._alias else st.model_in
+        st.t.copy_(self._t_model[i].expand(st.t.shape[0]))  # device copy, no host read
+        u = call_model(self._net, inp, st.t, st.extras, expect_dtype=self.model_dtype)
+        if self.guided:
+            u = ops.guidance_combine_ref(u, self._w)  # [2Bp] -> [Bp] float32
+        st.us[i].copy_(u)  # before the op overwrites x (a model may return its input)
+        self._bns_op(st.x0, st.us, i, self._a, self._b, out=st.x,
+                     model_in=None if last else st.model_in)
 
     def _loop(self, st: _State) -> None:
         """The whole n-step solve on ``st``'s buffers: no host reads, no Python branching on
@@ -314,6 +375,7 @@ class FastSampler:
         st.capture_tried = True
         dev = self.device
         saved = st.x.clone()  # warm-up advances the state: restart each pass from x0
+        # (BNS reads its start from st.x0, which the loop never writes)
         start = time.perf_counter()
         with torch.cuda.device(dev):
             current = torch.cuda.current_stream(dev)
@@ -373,7 +435,8 @@ class FastSampler:
             self._states.move_to_end(key)
             return st
         st = _State(key, run_b, self.shape, self.model_dtype, self.device, self.guided,
-                    self._alias, self.base, net_extras)
+                    self._alias, self.base, net_extras,
+                    bns_steps=self.n_steps if self.kind == "bns" else None)
         self._states[key] = st
         while len(self._states) > self.max_graphs:
             old_key, _ = self._states.popitem(last=False)
@@ -480,6 +543,7 @@ class FastSampler:
         }
 
     def __repr__(self) -> str:
-        return (f"FastSampler({self.kind}/{self.base}, n_steps={self.n_steps}, shape={self.shape}, "
+        prog = self.kind if self.base is None else f"{self.kind}/{self.base}"
+        return (f"FastSampler({prog}, n_steps={self.n_steps}, shape={self.shape}, "
                 f"batch_size={self.batch_size}, backend={self.backend!r}, device={self.device}, "
                 f"cuda_graph={self.use_graph}, model_dtype={self.model_dtype}, guided={self.guided})")
