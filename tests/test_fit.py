@@ -156,15 +156,16 @@ def gmm_gt(tmp_path_factory):
 
 def test_training_beats_the_base_solver(gmm_gt):
     flow, gt = gmm_gt
-    solver, report = bf.train(flow, gt, base="rk2", n_steps=3, iters=120, batch_size=64, lr=1e-2,
-                              val=64, val_every=40, progress=False)
+    solver, report = bf.train(flow, gt, base="rk2", n_steps=3, iters=120, finetune_iters=40,
+                              batch_size=64, lr=1e-2, val=64, val_every=40, progress=False)
     _, val = gt.split(64)
     base = bf.evaluate(flow, "midpoint@6", val)["psnr"]
     ours = bf.evaluate(flow, solver, val)["psnr"]
     assert ours > base + 3, (base, ours)
     assert report["best"]["psnr"] == pytest.approx(ours, abs=1e-6)
-    assert report["nfe"]["train"] == 120 * 64 * 6 and report["wall_seconds"] > 0
-    assert [r["iteration"] for r in report["curve"]] == [40, 80, 120]
+    assert report["nfe"]["train"] == (120 + 40) * 64 * 6 and report["wall_seconds"] > 0
+    assert [(r["iteration"], r["phase"]) for r in report["curve"]] == [
+        (40, "bound"), (80, "bound"), (120, "bound"), (160, "finetune")]
     assert solver.meta["model"]["hash"] and solver.meta["validation"]["psnr"] == report["best"]["psnr"]
 
 
