@@ -1,0 +1,436 @@
+#!/usr/bin/env python
+"""Sample quality vs NFE: our base solvers, trained Bespoke (and BNS) solvers, and peer libraries,
+all against the same tight ground truth from the same noises.
+
+For each model (zoo: ``gmm-64``, ``digits-exact``; the trained ``digits-fmot``, ``digits-vcs``,
+``digits-eps`` when their weights are installed):
+
+1. GT: ``--num-test`` held-out + ``--num-train`` training trajectories (adaptive RK45,
+   ``--rtol``), cached under ``--cache`` (default ``bench/.cache``, git-ignored) and reused when
+   the model's weights hash matches.
+2. At every NFE in ``--nfes`` (default 4 6 8 10 16 20), RMSE and PSNR of x(1) against the GT
+   endpoint on the held-out noises for
+
+   * ours: ``euler``, ``midpoint``, ``heun``, ``rk4`` (``bespoke_fast.solve``; where NFE divides),
+   * ``bespoke-rk1`` / ``bespoke-rk2``: ``bespoke_fast.train`` on the training trajectories only
+     (``--iters`` bound-phase iterations + ``--finetune-iters`` end-to-end; the last ``--num-val``
+     training trajectories pick the best iterate), trained solvers cached too,
+   * ``bns`` when ``bespoke_fast.bns_train.train_bns`` exists,
+   * peers: torchdiffeq fixed-grid ``odeint`` (euler, midpoint, rk4) on the same uniform grid,
+     flow_matching ``ODESolver`` (midpoint, ``step_size = 1/steps``), diffusers
+     ``FlowMatchEulerDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (dpmsolver++ 2M) and
+     ``UniPCMultistepScheduler`` in flow-prediction mode with their default flow sigmas
+     (conversions in ``_common.py``, checked in tests/test_bench_peers.py).
+
+   Every solver call goes through a counting wrapper: the model evaluations per sample are
+   recorded (``nfe_measured``) and any mismatch with the nominal NFE is flagged in the table.
+
+Writes ``OUT/quality.json`` (records: ``kind`` = gt / result / note), ``OUT/quality.md`` (one
+PSNR table per model, rows solver, columns NFE) and ``OUT/quality_<model>.png`` (PSNR vs NFE).
+
+    python bench/quality.py --quick --out /tmp/q          # smoke run, ~1 min on 2 CPU cores
+    python bench/quality.py                               # full run, ~20 min on 2 CPU cores
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (PEERS, Counted, command_line, machine_info, peer_status,  # noqa: E402
+                     write_results)
+from render import quality_markdown  # noqa: E402
+
+import bespoke_fast as bf  # noqa: E402
+from bespoke_fast.io import model_fingerprint  # noqa: E402
+from bespoke_fast.metrics import rmse_psnr  # noqa: E402
+from bespoke_fast.solvers.fixed import NFE_PER_STEP  # noqa: E402
+
+EXACT_MODELS = ["gmm-64", "digits-exact"]
+TRAINED_MODELS = ["digits-fmot", "digits-vcs", "digits-eps"]
+FULL = dict(nfes=[4, 6, 8, 10, 16, 20], num_train=1024, num_test=256, num_val=128, iters=60,
+            finetune_iters=20, train_batch=64, rtol=1e-5, bns_iters=30, bns_num_train=256,
+            eval_only_num_test=64)
+QUICK = dict(nfes=[4, 8], num_train=96, num_test=64, num_val=32, iters=8, finetune_iters=4,
+             train_batch=32, rtol=1e-5, bns_iters=4, bns_num_train=64, eval_only_num_test=32)
+BASES = ["euler", "midpoint", "heun", "rk4"]
+DESCRIPTIONS = {
+    "euler": "bespoke_fast.solve(method='euler'), uniform grid",
+    "midpoint": "bespoke_fast.solve(method='midpoint'), uniform grid",
+    "heun": "bespoke_fast.solve(method='heun'), uniform grid",
+    "rk4": "bespoke_fast.solve(method='rk4') (classic RK4), uniform grid",
+    "bespoke-rk1": "bespoke_fast.train(base='rk1', n_steps=NFE): learned scale-time Euler",
+    "bespoke-rk2": "bespoke_fast.train(base='rk2', n_steps=NFE/2): learned scale-time midpoint",
+    "bns": "bespoke_fast.bns_train.train_bns(n_steps=NFE, init='midpoint'): non-stationary",
+    **{name: peer.description for name, peer in PEERS.items()},
+}
+
+
+def default_out() -> str:
+    tag = "gpu" if torch.cuda.is_available() else "cpu"
+    return os.path.join("bench", "results", f"{datetime.date.today().isoformat()}-{tag}")
+
+
+# ----------------------------------------------------------------------------- models and GT
+def load_models(names, notes):
+    """``[(name, ZooModel)]``; a trained model whose weights are not installed is skipped with a
+    note."""
+    out = []
+    for name in names:
+        try:
+            out.append((name, bf.zoo.load(name)))
+        except Exception as e:
+            notes.append({"kind": "note", "model": name,
+                          "text": f"{name} skipped: cannot load it ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); trained weights "
+                                  f"live in bespoke_fast/zoo/weights/"})
+    return out
+
+
+def get_gt(name, zm, args, device):
+    """(train, test, gt record): GT generated once into the cache, reused while the model's
+    fingerprint and the settings match."""
+    eval_only = name in args.eval_only
+    num_train = 0 if eval_only else args.num_train
+    num_test = args.eval_only_num_test if eval_only else args.num_test
+    total = num_train + num_test
+    d = os.path.join(args.cache, "gt", f"{name}-n{total}-rtol{args.rtol:g}-seed{args.seed}")
+    want = model_fingerprint(zm.model)
+    man_path = os.path.join(d, "manifest.json")
+    if os.path.isfile(man_path):
+        try:
+            with open(man_path, encoding="utf-8") as f:
+                have = json.load(f).get("model", {}).get("hash")
+        except (OSError, json.JSONDecodeError):
+            have = None
+        if have != want:
+            print(f"[{name}] cached GT was made with another model (hash {have} != {want}): "
+                  f"regenerating", flush=True)
+            shutil.rmtree(d)
+    t0 = time.perf_counter()
+    manifest = bf.generate_trajectories(zm.model, total, zm.shape, d, seed=args.seed,
+                                        rtol=args.rtol, atol=args.rtol, batch_size=256,
+                                        model_name=name, data_range=zm.data_range,
+                                        progress=args.progress, device=device,
+                                        measure_interpolation=8)
+    wall = time.perf_counter() - t0
+    gt = bf.load_trajectories(d, device=device)
+    train, test = gt.split(num_test) if num_train else (None, gt)
+    rec = {"kind": "gt", "model": name, "num_train": len(train) if train is not None else 0,
+           "num_test": len(test), "eval_only": eval_only,
+           "rtol": args.rtol, "atol": args.rtol, "seed": args.seed, "cache_dir": d,
+           "nfe_per_trajectory": manifest["nfe"]["per_trajectory"],
+           "interpolation": manifest.get("interpolation"), "model_hash": want,
+           "wall_seconds_this_run": wall, "shape": list(zm.shape), "data_range": zm.data_range}
+    return train, test, rec
+
+
+# ----------------------------------------------------------------------------- scoring
+def score(model, fn, test, data_range):
+    """Run ``fn(counted_model, x0)`` on the held-out noises; RMSE/PSNR vs the GT endpoints, model
+    calls per sample and wall time."""
+    c = Counted(model)
+    x0 = test.x0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        y = fn(c, x0)
+    wall = time.perf_counter() - t0
+    m = rmse_psnr(y.float(), test.x1, data_range)
+    finite = bool(torch.isfinite(y).all())
+    return {"rmse": m["rmse"], "psnr": m["psnr"] if finite else float("nan"),
+            "psnr_set": m["psnr_set"] if finite else float("nan"), "n": m["n"],
+            "nfe_measured": c.rows / x0.shape[0], "wall_seconds": wall, "finite": finite}
+
+
+def _train_bns():
+    try:
+        from bespoke_fast.bns_train import train_bns  # noqa: F401
+        import bespoke_fast.solvers.bns  # noqa: F401
+        return train_bns, ""
+    except Exception as e:
+        return None, f"BNS row skipped: bespoke_fast.bns_train.train_bns not importable ({type(e).__name__}: {e})"
+
+
+def trained_solver(kind, base, n, name, zm, train, args, cache_tag):
+    """Train (or load from the cache) one solver; returns (solver, train record)."""
+    if kind == "bespoke":
+        key = (f"{kind}-{base}-n{n}-it{args.iters}-ft{args.finetune_iters}-b{args.train_batch}"
+               f"-v{args.num_val}-N{len(train)}-s{args.seed}")
+    else:
+        key = (f"{kind}-{base}-n{n}-it{args.bns_iters}-b{args.train_batch}-v{args.num_val}"
+               f"-N{min(args.bns_num_train, len(train) - args.num_val)}-s{args.seed}")
+    d = os.path.join(args.cache, "solvers", f"{name}-{cache_tag}")
+    path = os.path.join(d, key + ".json")
+    rpath = os.path.join(d, key + ".report.json")
+    if not args.no_solver_cache and os.path.isfile(path) and os.path.isfile(rpath):
+        try:
+            solver = bf.load_solver(path)
+            with open(rpath, encoding="utf-8") as f:
+                rec = json.load(f)
+            rec["cached"] = True
+            return solver, rec
+        except Exception as e:  # stale or invalid file: retrain
+            print(f"[{name}] cached solver {path} unusable ({e}); retraining", flush=True)
+    val_every = max(1, (args.iters + args.finetune_iters) // 4)
+    if kind == "bespoke":
+        solver, report = bf.train(zm.model, train, base=base, n_steps=n, iters=args.iters,
+                                  finetune_iters=args.finetune_iters, batch_size=args.train_batch,
+                                  val=args.num_val, val_every=val_every, seed=args.seed,
+                                  model_name=name, progress=args.progress)
+    else:
+        train_bns, _ = _train_bns()
+        params = inspect.signature(train_bns).parameters
+        kw = dict(n_steps=n, init="midpoint", iters=args.bns_iters, batch_size=args.train_batch,
+                  num_train=min(args.bns_num_train, len(train) - args.num_val),
+                  num_val=args.num_val, val_every=val_every, seed=args.seed, model_name=name,
+                  progress=args.progress)
+        solver, report = train_bns(zm.model, train, **{k: v for k, v in kw.items() if k in params})
+    best = report.get("best") or {}
+    cfg = report.get("config", {})
+    rec = {"kind": kind, "iters": args.iters if kind == "bespoke" else args.bns_iters,
+           "finetune_iters": args.finetune_iters if kind == "bespoke" else 0,
+           "optimizer": cfg.get("optimizer", "adam"),
+           "batch_size": cfg.get("batch_size", args.train_batch),
+           "num_train": cfg.get("num_train", len(train) - args.num_val),
+           "num_val": args.num_val, "wall_seconds": report.get("wall_seconds"),
+           "val_psnr": best.get("psnr"), "val_rmse": best.get("rmse"),
+           "num_parameters": getattr(solver, "num_parameters", None), "cached": False}
+    os.makedirs(d, exist_ok=True)
+    solver.save(path)
+    with open(rpath, "w", encoding="utf-8") as f:
+        json.dump(rec, f, indent=1)
+    return solver, rec
+
+
+# ----------------------------------------------------------------------------- one model
+def run_model(name, zm, args, device, machine, records, flush):
+    model = zm.model.to(device)
+    print(f"[{name}] ground truth ...", flush=True)
+    train, test, grec = get_gt(name, zm, args, device)
+    grec.update(machine=machine, git_commit=machine["git_commit"])
+    records.append(grec)
+    print(f"[{name}] GT: {grec['nfe_per_trajectory']:.0f} NFE/trajectory, "
+          f"{grec['wall_seconds_this_run']:.1f} s", flush=True)
+    R = zm.data_range
+    base = dict(model=name, machine=machine, git_commit=machine["git_commit"], kind="result",
+                device=str(device), num_test=len(test))
+    peers = {}
+    for p in args.peers:
+        ok, why = peer_status(PEERS[p].package)
+        peers[p] = ok
+        if not ok and not any(r.get("text", "").startswith(f"{p}:") for r in records):
+            records.append({"kind": "note", "model": None, "text": f"{p}: skipped, {why}"})
+    bns_fn, bns_why = _train_bns() if "bns" in args.trained else (None, "")
+    if "bns" in args.trained and bns_fn is None:
+        records.append({"kind": "note", "model": name, "text": bns_why})
+    cache_tag = grec["model_hash"] or "nohash"
+    if train is None and args.trained:
+        records.append({"kind": "note", "model": name,
+                        "text": f"evaluation only (no trained solvers) for {name}: a UNet on this "
+                                f"CPU makes GT and training too slow for the time box; "
+                                f"{len(test)} held-out trajectories. Run with --eval-only (empty) "
+                                f"on a GPU for the full protocol."})
+
+    def add(solver, library, nfe, res, **extra):
+        rec = dict(base, solver=solver, library=library, description=DESCRIPTIONS.get(solver, ""),
+                   nfe=nfe, **res, **extra)
+        records.append(rec)
+        flag = "" if abs(rec["nfe_measured"] - nfe) < 1e-9 else f"  (!! {rec['nfe_measured']:g} calls)"
+        print(f"[{name}] NFE {nfe:3d} {solver:24s} PSNR {res['psnr']:7.2f} dB  "
+              f"RMSE {res['rmse']:.3e}  {res['wall_seconds']:.2f} s{flag}", flush=True)
+
+    for nfe in args.nfes:
+        for m in BASES:
+            per = NFE_PER_STEP[m]
+            if nfe % per:
+                continue
+            add(m, "bespoke_fast", nfe,
+                score(model, lambda c, x, m=m, k=nfe // per: bf.solve(c, x, m, n_steps=k), test, R))
+        for p in args.peers:
+            peer = PEERS[p]
+            if not peers[p] or nfe % peer.per_step:
+                continue
+            try:
+                add(p, peer.package, nfe,
+                    score(model, lambda c, x, peer=peer: peer.run(c, x, nfe), test, R))
+            except Exception as e:  # a peer API change must not kill the run
+                records.append({"kind": "note", "model": name,
+                                "text": f"{p} at NFE {nfe} failed: {type(e).__name__}: {e}"})
+                print(f"[{name}] {p} failed: {e}", flush=True)
+        for kind in (args.trained if train is not None else []):
+            if kind == "bns":
+                if bns_fn is None or nfe % 2:
+                    continue
+                todo = [("bns", "midpoint", nfe)]
+            else:
+                b = kind.split("-")[1]
+                n = nfe if b == "rk1" else nfe // 2
+                if b == "rk2" and nfe % 2:
+                    continue
+                todo = [("bespoke", b, n)]
+            for k, b, n in todo:
+                label = "bns" if k == "bns" else f"bespoke-{b}"
+                t0 = time.perf_counter()
+                try:
+                    solver, trec = trained_solver(k, b, n, name, zm, train, args, cache_tag)
+                except Exception as e:
+                    records.append({"kind": "note", "model": name,
+                                    "text": f"{label} at NFE {nfe}: training failed: "
+                                            f"{type(e).__name__}: {e}"})
+                    print(f"[{name}] {label} NFE {nfe} training failed: {e}", flush=True)
+                    continue
+                print(f"[{name}] trained {label} NFE {nfe} in {time.perf_counter() - t0:.1f} s"
+                      f"{' (cached)' if trec.get('cached') else ''}", flush=True)
+                add(label, "bespoke_fast", nfe, score(model, lambda c, x, s=solver: s.sample(c, x), test, R), train=trec)
+        flush()
+    return records
+
+
+# ----------------------------------------------------------------------------- output
+def plot(records, out_dir, name):
+    """PSNR vs NFE, one line per solver: ours solid, trained thick, peers dashed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        return f"plot skipped: matplotlib unavailable ({e})"
+    rs = [r for r in records if r.get("kind") == "result" and r["model"] == name]
+    if not rs:
+        return None
+    from render import _order
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    names = _order({r["solver"] for r in rs})
+    colors = plt.cm.tab20.colors
+    for i, s in enumerate(names):
+        pts = sorted((r["nfe"], r["psnr"]) for r in rs if r["solver"] == s and math.isfinite(r["psnr"]))
+        if not pts:
+            continue
+        trained = s.startswith(("bespoke", "bns"))
+        peer = s in PEERS
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3.5, label=s,
+                lw=2.6 if trained else 1.2, ls="--" if peer else "-",
+                color=colors[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20])
+    ax.set_xticks(sorted({r["nfe"] for r in rs}))
+    ax.set_xlabel("NFE")
+    ax.set_ylabel("PSNR vs GT (dB)")
+    ax.set_title(f"{name}: PSNR vs NFE (higher is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"quality_{name}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def header(args):
+    return [f"* command: `{command_line()}`",
+            f"* settings: NFEs {args.nfes}; GT {args.num_test} held-out + {args.num_train} "
+            f"training trajectories (rtol {args.rtol:g}); training {args.iters} + "
+            f"{args.finetune_iters} fine-tune iterations, batch {args.train_batch}, "
+            f"{args.num_val} of the training trajectories for model selection; BNS "
+            f"{args.bns_iters} iterations on {args.bns_num_train} pairs; evaluation only "
+            f"(no training, {args.eval_only_num_test} held-out) for {args.eval_only or 'none'}; "
+            f"torch threads {torch.get_num_threads()}"
+            + (" (QUICK smoke run: numbers are not meaningful)" if args.quick else "")]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="output folder (default bench/results/<date>-cpu)")
+    p.add_argument("--cache", default=os.path.join("bench", ".cache"),
+                   help="GT and trained-solver cache (default: %(default)s; git-ignored)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: gmm-64 only, NFE 4 and 8, tiny GT, a few iterations")
+    p.add_argument("--models", nargs="+", default=None,
+                   help=f"models (default {EXACT_MODELS + TRAINED_MODELS}; trained ones only if "
+                        f"installed; quick: gmm-64)")
+    p.add_argument("--nfes", type=int, nargs="+", default=None, help=f"default {FULL['nfes']}")
+    p.add_argument("--num-train", type=int, default=None, help=f"default {FULL['num_train']}")
+    p.add_argument("--num-test", type=int, default=None, help=f"default {FULL['num_test']}")
+    p.add_argument("--num-val", type=int, default=None,
+                   help=f"training trajectories held out for model selection (default {FULL['num_val']})")
+    p.add_argument("--iters", type=int, default=None,
+                   help=f"bound-phase training iterations (default {FULL['iters']})")
+    p.add_argument("--finetune-iters", type=int, default=None,
+                   help=f"end-to-end fine-tune iterations (default {FULL['finetune_iters']})")
+    p.add_argument("--train-batch", type=int, default=None, help=f"default {FULL['train_batch']}")
+    p.add_argument("--rtol", type=float, default=None, help=f"GT tolerance (default {FULL['rtol']:g})")
+    p.add_argument("--bns-iters", type=int, default=None,
+                   help=f"BNS optimizer iterations (default {FULL['bns_iters']}; the BNS trainer's "
+                        f"own default optimizer)")
+    p.add_argument("--bns-num-train", type=int, default=None,
+                   help=f"BNS training pairs (default {FULL['bns_num_train']})")
+    p.add_argument("--eval-only", nargs="*", default=None,
+                   help="models run without trained solvers, on --eval-only-num-test held-out "
+                        "trajectories (default on CPU: the trained digits UNets; on CUDA: none)")
+    p.add_argument("--eval-only-num-test", type=int, default=None,
+                   help=f"held-out trajectories for eval-only models (default "
+                        f"{FULL['eval_only_num_test']})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
+                   help="peer solvers (default: all)")
+    p.add_argument("--trained", nargs="*", default=["bespoke-rk1", "bespoke-rk2", "bns"],
+                   choices=["bespoke-rk1", "bespoke-rk2", "bns"], help="trained solvers (default: all)")
+    p.add_argument("--no-solver-cache", action="store_true", help="always retrain")
+    p.add_argument("--device", default="cpu", help="device for models and solvers (default cpu)")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: on a shared CPU, oversubscribed OpenMP "
+                        "threads spin; 0 keeps torch's default)")
+    args = p.parse_args(argv)
+    d = QUICK if args.quick else FULL
+    for k, v in d.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.models is None:
+        args.models = ["gmm-64"] if args.quick else EXACT_MODELS + TRAINED_MODELS
+    args.out = args.out or default_out()
+    if args.eval_only is None:
+        args.eval_only = TRAINED_MODELS if torch.device(args.device).type == "cpu" else []
+    if args.num_val >= args.num_train:
+        p.error("--num-val must be smaller than --num-train")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    machine = machine_info()
+    records = []
+    models = load_models(args.models, records)
+    started = time.perf_counter()
+
+    def flush():
+        write_results(args.out, "quality", records, quality_markdown(records, header_lines=header(args)))
+
+    for name, zm in models:
+        t0 = time.perf_counter()
+        run_model(name, zm, args, device, machine, records, flush)
+        p = plot(records, args.out, name)
+        if p and not str(p).endswith(".png"):
+            records.append({"kind": "note", "model": name, "text": p})
+        print(f"[{name}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    records.append({"kind": "note", "model": None,
+                    "text": f"total wall time {time.perf_counter() - started:.0f} s on {device}"})
+    flush()
+    print(f"wrote {os.path.join(args.out, 'quality.json')} and quality.md", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
