@@ -16,7 +16,9 @@ setup(
     install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors"],
     extras_require={
         "triton": ["triton"],
-        "test": ["pytest", "pytest-benchmark", "torchdiffeq", "scipy", "scikit-learn"],
+        # flow_matching and diffusers: the peer-conversion tests check our adapters to them
+        "test": ["pytest", "pytest-benchmark", "torchdiffeq", "scipy", "scikit-learn", "matplotlib",
+                 "flow_matching", "diffusers"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "torchdiffeq", "flow_matching", "diffusers",
                   "matplotlib"],
         "viz": ["matplotlib"],
