@@ -11,8 +11,7 @@ name               what it is                                                 pa
                    16x16, GroupNorm(8): a small 3x32x32 model (many small
                    kernels) for the launch-bound regime
 ``digits``         the zoo's digits network (1x8x8; ``bespoke_fast.zoo``:          ~0.37M
-                   ``DigitsMLP``, earlier a small UNet) with the trained
-                   ``digits-fmot`` weights when they load, else random weights
+                   ``DigitsMLP``) with the trained ``digits-fmot`` weights
 =================  =========================================================  ============
 
 (Counts are checked by ``python bench/models.py``.) Every network follows the package's velocity
@@ -165,24 +164,10 @@ MODELS = {
 
 
 def _zoo_digits():
-    """The zoo's digits velocity network: trained ``digits-fmot`` if it loads, else the zoo's
-    architecture with random weights, else (zoo in flux) a small 1x8x8 BenchUNet."""
-    try:
-        import bespoke_fast
-        net = bespoke_fast.zoo.load("digits-fmot").model
-        inner = getattr(net, "net", net)
-        return net, f"zoo digits-fmot, trained ({type(inner).__name__})"
-    except Exception as e:  # weights not shipped, or being retrained
-        why = f"digits-fmot not loadable: {type(e).__name__}"
-    for mod, cls in (("bespoke_fast.zoo.nets", "DigitsMLP"), ("bespoke_fast.zoo.unet", "UNet")):
-        try:
-            net = getattr(__import__(mod, fromlist=[cls]), cls)()
-            return net, f"zoo {cls} architecture, random weights ({why})"
-        except Exception:
-            continue
-    net = BenchUNet(in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-                    resolution=8, groups=8)
-    return net, f"small 1x8x8 BenchUNet, random weights (no zoo digits network importable; {why})"
+    """The zoo's trained ``digits-fmot`` velocity model (weights ship with the package)."""
+    import bespoke_fast
+    net = bespoke_fast.zoo.load("digits-fmot").model
+    return net, f"zoo digits-fmot, trained ({type(getattr(net, 'net', net)).__name__})"
 
 
 def make_model(name: str, device="cpu", dtype=torch.float32, seed: int = 0):

@@ -7,9 +7,9 @@ name                  what it is
                       (stds in [0.05, 0.3]); no training, any dtype
 ``digits-exact``      exact FM-OT flow of the 1797 sklearn digits in [-1, 1] (one component
                       per image, std 0.02): stiff near t = 1 like a real image model
-``digits-fmot``       small UNet trained on the digits, FM-OT velocity prediction
-``digits-vcs``        small UNet trained on the digits, FM/v-CS (cosine) velocity prediction
-``digits-eps``        small UNet trained on the digits, eps-VP noise prediction, used through
+``digits-fmot``       small MLP trained on the digits, FM-OT velocity prediction
+``digits-vcs``        small MLP trained on the digits, FM/v-CS (cosine) velocity prediction
+``digits-eps``        small MLP trained on the digits, eps-VP noise prediction, used through
                       ``as_velocity(net, "eps", "vp", time="diffusion")``
 ====================  =====================================================================
 
