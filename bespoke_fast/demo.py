@@ -44,7 +44,10 @@ def _sample_grid(path: Path, images: dict, shape, n=16):
     for ax, (title, x) in zip(axes, images.items()):
         x = x[:side * side, 0].clamp(-1, 1).cpu()
         h, w = x.shape[-2:]
-        grid = x.reshape(side, side, h, w).permute(0, 2, 1, 3).reshape(side * h, side * w)
+        # 1-pixel white gap between tiles so neighbouring digits do not merge
+        tiles = torch.nn.functional.pad(x, (0, 1, 0, 1), value=1.0)
+        grid = tiles.reshape(side, side, h + 1, w + 1).permute(0, 2, 1, 3).reshape(side * (h + 1),
+                                                                                side * (w + 1))
         ax.imshow(grid.numpy(), cmap="gray", vmin=-1, vmax=1)
         ax.set_title(title, fontsize=8)
         ax.axis("off")
