@@ -149,6 +149,8 @@ def cmd_demo(args):
     from .demo import run_demo
     try:
         summary = run_demo(args.model, nfe=args.nfe, out=args.out, num_gt=args.num_gt,
+                           num_val=args.num_val, iters=args.iters,
+                           finetune_iters=args.finetune_iters,
                            device=_device(args.device), progress=not args.quiet,
                            log=(lambda *a: None) if args.json else print)
     except ValueError as e:
@@ -186,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--nfe", type=int, default=10, help="network evaluations (even; default %(default)s)")
     p.add_argument("--num-gt", type=int, default=1280, help="GT trajectories (default %(default)s)")
+    p.add_argument("--num-val", type=int, default=256, help="held-out GT trajectories (default %(default)s)")
+    p.add_argument("--iters", type=int, default=None, help="bound-phase iterations (default: the trainer's)")
+    p.add_argument("--finetune-iters", type=int, default=None,
+                   help="fine-tune iterations (default: the trainer's)")
     p.add_argument("--out", type=Path, default=Path("bespoke_demo"), help="output directory")
     p.set_defaults(func=cmd_demo)
 
