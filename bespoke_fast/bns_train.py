@@ -28,7 +28,7 @@ from ._checks import check_choice, check_int
 from .gt import TrajectorySet
 from .io import model_fingerprint
 from .solvers.bns import INITS, NonStationarySolver
-from .trainer import _atomic_torch_save, _check_gt_matches, _dist, _frozen, _validate
+from .trainer import _check_gt_matches, _dist, _frozen, _save_checkpoint, _validate
 
 __all__ = ["train_bns", "end_to_end_loss", "OPTIMIZERS"]
 
@@ -268,11 +268,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
                     callback(done, record)
             if ckpt is not None and rank == 0 and (done % checkpoint_every == 0 or done == iters
                                                    or state["converged"]):
-                state["wall_total"] += time.perf_counter() - started
-                started = time.perf_counter()
-                _atomic_torch_save({"config": config, "solver": solver.state_dict(),
-                                    "optim": optim.state_dict(), "rng": gen.get_state(),
-                                    "iteration": done, "state": state}, ckpt)
+                started = _save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
     bar.close()
     state["wall_total"] += time.perf_counter() - started
     solver.load_state_dict(state["best"])

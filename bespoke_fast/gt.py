@@ -18,7 +18,6 @@ rank ``k % world_size`` and rank 0 writes the manifest.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -29,7 +28,7 @@ import torch
 
 from . import __version__
 from ._checks import check_int
-from .io import atomic_write_text, model_fingerprint
+from .io import atomic_write_text, model_fingerprint, sha256_file
 from .noise import noise_for_indices
 from .solvers.adaptive import default_knots, solve_adaptive
 
@@ -39,13 +38,6 @@ __all__ = ["generate_trajectories", "load_trajectories", "TrajectorySet", "hermi
 GT_FORMAT = "bespoke_fast.gt"
 DEFAULT_KNOTS = 41
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _dist():
@@ -163,7 +155,7 @@ def _shard_done(out: Path, k: int, count: int) -> bool:
         info = json.loads(side.read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return info.get("count") == count and info.get("sha256") == _sha256(data)
+    return info.get("count") == count and info.get("sha256") == sha256_file(data)
 
 
 def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: float = 1e-5,
@@ -277,7 +269,7 @@ def _write_shard(out: Path, k: int, tensors: dict, info: dict) -> None:
     tmp = data.with_name(data.name + ".tmp")
     save_file(tensors, str(tmp))
     tmp.replace(data)
-    atomic_write_text(side, json.dumps({**info, "sha256": _sha256(data)}) + "\n")
+    atomic_write_text(side, json.dumps({**info, "sha256": sha256_file(data)}) + "\n")
 
 
 def _read_manifest(out: Path) -> dict:
@@ -355,7 +347,7 @@ def load_trajectories(path, device="cpu") -> TrajectorySet:
         if not f.is_file():
             raise FileNotFoundError(f"{path}: shard {shard['file']} is missing; rerun the same "
                                     f"'bespoke-fast gt' command to recompute it")
-        if _sha256(f) != shard["sha256"]:
+        if sha256_file(f) != shard["sha256"]:
             raise ValueError(f"{f}: checksum mismatch (corrupt or partial); delete it and rerun "
                              f"the same 'bespoke-fast gt' command")
         parts.append(load_file(str(f)))

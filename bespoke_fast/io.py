@@ -30,7 +30,8 @@ FORMAT = "bespoke_fast.solver"
 FORMAT_VERSION = 1
 MAX_BYTES = 1 << 20
 
-__all__ = ["save_solver", "load_solver", "model_fingerprint", "atomic_write_text", "FORMAT_VERSION"]
+__all__ = ["save_solver", "load_solver", "model_fingerprint", "sha256_file", "atomic_write_text",
+           "FORMAT_VERSION"]
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -45,6 +46,15 @@ def atomic_write_text(path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def sha256_file(path) -> str:
+    """Hex sha256 of a file's bytes (shards, weights), read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def model_fingerprint(model) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ._checks import check_int
+from .io import sha256_file
 from .noise import noise_for_indices
 
 __all__ = ["sample_to_dir", "shard_name"]
@@ -45,13 +46,6 @@ def shard_name(k: int) -> str:
     """``samples_{k:05d}`` (add ``.npy`` / ``.json``)."""
     return f"samples_{k:05d}"
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -98,7 +92,7 @@ def _shard_done(out_dir: Path, k: int, start: int, count: int, fingerprint: dict
         return None
     if (side.get("start"), side.get("count"), side.get("fingerprint")) != (start, count, fingerprint):
         return None
-    if side.get("sha256") != _sha256(npy):
+    if side.get("sha256") != sha256_file(npy):
         return None
     return side
 
@@ -190,7 +184,7 @@ def sample_to_dir(model, solver, shape, num: int, out_dir, batch_size: int = 256
                 _atomic_write(npy, lambda f, arr=arr: np.save(f, arr, allow_pickle=False))
                 _write_json(out_dir / (shard_name(k) + ".json"), {
                     "file": npy.name, "start": start, "count": end - start, "shape": list(shape),
-                    "dtype": "float32", "sha256": _sha256(npy), "fingerprint": fingerprint})
+                    "dtype": "float32", "sha256": sha256_file(npy), "fingerprint": fingerprint})
                 computed.append(k)
         finally:
             if bar is not None:

@@ -142,6 +142,16 @@ def _validate(solver, model, val: TrajectorySet, batch_size=1024):
     return rmse_psnr(torch.cat(outs), val.x1, val.data_range)
 
 
+def _save_checkpoint(path, config, solver, optim, gen, iteration, state, started):
+    """Atomically save all a resumed run needs (shared by the bespoke and BNS trainers); adds
+    the wall time since ``started`` to ``state`` and returns the new wall-clock origin."""
+    now = time.perf_counter()
+    state["wall_total"] += now - started
+    _atomic_torch_save({"config": config, "solver": solver.state_dict(), "optim": optim.state_dict(),
+                        "rng": gen.get_state(), "iteration": iteration, "state": state}, path)
+    return now
+
+
 def _cosine_lr(config, k):
     """Learning rate at iteration k: a cosine decay to 5% within each phase (bound, then
     fine-tune). A pure function of k, so resuming from a checkpoint needs no scheduler state."""
@@ -299,11 +309,7 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
                 if callback is not None:
                     callback(done, record)
             if ckpt is not None and rank == 0 and (done % checkpoint_every == 0 or done == total):
-                state["wall_total"] += time.perf_counter() - started
-                started = time.perf_counter()
-                _atomic_torch_save({"config": config, "solver": solver.state_dict(),
-                                    "optim": optim.state_dict(), "rng": gen.get_state(),
-                                    "iteration": done, "state": state}, ckpt)
+                started = _save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
     bar.close()
     state["wall_total"] += time.perf_counter() - started
     solver.load_state_dict(state["best"])

@@ -23,7 +23,6 @@ paths, net config, training stats, machine, sha256 of the weights file, quality 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import platform
@@ -32,11 +31,12 @@ from pathlib import Path
 
 import torch
 
+from ..io import sha256_file
 from ..models import GaussianPath
 from .nets import DigitsMLP, count_params
 
 __all__ = ["MODELS", "NET_CONFIG", "DEFAULTS", "train_model", "save_model", "update_quality",
-           "machine_info", "sha256_file", "main"]
+           "machine_info", "main"]
 
 MODELS = {
     "digits-fmot": dict(path="fm-ot", prediction="velocity", time="flow"),
@@ -185,14 +185,6 @@ def train_model(name: str, iters: int = DEFAULTS["iters"], seed: int = DEFAULTS[
         stats["ema_loss_train"] = _eval_loss(ema, spec, path, xtr, seed, t_eps)
         stats["ema_loss_heldout"] = _eval_loss(ema, spec, path, xte, seed, t_eps)
     return ema, stats
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def machine_info() -> dict:

@@ -50,7 +50,7 @@ def load_meta(name: str, weights_dir=None) -> dict:
 
 def verify_weights(name: str, weights_dir=None) -> dict:
     """Check the weights file against the sha256 in its JSON; returns the metadata."""
-    from .train import sha256_file
+    from ..io import sha256_file
 
     meta = load_meta(name, weights_dir)
     wpath = Path(weights_dir or WEIGHTS_DIR) / meta.get("weights_file", f"{name}.safetensors")
