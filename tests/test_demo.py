@@ -2,11 +2,20 @@
 import json
 
 import pytest
+import torch
 
 from bespoke_fast.cli import main
 from bespoke_fast.io import load_solver
 
 pytest.importorskip("matplotlib")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The demo sets torch's thread count (default 1): give the rest of the suite its own back."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 def test_demo_runs_end_to_end_small(tmp_path, capsys):
@@ -23,6 +32,7 @@ def test_demo_runs_end_to_end_small(tmp_path, capsys):
     for name in ("samples", "transform", "psnr_vs_nfe"):
         assert (out / f"{name}.png").stat().st_size > 1000
     assert json.loads((out / "summary.json").read_text())["gt"]["num"] == 96
+    assert torch.get_num_threads() == 1  # the demo's default
 
 
 def test_demo_rejects_an_odd_nfe(capsys):
