@@ -16,9 +16,10 @@ setup(
     install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors"],
     extras_require={
         "triton": ["triton"],
-        # flow_matching and diffusers: the peer-conversion tests check our adapters to them
+        # flow_matching and diffusers: the peer-conversion tests check our adapters to them;
+        # nvidia-ml-py: the telemetry test runs against a fake NVML on CPU machines
         "test": ["pytest", "pytest-benchmark", "torchdiffeq", "scipy", "scikit-learn", "matplotlib",
-                 "flow_matching", "diffusers"],
+                 "flow_matching", "diffusers", "nvidia-ml-py"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "torchdiffeq", "flow_matching", "diffusers",
                   "matplotlib"],
         "viz": ["matplotlib"],
