@@ -51,6 +51,7 @@ from _common import (PEERS, Counted, command_line, machine_info, peer_status,  #
 from render import quality_markdown  # noqa: E402
 
 import bespoke_fast as bf  # noqa: E402
+from bespoke_fast.bns_train import train_bns  # noqa: E402
 from bespoke_fast.io import model_fingerprint  # noqa: E402
 from bespoke_fast.metrics import rmse_psnr  # noqa: E402
 from bespoke_fast.solvers.fixed import NFE_PER_STEP  # noqa: E402
@@ -151,15 +152,6 @@ def score(model, fn, test, data_range):
             "nfe_measured": c.rows / x0.shape[0], "wall_seconds": wall, "finite": finite}
 
 
-def _train_bns():
-    try:
-        from bespoke_fast.bns_train import train_bns  # noqa: F401
-        import bespoke_fast.solvers.bns  # noqa: F401
-        return train_bns, ""
-    except Exception as e:
-        return None, f"BNS row skipped: bespoke_fast.bns_train.train_bns not importable ({type(e).__name__}: {e})"
-
-
 def trained_solver(kind, base, n, name, zm, train, args, cache_tag):
     """Train (or load from the cache) one solver; returns (solver, train record)."""
     if kind == "bespoke":
@@ -187,7 +179,6 @@ def trained_solver(kind, base, n, name, zm, train, args, cache_tag):
                                   val=args.num_val, val_every=val_every, seed=args.seed,
                                   model_name=name, progress=args.progress)
     else:
-        train_bns, _ = _train_bns()
         params = inspect.signature(train_bns).parameters
         kw = dict(n_steps=n, init="midpoint", iters=args.bns_iters, batch_size=args.train_batch,
                   num_train=min(args.bns_num_train, len(train) - args.num_val),
@@ -229,16 +220,12 @@ def run_model(name, zm, args, device, machine, records, flush):
         peers[p] = ok
         if not ok and not any(r.get("text", "").startswith(f"{p}:") for r in records):
             records.append({"kind": "note", "model": None, "text": f"{p}: skipped, {why}"})
-    bns_fn, bns_why = _train_bns() if "bns" in args.trained else (None, "")
-    if "bns" in args.trained and bns_fn is None:
-        records.append({"kind": "note", "model": name, "text": bns_why})
     cache_tag = grec["model_hash"] or "nohash"
     if train is None and args.trained:
         records.append({"kind": "note", "model": name,
-                        "text": f"evaluation only (no trained solvers) for {name}: a UNet on this "
-                                f"CPU makes GT and training too slow for the time box; "
-                                f"{len(test)} held-out trajectories. Run with --eval-only (empty) "
-                                f"on a GPU for the full protocol."})
+                        "text": f"evaluation only (no trained solvers) for {name} (--eval-only); "
+                                f"{len(test)} held-out trajectories. Pass --eval-only with no "
+                                f"names for the full protocol."})
 
     def add(solver, library, nfe, res, **extra):
         rec = dict(base, solver=solver, library=library, description=DESCRIPTIONS.get(solver, ""),
@@ -268,7 +255,7 @@ def run_model(name, zm, args, device, machine, records, flush):
                 print(f"[{name}] {p} failed: {e}", flush=True)
         for kind in (args.trained if train is not None else []):
             if kind == "bns":
-                if bns_fn is None or nfe % 2:
+                if nfe % 2:  # BNS starts from midpoint: even NFE
                     continue
                 todo = [("bns", "midpoint", nfe)]
             else:

@@ -26,9 +26,8 @@ import torch
 
 from ._checks import check_choice, check_int
 from .gt import TrajectorySet
-from .io import model_fingerprint
 from .solvers.bns import INITS, NonStationarySolver
-from .trainer import _check_gt_matches, _dist, _frozen, _save_checkpoint, _validate
+from .trainer import _check_gt_matches, _dist, _finish, _frozen, _save_checkpoint, _validate
 
 __all__ = ["train_bns", "end_to_end_loss", "OPTIMIZERS"]
 
@@ -271,24 +270,6 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
                 started = _save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
     bar.close()
     state["wall_total"] += time.perf_counter() - started
-    solver.load_state_dict(state["best"])
-    gt_nfe = trajectories.meta.get("nfe", {}).get("total")
-    report = {
-        "config": config,
-        "curve": state["curve"],
-        "init": state["init_record"],
-        "best": state["best_record"],
-        "nfe": {"gt": gt_nfe, "train": state["nfe_train"], "validation": state["nfe_val"]},
-        "loss_evaluations": state["loss_evals"],
-        "converged": state["converged"],
-        "lbfgs_restarts": state["restarts"],
-        "wall_seconds": state["wall_total"],
-        "gt_wall_seconds": trajectories.meta.get("wall_seconds_last_run"),
-    }
-    solver.meta = {
-        "model": {"name": model_name or trajectories.meta.get("model", {}).get("name", ""),
-                  "hash": model_fingerprint(model)},
-        "training": {**config, "wall_seconds": report["wall_seconds"], "nfe": report["nfe"]},
-        "validation": state["best_record"],
-    }
-    return solver, report
+    return _finish(solver, model, trajectories, config, state, model_name,
+                   init=state["init_record"], loss_evaluations=state["loss_evals"],
+                   converged=state["converged"], lbfgs_restarts=state["restarts"])

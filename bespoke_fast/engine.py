@@ -392,7 +392,7 @@ class FastSampler:
                     self._loop(st)
             except Exception as e:  # the model did something a capture cannot record
                 torch.cuda.set_stream(current)  # graph.__exit__ skips restoring it when capture_end raises
-                del graph
+                graph = None  # drop the half-captured graph
                 try:
                     torch.cuda.synchronize(dev)
                 except Exception:  # pragma: no cover - a sticky error: nothing left to salvage

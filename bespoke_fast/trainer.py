@@ -312,13 +312,20 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
                 started = _save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
     bar.close()
     state["wall_total"] += time.perf_counter() - started
+    return _finish(solver, model, trajectories, config, state, model_name)
+
+
+def _finish(solver, model, trajectories, config, state, model_name, **extra_report):
+    """Load the best parameters, then build the report and the solver's file metadata (shared
+    by the bespoke and BNS trainers). Returns ``(solver, report)``."""
     solver.load_state_dict(state["best"])
-    gt_nfe = trajectories.meta.get("nfe", {}).get("total")
     report = {
         "config": config,
         "curve": state["curve"],
         "best": state["best_record"],
-        "nfe": {"gt": gt_nfe, "train": state["nfe_train"], "validation": state["nfe_val"]},
+        "nfe": {"gt": trajectories.meta.get("nfe", {}).get("total"), "train": state["nfe_train"],
+                "validation": state["nfe_val"]},
+        **extra_report,
         "wall_seconds": state["wall_total"],
         "gt_wall_seconds": trajectories.meta.get("wall_seconds_last_run"),
     }

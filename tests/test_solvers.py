@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import bespoke_fast as bf
-from bespoke_fast.solvers.fixed import METHODS
 from tests.helpers import noise, smooth_gmm
 
 torchdiffeq = pytest.importorskip("torchdiffeq")

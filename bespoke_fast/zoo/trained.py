@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from ..models import as_velocity
 from .nets import DigitsMLP
