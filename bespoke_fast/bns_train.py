@@ -27,7 +27,8 @@ import torch
 from ._checks import check_choice, check_int
 from .gt import TrajectorySet
 from .solvers.bns import INITS, NonStationarySolver
-from .trainer import _check_gt_matches, _dist, _finish, _frozen, _save_checkpoint, _validate
+from .trainer import (_check_gt_matches, _dist, _finish, _frozen, _load_checkpoint,
+                      _save_checkpoint, _validate)
 
 __all__ = ["train_bns", "end_to_end_loss", "OPTIMIZERS"]
 
@@ -184,15 +185,9 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
         optim = torch.optim.LBFGS(solver.parameters(), lr=lr, max_iter=1, history_size=100,
                                   line_search_fn="strong_wolfe")
     ckpt = Path(checkpoint) if checkpoint else None
-    if ckpt is not None and ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=True)
-        if saved["config"] != config:
-            diff = {k: (saved["config"].get(k), v) for k, v in config.items() if saved["config"].get(k) != v}
-            raise ValueError(f"checkpoint {ckpt} was made with other settings {diff} "
-                             f"(saved, now); remove it or use the same settings")
-        solver.load_state_dict(saved["solver"])
+    saved = _load_checkpoint(ckpt, config, solver, gen)
+    if saved is not None:
         optim.load_state_dict(saved["optim"])
-        gen.set_state(saved["rng"])
         state = saved["state"]
     started = time.perf_counter()
     from tqdm.auto import tqdm

@@ -142,6 +142,22 @@ def _validate(solver, model, val: TrajectorySet, batch_size=1024):
     return rmse_psnr(torch.cat(outs), val.x1, val.data_range)
 
 
+def _load_checkpoint(path, config, solver, gen):
+    """If ``path`` exists: check it was made with ``config``, restore the solver's parameters and
+    the batch generator, and return the saved dict (the caller restores its optimizer and
+    state). ``None`` when there is nothing to resume. Shared by the bespoke and BNS trainers."""
+    if path is None or not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=True)
+    if saved["config"] != config:
+        diff = {k: (saved["config"].get(k), v) for k, v in config.items() if saved["config"].get(k) != v}
+        raise ValueError(f"checkpoint {path} was made with other settings {diff} "
+                         f"(saved, now); remove it or use the same settings")
+    solver.load_state_dict(saved["solver"])
+    gen.set_state(saved["rng"])
+    return saved
+
+
 def _save_checkpoint(path, config, solver, optim, gen, iteration, state, started):
     """Atomically save all a resumed run needs (shared by the bespoke and BNS trainers); adds
     the wall time since ``started`` to ``state`` and returns the new wall-clock origin."""
@@ -247,17 +263,11 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
              "nfe_train": 0, "nfe_val": 0, "wall_total": 0.0}
     optim = torch.optim.Adam(solver.parameters(), lr=lr)
     ckpt = Path(checkpoint) if checkpoint else None
-    if ckpt is not None and ckpt.is_file():
-        saved = torch.load(ckpt, weights_only=True)
-        if saved["config"] != config:
-            diff = {k: (saved["config"].get(k), v) for k, v in config.items() if saved["config"].get(k) != v}
-            raise ValueError(f"checkpoint {ckpt} was made with other settings {diff} "
-                             f"(saved, now); remove it or use the same settings")
-        solver.load_state_dict(saved["solver"])
+    saved = _load_checkpoint(ckpt, config, solver, gen)
+    if saved is not None:
         if saved["iteration"] > iters:  # resumed inside the fine-tune phase
             optim = torch.optim.Adam(solver.parameters(), lr=config["finetune_lr"])
         optim.load_state_dict(saved["optim"])
-        gen.set_state(saved["rng"])
         state = saved["state"]
     started = time.perf_counter()
     total = iters + finetune_iters
