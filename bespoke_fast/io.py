@@ -30,8 +30,8 @@ FORMAT = "bespoke_fast.solver"
 FORMAT_VERSION = 1
 MAX_BYTES = 1 << 20
 
-__all__ = ["save_solver", "load_solver", "model_fingerprint", "sha256_file", "atomic_write_text",
-           "FORMAT_VERSION"]
+__all__ = ["save_solver", "load_solver", "solver_document", "solver_from_document",
+           "model_fingerprint", "sha256_file", "atomic_write_text", "FORMAT_VERSION"]
 
 
 def atomic_write_text(path, text: str) -> None:
@@ -83,10 +83,10 @@ def _jsonable(obj):
     return obj
 
 
-def save_solver(solver, path) -> None:
-    """Write ``solver`` (a BespokeSolver or NonStationarySolver) to ``path`` as JSON, atomically."""
+def solver_document(solver) -> dict:
+    """The JSON-ready document of a solver file (what :func:`save_solver` writes)."""
     from . import __version__
-    doc = {
+    return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "kind": solver.kind,
         **solver.file_header(),
         "n_steps": solver.n_steps, "nfe": solver.nfe,
@@ -97,7 +97,11 @@ def save_solver(solver, path) -> None:
         "validation": _jsonable(solver.meta.get("validation", {})),
         "package_version": __version__,
     }
-    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+
+
+def save_solver(solver, path) -> None:
+    """Write ``solver`` (a BespokeSolver or NonStationarySolver) to ``path`` as JSON, atomically."""
+    atomic_write_text(path, json.dumps(solver_document(solver), indent=1) + "\n")
 
 
 def _fail(path, msg):
@@ -135,6 +139,12 @@ def load_solver(path):
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         _fail(path, f"not JSON ({e})")
+    return solver_from_document(doc, path)
+
+
+def solver_from_document(doc, path="<solver document>"):
+    """Validate a solver document (see :func:`solver_document`) and build the solver; ``path``
+    names the source in errors."""
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         _fail(path, f"'format' must be {FORMAT!r}")
     if doc.get("format_version") != FORMAT_VERSION:

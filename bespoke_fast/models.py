@@ -21,7 +21,7 @@ __all__ = [
     "from_torchdiffeq", "to_torchdiffeq", "GaussianMixtureFlow", "digits_data", "digits_flow",
 ]
 
-PREDICTIONS = ("velocity", "eps", "x1")
+PREDICTIONS = ("velocity", "eps", "x1", "v")
 TIMES = ("flow", "diffusion")
 
 
@@ -136,9 +136,12 @@ class VelocityAdapter(nn.Module):
             # u = (a'/a) x + (s' - s a'/a) f ; s' written as (s s')/s to stay finite for VP
             ds = p.sigma_dsigma(tf) / s
             cx, cf = da / a, ds - s * da / a
-        else:  # x1: u = (s'/s) x + (a' - a s'/s) f
+        elif self.prediction == "x1":  # u = (s'/s) x + (a' - a s'/s) f
             ds_over_s = p.sigma_dsigma(tf) / (s * s)
             cx, cf = ds_over_s, da - a * ds_over_s
+        else:  # v = a x0 - s x1: u = ((a a' + s s') x + (a s' - s a') f) / (a^2 + s^2)
+            n2 = a * a + s * s
+            cx, cf = (a * da + p.sigma_dsigma(tf)) / n2, (a * p.sigma_dsigma(tf) / s - s * da) / n2
         cx, cf = _bcast(cx, x).to(x.dtype), _bcast(cf, x).to(x.dtype)
         return (cx * x + cf * f.to(x.dtype)).to(f.dtype)
 
@@ -149,15 +152,18 @@ def as_velocity(net: Callable, prediction: str = "velocity", path="fm-ot", time:
 
     Args:
         net: ``net(x, t_net, **extras) -> f`` with ``f`` shaped like ``x``.
-        prediction: what ``net`` predicts: ``"velocity"`` (u = f), ``"eps"`` (noise x0) or
-            ``"x1"`` (data). With ``alpha``, ``sigma`` of ``path`` and primes d/dt:
+        prediction: what ``net`` predicts: ``"velocity"`` (u = f), ``"eps"`` (noise x0),
+            ``"x1"`` (data) or ``"v"`` (``alpha x0 - sigma x1``, diffusers' ``v_prediction``).
+            With ``alpha``, ``sigma`` of ``path`` and primes d/dt:
 
             * eps: ``u = (alpha'/alpha) x + (sigma' - sigma alpha'/alpha) f``
             * x1:  ``u = (sigma'/sigma) x + (alpha' - alpha sigma'/sigma) f``
+            * v:   ``u = ((alpha alpha' + sigma sigma') x + (alpha sigma' - sigma alpha') f)
+              / (alpha^2 + sigma^2)``
 
-            Both are singular at one end of [0, 1] (eps at t = 0 where alpha = 0; x1 at t = 1
-            where sigma = 0; eps-VP also at t = 1): for these two, **t is clamped to
-            [eps, 1 - eps]** before the network is called (default eps = 1e-3).
+            These are singular at one end of [0, 1] (eps at t = 0 where alpha = 0; x1 and v at
+            t = 1 where sigma = 0 (v through sigma' for VP); eps-VP also at t = 1): for all three,
+            **t is clamped to [eps, 1 - eps]** before the network is called (default eps = 1e-3).
         path: ``"fm-ot"``, ``"cosine"`` or ``"vp"`` (or a :class:`GaussianPath`).
         time: ``"flow"`` (net takes flow time, noise at 0) or ``"diffusion"`` (net takes
             ``1 - t``, noise at 1, as most diffusion code does).
@@ -351,7 +357,7 @@ class GaussianMixtureFlow(nn.Module):
         return u.reshape(x.shape).to(x.dtype)
 
     def predict(self, x, t, kind="eps"):
-        """The same flow as an eps- or x1-prediction network (for adapter tests)."""
+        """The same flow as an eps-, x1- or v-prediction network (for adapter tests)."""
         check_choice("kind", kind, PREDICTIONS)
         u = self.forward(x, t)
         if kind == "velocity":
@@ -360,9 +366,11 @@ class GaussianMixtureFlow(nn.Module):
         tt = _bcast(t.to(dt), x)
         a, s, da = self.path.alpha(tt), self.path.sigma(tt), self.path.d_alpha(tt)
         ds = self.path.sigma_dsigma(tt) / s
-        if kind == "eps":  # u = (a'/a) x + (s' - s a'/a) eps
-            return (u - da / a * x) / (ds - s * da / a)
-        return (u - ds / s * x) / (da - a * ds / s)  # x1
+        eps = (u - da / a * x) / (ds - s * da / a)    # u = (a'/a) x + (s' - s a'/a) eps
+        if kind == "eps":
+            return eps
+        x1 = (u - ds / s * x) / (da - a * ds / s)
+        return x1 if kind == "x1" else a * eps - s * x1  # v = a x0 - s x1
 
     def sample_data(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` draws from the data distribution, shape ``[n, *shape]``, float32."""
