@@ -63,14 +63,17 @@ _EMBED_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 
 # ----------------------------------------------------------------------------- conventions
 def conversion_from_config(config, prediction: str | None = None) -> dict:
-    """How a denoiser's output becomes a velocity, from a diffusers scheduler config.
+    """How a denoiser's output becomes a velocity, from a diffusers scheduler (or its config;
+    a config saved by diffusers names its class in ``_class_name``).
 
     Returns ``{"prediction_type", "path", "time_scale"}``: ``prediction_type`` in diffusers'
     words (``"flow"`` for flow-match schedulers, else the config's ``prediction_type`` or the
     ``prediction`` argument), the :class:`~bespoke_fast.models.GaussianPath` and ``T``."""
-    config = dict(config or {})
+    name = type(config).__name__ if hasattr(config, "config") else ""
+    config = dict(getattr(config, "config", config) or {})
+    name = name or str(config.get("_class_name", ""))
     T_ = float(config.get("num_train_timesteps", 1000))
-    flow = "FlowMatch" in str(config.get("_class_name", "")) or config.get("prediction_type") == "flow"
+    flow = "FlowMatch" in name or config.get("prediction_type") in ("flow", "flow_prediction")
     kind = prediction or ("flow" if flow else config.get("prediction_type", "epsilon"))
     if kind not in _PREDICTIONS:
         raise ValueError(f"unsupported prediction type {kind!r}; expected one of {', '.join(_PREDICTIONS)}")
@@ -198,8 +201,8 @@ class DiffusersVelocity(nn.Module):
         pp = _cat(pooled_prompt_embeds, negative_pooled_prompt_embeds)
         for name, value in (("prompt_embeds", pe), ("pooled_prompt_embeds", pp)):
             old = getattr(self.raw, name, None)
-            if value is not None:
-                value = value.to(_device_of(self.raw.denoiser))
+            if value is not None:  # a copy: later in-place updates must not touch the caller's
+                value = value.to(_device_of(self.raw.denoiser), copy=True)
             if old is not None and value is not None and old.shape == value.shape and old.dtype == value.dtype:
                 old.copy_(value)
             else:
@@ -261,7 +264,7 @@ def velocity_model(pipe_or_denoiser, prediction: str | None = None, *, scheduler
         if getattr(pipe_or_denoiser, attr, None) is not None:
             denoiser = getattr(pipe_or_denoiser, attr)
             if config is None and getattr(pipe_or_denoiser, "scheduler", None) is not None:
-                config = pipe_or_denoiser.scheduler.config
+                config = pipe_or_denoiser.scheduler
             break
     family = _family(denoiser)
     if config is None and prediction is None and family == "unet":
@@ -464,7 +467,7 @@ class _FittedScheduler(SchedulerMixin, ConfigMixin):
         if like is not None:
             src = dict(getattr(like, "config", like))
             config.update({k: src[k] for k in _CONFIG_KEYS if k in src})
-            config["prediction_type"] = conversion_from_config(src)["prediction_type"]
+            config["prediction_type"] = conversion_from_config(like)["prediction_type"]
         config.update(overrides)
         return config
 
