@@ -27,9 +27,20 @@ def _device(name):
 def _model(args):
     from .zoo import resolve_model
     try:
+        if args.model.startswith("diffusers:"):
+            return _diffusers_model(args)
         return resolve_model(args.model, device=_device(args.device))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         raise CLIError(str(e)) from e
+
+
+def _diffusers_model(args):
+    """``--model diffusers:DIR``: a local pipeline folder, conditioned by --prompts / --classes
+    (or by the table stored in the --gt directory)."""
+    from .integrations.diffusers import cli_model
+    opt = {k: getattr(args, k, None) for k in ("prompts", "classes", "guidance_scale", "height",
+                                               "width", "gt")}
+    return cli_model(args.model[len("diffusers:"):], device=_device(args.device), **opt)
 
 
 def _gt(args, zm):
@@ -62,7 +73,11 @@ def cmd_gt(args):
     manifest = generate_trajectories(zm.model, args.num, zm.shape, args.out, seed=args.seed,
                                      rtol=args.rtol, atol=args.atol, knots=args.knots,
                                      batch_size=args.batch_size, model_name=zm.name,
-                                     data_range=zm.data_range, progress=not args.quiet)
+                                     data_range=zm.data_range, progress=not args.quiet,
+                                     extras_fn=getattr(zm, "condition", None))
+    if getattr(zm, "conditioning", None):  # the table the stored prompt indices refer to
+        from .integrations.diffusers import CONDITIONING_FILE, save_conditioning
+        save_conditioning(Path(args.out) / CONDITIONING_FILE, zm.conditioning, zm.guidance_scale)
     interp = manifest.get("interpolation", {})
     _emit(args, {"out": str(args.out), "num": manifest["num"], "nfe": manifest["nfe"],
                  "interpolation": interp, "wall_seconds": manifest["wall_seconds_last_run"]},
@@ -164,7 +179,8 @@ def _common(p, model=True, gt=False):
     if model:
         p.add_argument("--model", default="digits-fmot",
                        help="bundled model name (gmm-64, digits-exact, digits-fmot, digits-vcs, "
-                            "digits-eps) or package.module:factory (default: %(default)s)")
+                            "digits-eps), package.module:factory, or diffusers:LOCAL_PIPELINE_DIR "
+                            "(default: %(default)s)")
     if gt:
         p.add_argument("--gt", required=True, type=Path, help="GT directory made by 'bespoke-fast gt'")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
@@ -172,6 +188,21 @@ def _common(p, model=True, gt=False):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own; demo: 1)")
+
+
+def _diffusers_options(p):
+    g = p.add_argument_group("diffusers pipelines (--model diffusers:LOCAL_PIPELINE_DIR, offline)")
+    g.add_argument("--prompts", type=Path, default=None,
+                   help="prompt embeddings (.safetensors: prompt_embeds, pooled_prompt_embeds and "
+                        "negative_*) or a text file, one prompt per line; trajectory i uses prompt "
+                        "i mod P (default for train/eval: the table stored in --gt)")
+    g.add_argument("--classes", default=None,
+                   help="class labels for class-conditional UNets: N (0..N-1) or a list 3,7,9")
+    g.add_argument("--guidance-scale", type=float, default=None,
+                   help="the pipeline's guidance_scale (CFG; Flux: embedded guidance); default: "
+                        "the pipeline's own default, or the value stored in --gt")
+    g.add_argument("--height", type=int, default=None, help="image height (default: the pipeline's)")
+    g.add_argument("--width", type=int, default=None, help="image width (default: the pipeline's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atol", type=float, default=1e-5)
     p.add_argument("--knots", type=int, default=None, help="knots per trajectory (default: gt.DEFAULT_KNOTS)")
     p.add_argument("--batch-size", type=int, default=256, help="trajectories per shard")
+    _diffusers_options(p)
     p.set_defaults(func=cmd_gt)
 
     p = sub.add_parser("train", help="fit a Bespoke (or BNS) solver on a GT set",
@@ -232,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint file: resume from it if present")
     p.add_argument("--out", type=Path, required=True, help="solver file to write (.json)")
+    _diffusers_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="RMSE / PSNR of solvers against a GT set",
@@ -239,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "heun, rk4) against the GT endpoints.")
     _common(p, gt=True)
     p.add_argument("solvers", nargs="+", metavar="SOLVER", help="solver file or method@NFE")
+    _diffusers_options(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="draw samples with a solver file into .npy shards",

@@ -310,14 +310,15 @@ def measure_interpolation_error(model, gt: TrajectorySet, num: int = 16, times_p
     rows = torch.arange(num)
     device = _model_device(model)
     times = torch.cat([t.new_zeros(1), t, t.new_ones(1)])
+    extras = {k: v[rows].to(device) for k, v in gt.extras.items()}   # each trajectory's condition
     with torch.no_grad():
         try:
             ref = solve_adaptive(model, gt.x0[rows].to(device, torch.float64), times, rtol=rtol,
-                                 atol=atol)
+                                 atol=atol, **extras)
             ref_dtype = "float64"
         except (TypeError, RuntimeError):  # a model that only runs in its own dtype
             ref = solve_adaptive(model, gt.x0[rows].to(device), times, rtol=max(rtol, 1e-6),
-                                 atol=max(atol, 1e-6))
+                                 atol=max(atol, 1e-6), **extras)
             ref_dtype = str(gt.x0.dtype).replace("torch.", "")
         interp = gt.at(t, rows).to(device, ref.dtype)
     err = (interp - ref[1:-1]).flatten(2).pow(2).mean(-1).sqrt()     # [m, num] per-sample RMSE

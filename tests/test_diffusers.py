@@ -314,3 +314,31 @@ def test_capture_checker_passes_on_tiny_denoisers():
             lat, model, extras = _latents((3, 8, 8)), bd.velocity_model(pipe), {}
         report = check(model, lat, **extras)
         assert getattr(report, "ok", report) is not False, (kind, report)
+
+
+def test_cli_gt_train_eval_on_a_local_pipeline_folder(tmp_path, capsys):
+    """--model diffusers:DIR with --prompts FILE: conditional GT stores each trajectory's prompt
+    index and the table; train and eval read the table back from the GT directory."""
+    from bespoke_fast.cli import main
+    bd.tiny_pipeline("sd3").save_pretrained(tmp_path / "pipe")
+    bd.save_conditioning(tmp_path / "prompts.safetensors", _table(p=3))
+    spec = f"diffusers:{tmp_path / 'pipe'}"
+    assert main(["gt", "--model", spec, "--prompts", str(tmp_path / "prompts.safetensors"),
+                 "--guidance-scale", "2.0", "--num", "12", "--batch-size", "12", "--knots", "9",
+                 "--out", str(tmp_path / "gt"), "--quiet"]) == 0
+    gt = bf.load_trajectories(tmp_path / "gt")
+    assert gt.extras["prompt"].tolist() == [i % 3 for i in range(12)]
+    stored = bd.load_conditioning(tmp_path / "gt" / bd.CONDITIONING_FILE)
+    assert torch.equal(stored["prompt_embeds"], _table(p=3)["prompt_embeds"])
+    assert float(stored["guidance_scale"]) == 2.0
+    assert main(["train", "--model", spec, "--gt", str(tmp_path / "gt"), "--nfe", "4", "--iters", "2",
+                 "--finetune-iters", "1", "--val", "4", "--batch-size", "4",
+                 "--out", str(tmp_path / "s.json"), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", spec, "--gt", str(tmp_path / "gt"), "--json",
+                 str(tmp_path / "s.json"), "midpoint@4"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert len(results) == 2 and all(r["psnr"] > 20 for r in results)
+    assert main(["gt", "--model", f"diffusers:{tmp_path / 'nope'}", "--num", "2",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert main(["gt", "--model", spec, "--num", "2", "--out", str(tmp_path / "x")]) == 2

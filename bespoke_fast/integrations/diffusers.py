@@ -774,7 +774,13 @@ def cli_model(directory, prompts=None, classes=None, guidance_scale=None, height
     directory = Path(directory)
     if not (directory / "model_index.json").is_file():
         raise FileNotFoundError(f"{directory}: not a diffusers pipeline folder (no model_index.json)")
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(directory), local_files_only=True).to(device)
+    import json
+    index = json.loads((directory / "model_index.json").read_text())
+    absent = {k: None for k, v in index.items()   # components saved as None (e.g. no text encoders)
+              if not k.startswith("_") and isinstance(v, list) and v and v[0] is None}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(directory), local_files_only=True,
+                                                       **absent).to(device)
+    pipe.set_progress_bar_config(disable=True)
     stored = None
     if prompts is None and classes is None and gt is not None and (Path(gt) / CONDITIONING_FILE).is_file():
         stored = load_conditioning(Path(gt) / CONDITIONING_FILE)
