@@ -10,16 +10,21 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["bespoke_fast", "bespoke_fast.solvers", "bespoke_fast.zoo", "bespoke_fast.kernels"],
+    packages=["bespoke_fast", "bespoke_fast.solvers", "bespoke_fast.zoo", "bespoke_fast.kernels",
+              "bespoke_fast.integrations"],
     package_dir={"bespoke_fast.kernels": "kernels"},
     package_data={"bespoke_fast.zoo": ["weights/*.safetensors", "weights/*.json"]},
     install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors"],
     extras_require={
         "triton": ["triton"],
-        # flow_matching and diffusers: the peer-conversion tests check our adapters to them;
-        # nvidia-ml-py: the telemetry test runs against a fake NVML on CPU machines
+        # bespoke_fast.integrations.diffusers (transformers: without it the SD3 / Flux pipeline
+        # classes are dummies)
+        "diffusers": ["diffusers", "transformers"],
+        # flow_matching and diffusers: the peer-conversion tests check our adapters to them, and
+        # the diffusers integration tests; nvidia-ml-py: the telemetry test runs against a fake
+        # NVML on CPU machines
         "test": ["pytest", "pytest-benchmark", "torchdiffeq", "scipy", "scikit-learn", "matplotlib",
-                 "flow_matching", "diffusers", "nvidia-ml-py"],
+                 "flow_matching", "diffusers", "transformers", "nvidia-ml-py"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "torchdiffeq", "flow_matching", "diffusers",
                   "matplotlib"],
         "viz": ["matplotlib"],

@@ -38,6 +38,9 @@ def _diffusers_model(args):
     """``--model diffusers:DIR``: a local pipeline folder, conditioned by --prompts / --classes
     (or by the table stored in the --gt directory)."""
     from .integrations.diffusers import cli_model
+    if args.command not in ("gt", "train", "eval"):
+        raise CLIError(f"{args.command} does not take diffusers pipelines; use "
+                       f"bespoke_fast.integrations.diffusers.fast_pipeline from Python")
     opt = {k: getattr(args, k, None) for k in ("prompts", "classes", "guidance_scale", "height",
                                                "width", "gt")}
     return cli_model(args.model[len("diffusers:"):], device=_device(args.device), **opt)

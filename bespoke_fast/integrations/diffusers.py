@@ -162,6 +162,10 @@ class _Denoiser(nn.Module):
     def forward(self, x, timestep, **extras):
         c = self.conditioning(extras)
         b = x.shape[0]
+        if self.family != "unet" and not {"encoder_hidden_states", "pooled_projections"} <= set(c):
+            raise ValueError(f"the {self.family} transformer needs text conditioning: the extra "
+                             f"'prompt' (with a prompt table) or encoder_hidden_states and "
+                             f"pooled_projections; got extras {sorted(extras)}")
         if self.family == "sd3":
             out = self.denoiser(hidden_states=x, timestep=timestep, return_dict=False,
                                 encoder_hidden_states=c["encoder_hidden_states"],
@@ -710,7 +714,8 @@ def tiny_pipeline(kind: str = "sd3", seed: int = 0):
     ``None``: pass ``prompt_embeds`` and friends). ``kind``: ``"sd3"`` (latents ``[4, 8, 8]``,
     prompt embeds ``[L, 16]``, pooled ``[8]``), ``"flux"`` (embedded guidance; packed latents
     ``[16, 16]`` at height = width = 16; same embed sizes), ``"ddpm-eps"`` / ``"ddpm-v"``
-    (UNet2DModel on ``[3, 8, 8]`` images). For tests and examples: a few kB of weights, ms per
+    (UNet2DModel on ``[3, 8, 8]`` images), ``"ddpm-class"`` (eps, class-conditional: labels
+    0..2, label 3 = "no class" for guidance; DDPMPipeline itself passes no labels). For tests and examples: a few kB of weights, ms per
     call on CPU."""
     torch.manual_seed(seed)
     D = diffusers
@@ -732,13 +737,15 @@ def tiny_pipeline(kind: str = "sd3", seed: int = 0):
                                                   max_shift=1.15)
         return D.FluxPipeline(transformer=tr, vae=_tiny_vae(False), scheduler=sched, text_encoder=None,
                               tokenizer=None, text_encoder_2=None, tokenizer_2=None)
-    if kind in ("ddpm-eps", "ddpm-v"):
+    if kind in ("ddpm-eps", "ddpm-v", "ddpm-class"):
         unet = D.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16),
                              layers_per_block=1, norm_num_groups=4,
-                             down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
-        pred = "epsilon" if kind == "ddpm-eps" else "v_prediction"
+                             down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                             num_class_embeds=4 if kind == "ddpm-class" else None)
+        pred = "v_prediction" if kind == "ddpm-v" else "epsilon"
         return D.DDPMPipeline(unet=unet, scheduler=D.DDPMScheduler(prediction_type=pred))
-    raise ValueError(f"unknown tiny pipeline {kind!r}; expected 'sd3', 'flux', 'ddpm-eps' or 'ddpm-v'")
+    raise ValueError(f"unknown tiny pipeline {kind!r}; expected 'sd3', 'flux', 'ddpm-eps', 'ddpm-v' "
+                     f"or 'ddpm-class'")
 
 
 def _tiny_vae(quant_conv: bool):
@@ -768,8 +775,10 @@ def cli_model(directory, prompts=None, classes=None, guidance_scale=None, height
     :class:`~bespoke_fast.zoo.ZooModel` whose ``condition(index)`` gives each GT trajectory its
     condition. ``prompts``: a ``.safetensors`` file of embeddings (:func:`save_conditioning`)
     or a text file with one prompt per line (encoded with the pipeline's own text encoders).
-    ``classes``: ``"N"`` or ``"3,7,9"``. Without either, the table stored in the GT directory
-    ``gt`` is used. ``guidance_scale`` defaults to the pipeline's own default."""
+    ``classes``: ``"N"`` or ``"3,7,9"`` (a class-conditional UNet; with guidance the LAST class
+    embedding, ``num_class_embeds - 1``, is taken as "no class"). Without either, the table
+    stored in the GT directory ``gt`` is used. ``guidance_scale`` defaults to the pipeline's own
+    default (1.0 when its ``__call__`` has none)."""
     from ..zoo import ZooModel
     directory = Path(directory)
     if not (directory / "model_index.json").is_file():
@@ -792,7 +801,8 @@ def cli_model(directory, prompts=None, classes=None, guidance_scale=None, height
     if guidance_scale is None and stored is not None and "guidance_scale" in stored:
         guidance_scale = float(stored["guidance_scale"])
     if guidance_scale is None:
-        guidance_scale = inspect.signature(pipe.__call__).parameters["guidance_scale"].default
+        param = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
+        guidance_scale = param.default if param is not None else 1.0
     labels = _parse_classes(classes) if classes is not None else (
         stored["classes"].tolist() if stored is not None and "classes" in stored else None)
     family = _family(getattr(pipe, "transformer", None) or pipe.unet)
@@ -812,19 +822,24 @@ def cli_model(directory, prompts=None, classes=None, guidance_scale=None, height
         size = pipe.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (pipe.unet.config.in_channels, *size)
-    if table and not labels and family != "unet":
-        kw.update(table)
-    elif family != "unet":
+    if family != "unet" and not table:
         raise ValueError(f"{directory}: a {family} pipeline needs --prompts FILE (prompt embeddings "
                          f"or text)")
-    if family == "unet" and labels is not None:
-        kw["null_class"] = pipe.unet.config.num_class_embeds - 1 if guidance_scale > 1 else None
-    use_cfg = family != "flux" and guidance_scale > 1 and ("negative_prompt_embeds" in kw
-                                                          or kw.get("null_class") is not None)
-    model = velocity_model(pipe, guidance_scale=guidance_scale if family == "flux" or use_cfg else None,
-                           **kw)
+    kw.update(table)
+    if labels is not None:
+        n_embeds = getattr(pipe, "unet", None) and pipe.unet.config.get("num_class_embeds")
+        if not n_embeds:
+            raise ValueError(f"{directory}: --classes needs a class-conditional UNet "
+                             f"(num_class_embeds in its config)")
+        if max(labels) >= n_embeds - (guidance_scale > 1):
+            raise ValueError(f"--classes: labels must be below {n_embeds - (guidance_scale > 1)} "
+                             f"(num_class_embeds {n_embeds}; with guidance the last one means "
+                             f"'no class')")
+        if guidance_scale > 1:
+            kw["null_class"] = n_embeds - 1
+    model = velocity_model(pipe, guidance_scale=guidance_scale, **kw)
     num_prompts = int(table["prompt_embeds"].shape[0]) if table else None
-    cond = condition_extras(num_prompts=num_prompts if family != "unet" else None, classes=labels)
+    cond = condition_extras(num_prompts=num_prompts, classes=labels)
     zm = ZooModel(f"diffusers:{directory.name}", model, shape, 2.0,
                   f"{type(pipe).__name__} from {directory}")
     zm.condition = cond
