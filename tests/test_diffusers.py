@@ -369,3 +369,10 @@ def test_cli_class_conditional_unet_with_guidance(tmp_path):
                  "--out", str(tmp_path / "x")]) == 2
     assert main(["sample", "--model", spec, "--solver", "s.json", "--num", "2",
                  "--out", str(tmp_path / "y")]) == 2
+
+
+def test_scheduler_rejects_the_other_solver_kind():
+    with pytest.raises(ValueError, match="use BNSScheduler"):
+        bd.BespokeScheduler.from_solver(_bns())
+    with pytest.raises(ValueError, match="use BespokeScheduler"):
+        bd.BNSScheduler.from_solver(_fitted_like())

@@ -363,8 +363,17 @@ class _FittedScheduler(SchedulerMixin, ConfigMixin):
     config_name = "scheduler_config.json"
     _compatibles: list = []
     init_noise_sigma = 1.0
+    kind = ""
 
-    def _setup(self, solver, prediction_type):
+    @register_to_config
+    def __init__(self, solver: dict, prediction_type: str = "flow", num_train_timesteps: int = 1000,
+                 beta_schedule: str = "linear", beta_start: float = 0.0001, beta_end: float = 0.02):
+        solver = solver_from_document(solver, "scheduler config 'solver'")
+        if solver.kind != self.kind:
+            other = "BNSScheduler" if solver.kind == "bns" else "BespokeScheduler"
+            raise ValueError(f"{type(self).__name__} needs a {self.kind} solver, got kind "
+                             f"{solver.kind!r}; use {other}")
+        self.order = 2 if getattr(solver, "base", None) == "rk2" else 1
         self.solver = solver
         self._conv = conversion_from_config(dict(self.config), prediction_type)
         self._given = _Given(negate=self._conv["prediction_type"] == "flow")
@@ -497,15 +506,7 @@ class BespokeScheduler(_FittedScheduler):
         >>> image = pipe(prompt_embeds=pe, pooled_prompt_embeds=pp).images[0]
     """
 
-    @register_to_config
-    def __init__(self, solver: dict, prediction_type: str = "flow", num_train_timesteps: int = 1000,
-                 beta_schedule: str = "linear", beta_start: float = 0.0001, beta_end: float = 0.02):
-        s = solver_from_document(solver, "scheduler config 'solver'")
-        if s.kind != "bespoke":
-            raise ValueError(f"BespokeScheduler needs a bespoke solver, got kind {s.kind!r}; "
-                             f"use BNSScheduler")
-        self.order = 2 if s.base == "rk2" else 1
-        self._setup(s, prediction_type)
+    kind = "bespoke"
 
     def _model_times(self):
         tab = self.solver.coefficient_table(dtype=torch.float32).detach()
@@ -536,16 +537,7 @@ class BNSScheduler(_FittedScheduler):
     ``n`` calls). It keeps the float32 start state and every past velocity (``[n, B, ...]``
     float32). Same API, config and conventions as :class:`BespokeScheduler`."""
 
-    order = 1
-
-    @register_to_config
-    def __init__(self, solver: dict, prediction_type: str = "flow", num_train_timesteps: int = 1000,
-                 beta_schedule: str = "linear", beta_start: float = 0.0001, beta_end: float = 0.02):
-        s = solver_from_document(solver, "scheduler config 'solver'")
-        if s.kind != "bns":
-            raise ValueError(f"BNSScheduler needs a bns solver, got kind {s.kind!r}; use "
-                             f"BespokeScheduler")
-        self._setup(s, prediction_type)
+    kind = "bns"
 
     def _model_times(self):
         return self.solver.coefficient_tables(dtype=torch.float32)[0].detach()
