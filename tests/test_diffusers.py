@@ -376,3 +376,30 @@ def test_scheduler_rejects_the_other_solver_kind():
         bd.BespokeScheduler.from_solver(_bns())
     with pytest.raises(ValueError, match="use BespokeScheduler"):
         bd.BNSScheduler.from_solver(_fitted_like())
+
+
+def test_bf16_pipeline_keeps_float32_state_and_time():
+    """A bf16 SD3 pipeline with our scheduler: float32 state and timesteps inside, bf16 latents
+    out, close to the float32 run; the bf16 fast path agrees with it to bf16 rounding."""
+    solver, tab = _fitted_like(), _table()
+    kw = dict(guidance_scale=3.0, output_type="latent", height=16, width=16)
+    pipe = bd.tiny_pipeline("sd3")
+    lat = _latents((4, 8, 8))
+    pipe.scheduler = bd.BespokeScheduler.from_solver(solver)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = pipe(latents=lat, **kw, **tab).images
+        pipe.to(torch.bfloat16)
+        half = {k: v.bfloat16() for k, v in tab.items()}
+        out = pipe(latents=lat.bfloat16(), **kw, **half).images
+    assert out.dtype == torch.bfloat16 and pipe.scheduler._x.dtype == torch.float32
+    assert pipe.scheduler.timesteps.dtype == torch.float32
+    assert bf.metrics.rmse_psnr(out.float(), ref)["psnr"] > 30
+    fast = bd.fast_pipeline(pipe, solver, batch_size=2)
+    assert fast.model_dtype == torch.bfloat16
+    got = fast(latents=lat.bfloat16(), **kw, **half).images
+    assert bf.metrics.rmse_psnr(got.float(), out.float())["psnr"] > 35
+    with pytest.raises(ValueError, match="skip_guidance_layers"):
+        fast(latents=lat, skip_guidance_layers=[0], **kw, **half)
+    with pytest.raises(TypeError, match="unexpected"):
+        fast(latents=lat, guidance=2.0, **half)

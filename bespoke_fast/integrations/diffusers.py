@@ -568,8 +568,10 @@ def fast_pipeline(pipe, solver, batch_size: int = 1, model_dtype=None, **sampler
     returns. The pipeline's ``encode_prompt``, ``prepare_latents`` and VAE decode are reused;
     the loop runs the fitted solver on float32 state with fused kernels and one CUDA graph on
     GPU, the reference ops on CPU. ``model_dtype`` defaults to the denoiser's dtype (the
-    sampler does not cast weights). ``num_inference_steps`` / ``sigmas`` are ignored.
-    Supported: SD3 and Flux pipelines (text conditioning), DDPM / DDIM pipelines (unconditional).
+    sampler does not cast weights); model times stay float32 (a bf16 Flux ``pipe(...)`` rounds
+    them to bf16). ``num_inference_steps`` / ``sigmas`` are ignored. Supported: SD3 and Flux
+    pipelines (text conditioning; not Flux's ``true_cfg_scale``, SD3's skip-layer guidance,
+    IP-adapters or step callbacks), DDPM / DDIM pipelines (unconditional).
     """
     return FastPipeline(pipe, solver, batch_size, model_dtype, **sampler_kwargs)
 
@@ -615,8 +617,20 @@ class FastPipeline:
         with torch.no_grad():
             return run(*args, **kwargs)
 
+    _UNSUPPORTED = ("true_cfg_scale", "skip_guidance_layers", "ip_adapter_image",
+                    "ip_adapter_image_embeds", "negative_ip_adapter_image",
+                    "negative_ip_adapter_image_embeds", "callback_on_step_end")
+
     def _defaults(self, kwargs):
+        """The pipeline's own arguments with its defaults; unknown or unsupported ones raise."""
         params = inspect.signature(self.pipe.__call__).parameters
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise TypeError(f"{type(self.pipe).__name__}() got unexpected arguments {unknown}")
+        for k in self._UNSUPPORTED:
+            if k in kwargs and kwargs[k] != params[k].default:
+                raise ValueError(f"fast_pipeline does not support {k}; use pipe(...) with "
+                                 f"BespokeScheduler for it")
         return {k: kwargs.get(k, p.default) for k, p in params.items()
                 if p.default is not inspect.Parameter.empty}
 
@@ -682,9 +696,11 @@ class FastPipeline:
         from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
         return FluxPipelineOutput(images=image) if a["return_dict"] else (image,)
 
-    def _unet(self, batch_size=1, generator=None, output_type="pil", return_dict=True, **kwargs):
+    def _unet(self, **kwargs):
         from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
         from diffusers.utils.torch_utils import randn_tensor
+        a = self._defaults(kwargs)
+        batch_size, generator, output_type = a["batch_size"], a["generator"], a["output_type"]
         pipe, cfgu = self.pipe, self.pipe.unet.config
         size = cfgu.sample_size if not isinstance(cfgu.sample_size, int) else (cfgu.sample_size,) * 2
         shape = (batch_size, cfgu.in_channels, *size)
@@ -697,7 +713,7 @@ class FastPipeline:
             image = image.cpu().permute(0, 2, 3, 1).numpy()
             if output_type == "pil":
                 image = pipe.numpy_to_pil(image)
-        return ImagePipelineOutput(images=image) if return_dict else (image,)
+        return ImagePipelineOutput(images=image) if a["return_dict"] else (image,)
 
 
 # ----------------------------------------------------------------------------- tiny pipelines
