@@ -403,3 +403,15 @@ def test_bf16_pipeline_keeps_float32_state_and_time():
         fast(latents=lat, skip_guidance_layers=[0], **kw, **half)
     with pytest.raises(TypeError, match="unexpected"):
         fast(latents=lat, guidance=2.0, **half)
+
+
+def test_pipeline_save_pretrained_keeps_our_scheduler(tmp_path):
+    import diffusers
+    pipe, solver = bd.tiny_pipeline("sd3"), _fitted_like()
+    pipe.scheduler = bd.BespokeScheduler.from_solver(solver)
+    pipe.save_pretrained(tmp_path)
+    none = {k: None for k in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                              "text_encoder_3", "tokenizer_3")}
+    again = diffusers.DiffusionPipeline.from_pretrained(tmp_path, **none).scheduler
+    assert type(again) is bd.BespokeScheduler
+    assert torch.equal(again.timesteps, pipe.scheduler.timesteps)

@@ -76,7 +76,8 @@ def conversion_from_config(config, prediction: str | None = None) -> dict:
     flow = "FlowMatch" in name or config.get("prediction_type") in ("flow", "flow_prediction")
     kind = prediction or ("flow" if flow else config.get("prediction_type", "epsilon"))
     if kind not in _PREDICTIONS:
-        raise ValueError(f"unsupported prediction type {kind!r}; expected one of {', '.join(_PREDICTIONS)}")
+        raise ValueError(f"unsupported prediction type {kind!r}; expected one of "
+                         f"{', '.join(_PREDICTIONS)}")
     if kind == "flow":
         return {"prediction_type": kind, "path": GaussianPath("fm-ot"), "time_scale": T_}
     schedule = config.get("beta_schedule", "linear")
@@ -207,7 +208,8 @@ class DiffusersVelocity(nn.Module):
             old = getattr(self.raw, name, None)
             if value is not None:  # a copy: later in-place updates must not touch the caller's
                 value = value.to(_device_of(self.raw.denoiser), copy=True)
-            if old is not None and value is not None and old.shape == value.shape and old.dtype == value.dtype:
+            same = old is not None and value is not None and old.shape == value.shape
+            if same and old.dtype == value.dtype:
                 old.copy_(value)
             else:
                 self.raw.register_buffer(name, value)
@@ -436,7 +438,8 @@ class _FittedScheduler(SchedulerMixin, ConfigMixin):
         t = 1.0 - timesteps.to(original_samples.device, torch.float32) / self._conv["time_scale"]
         t = t.reshape(-1, *([1] * (original_samples.dim() - 1)))
         p = self._conv["path"]
-        return (p.alpha(t) * original_samples.float() + p.sigma(t) * noise.float()).to(original_samples.dtype)
+        noisy = p.alpha(t) * original_samples.float() + p.sigma(t) * noise.float()
+        return noisy.to(original_samples.dtype)
 
     def __len__(self):
         return int(self.config.num_train_timesteps)
@@ -723,8 +726,8 @@ def tiny_pipeline(kind: str = "sd3", seed: int = 0):
     prompt embeds ``[L, 16]``, pooled ``[8]``), ``"flux"`` (embedded guidance; packed latents
     ``[16, 16]`` at height = width = 16; same embed sizes), ``"ddpm-eps"`` / ``"ddpm-v"``
     (UNet2DModel on ``[3, 8, 8]`` images), ``"ddpm-class"`` (eps, class-conditional: labels
-    0..2, label 3 = "no class" for guidance; DDPMPipeline itself passes no labels). For tests and examples: a few kB of weights, ms per
-    call on CPU."""
+    0..2, label 3 = "no class" for guidance; DDPMPipeline itself passes no labels). For tests
+    and examples: a few kB of weights, ms per call on CPU."""
     torch.manual_seed(seed)
     D = diffusers
     if kind == "sd3":
@@ -798,9 +801,9 @@ def cli_model(directory, prompts=None, classes=None, guidance_scale=None, height
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(directory), local_files_only=True,
                                                        **absent).to(device)
     pipe.set_progress_bar_config(disable=True)
-    stored = None
-    if prompts is None and classes is None and gt is not None and (Path(gt) / CONDITIONING_FILE).is_file():
-        stored = load_conditioning(Path(gt) / CONDITIONING_FILE)
+    stored, stored_file = None, Path(gt) / CONDITIONING_FILE if gt is not None else None
+    if prompts is None and classes is None and stored_file is not None and stored_file.is_file():
+        stored = load_conditioning(stored_file)
     table = {}
     if prompts is not None:
         table = _prompt_table(pipe, Path(prompts), device)
