@@ -146,7 +146,7 @@ class _Denoiser(nn.Module):
         super().__init__()
         self.denoiser, self.family, self.negate = denoiser, family, negate
         self.num_prompts = 0
-        self.constants: dict = {}
+        self.register_buffer("guidance", None)   # Flux embedded guidance (a buffer: moves with .to)
 
     def conditioning(self, extras: dict) -> dict:
         extras = dict(extras)
@@ -172,7 +172,7 @@ class _Denoiser(nn.Module):
                                 encoder_hidden_states=c["encoder_hidden_states"],
                                 pooled_projections=c["pooled_projections"])[0]
         elif self.family == "flux":
-            g = c.get("guidance", self.constants.get("guidance"))
+            g = c.get("guidance", self.guidance)
             if g is not None and g.dim() == 0:
                 g = g.expand(b)
             out = self.denoiser(hidden_states=x, timestep=timestep / 1000, guidance=g,
@@ -290,8 +290,7 @@ def velocity_model(pipe_or_denoiser, prediction: str | None = None, *, scheduler
         raw.register_buffer("txt_ids", None if txt_ids is None else txt_ids.to(dev))
         raw.register_buffer("img_ids", None if img_ids is None else img_ids.to(dev))
         if guidance_scale is not None and denoiser.config.get("guidance_embeds"):
-            raw.constants["guidance"] = torch.tensor(float(guidance_scale), dtype=torch.float32,
-                                                     device=dev)
+            raw.guidance = torch.tensor(float(guidance_scale), dtype=torch.float32, device=dev)
         return model
     if guidance_scale is None or guidance_scale <= 1.0:
         return model
