@@ -345,6 +345,12 @@ def test_cli_gt_train_eval_on_a_local_pipeline_folder(tmp_path, capsys):
     assert main(["gt", "--model", f"diffusers:{tmp_path / 'nope'}", "--num", "2",
                  "--out", str(tmp_path / "x")]) == 2
     assert main(["gt", "--model", spec, "--num", "2", "--out", str(tmp_path / "x")]) == 2
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    capsys.readouterr()
+    assert main(["gt", "--model", spec, "--prompts", str(tmp_path / "prompts.txt"), "--num", "2",
+                 "--out", str(tmp_path / "x")]) == 2        # no text encoder in the tiny pipeline
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("bespoke-fast gt: error:") and "no text encoder" in err
 
 
 def test_cli_class_conditional_unet_with_guidance(tmp_path):

@@ -867,6 +867,9 @@ def _prompt_table(pipe, path: Path, device) -> dict:
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not lines:
         raise ValueError(f"--prompts {path}: no prompts (one per line)")
+    if getattr(pipe, "text_encoder", None) is None:
+        raise ValueError(f"--prompts {path}: the pipeline has no text encoder to encode text "
+                         f"prompts; give prompt embeddings as a .safetensors file instead")
     out = pipe.encode_prompt(prompt=lines, prompt_2=None, **(
         {"prompt_3": None, "negative_prompt": [""] * len(lines), "do_classifier_free_guidance": True}
         if "prompt_3" in inspect.signature(pipe.encode_prompt).parameters else {}), device=device)
