@@ -45,14 +45,12 @@ def _table(p=2, seed=1, negatives=True):
     return t
 
 
-def _fitted_like(base="rk2", n=3, seed=0):
-    """A non-identity solver (perturbed parameters), so times and scales are not uniform."""
-    s = bf.BespokeSolver(base, n)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in s.parameters():
-            p.add_(0.2 * torch.rand(p.shape, generator=g, dtype=p.dtype))
-    return s
+def _fitted_like(base="rk2", n=3):
+    """A non-identity solver: non-uniform times, scales != 1 (as a fitted one would have)."""
+    m = n if base == "rk1" else 2 * n
+    r = torch.linspace(0, 1, m + 1, dtype=torch.float64)
+    return bf.BespokeSolver.from_tables(base, t=r ** 1.3, tdot=1.3 * r[:-1].clamp(min=0.05) ** 0.3,
+                                        s=1 + 0.1 * r, sdot=torch.full((m,), 0.1, dtype=torch.float64))
 
 
 def _bns(n=4):
