@@ -27,9 +27,11 @@ _LAZY = {
     "evaluate": "evaluation",
     # engine
     "FastSampler": "engine",
+    # capture check (CPU-side, before a GPU run)
+    "check_capturable": "capture", "CaptureReport": "capture",
 }
 _SUBMODULES = ("models", "solvers", "io", "ops", "table", "gt", "trainer", "evaluation", "engine",
-               "metrics", "telemetry", "zoo", "cli")
+               "metrics", "telemetry", "zoo", "cli", "capture")
 
 __all__ = sorted(_LAZY) + ["__version__"]
 

@@ -323,6 +323,10 @@ class GaussianMixtureFlow(nn.Module):
         self.register_buffer("means", means.reshape(K, -1))
         self.register_buffer("stds", stds)
         self.register_buffer("log_weights", torch.log(weights / weights.sum()))
+        # Decided here, on the host, once: forward must not read a device value back (that
+        # would break CUDA-graph capture and cost a sync per call). Equal stds (e.g. the digits
+        # flow): v is one number per sample and the -D/2 log v term drops out of the softmax.
+        self.equal_stds = bool((stds == stds[0]).all())
 
     def _posterior(self, x, t):
         """Flattened x [B, D], p(k|x,t) [B, K], and the path scalars a, s (each [B, 1]),
@@ -332,9 +336,7 @@ class GaussianMixtureFlow(nn.Module):
         mu = self.means.to(dt)
         t = t.to(dt).reshape(-1, 1)
         a, s = self.path.alpha(t), self.path.sigma(t)
-        # equal stds (e.g. the digits flow): v is one number per sample, and the
-        # -D/2 log v term is the same for every component, so it drops out of the softmax
-        uniform = bool((self.stds == self.stds[0]).all())
+        uniform = self.equal_stds  # decided at construction: no host read here
         tau2 = (self.stds[:1] if uniform else self.stds).to(dt) ** 2
         v = a * a * tau2 + s * s                                   # [B, 1] or [B, K]
         # ||x - a mu_k||^2 = ||x||^2 - 2 a x.mu_k + a^2 ||mu_k||^2, with one matmul

@@ -131,7 +131,7 @@ class BespokeSolver(nn.Module):
         tab = c[next(iter(c))].new_zeros(self.n_steps, T.NUM_COLS)
         cols = ({T.T0: "t", T.A: "a", T.B: "b"} if self.base == "rk1" else
                 {T.T0: "t0", T.TM: "tm", T.A: "A", T.B: "B", T.C: "C", T.D: "D", T.E: "E"})
-        tab = tab.index_copy(1, torch.tensor(list(cols)),
+        tab = tab.index_copy(1, torch.tensor(list(cols), device=tab.device),
                              torch.stack([c[name] for name in cols.values()], 1))
         tab[:, T.W] = float(guidance_scale)
         return tab.to(dtype=dtype, device=device)
