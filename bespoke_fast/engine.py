@@ -116,6 +116,28 @@ def _exception_chain(e: BaseException, limit: int = 3) -> str:
     return " <- ".join(reversed(chain))
 
 
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """ONE side stream per device for every warm-up and capture: a new stream per capture
+    would also get its own cuBLAS workspace (memory that is never given back)."""
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return stream
+
+
+def _release_graph(graph) -> None:
+    """After a failed capture: free the graph and its private memory pool now (``reset``), not
+    whenever the garbage collector gets to it; then hand the cached blocks back."""
+    try:
+        graph.reset()
+    except Exception:  # pragma: no cover - capture_begin itself failed: nothing was allocated
+        pass
+    torch.cuda.empty_cache()
+
+
 class _State:
     """Static buffers (and the graph, once captured) for one cache key."""
 
@@ -186,7 +208,8 @@ class FastSampler:
             else CPU).
         max_graphs: at most this many cached states (graphs + buffers), least recently used
             evicted first.
-        warmup: full loops run on a side stream before a capture.
+        warmup: full loops (>= 1) run on a side stream before a capture, so that Triton
+            compiles, cuBLAS workspaces and lazy initialisation happen outside the capture.
 
     Calling it: ``sampler(x0=None, generator=None, **extras) -> float32 [B, *shape]`` (a new
     tensor). ``x0=None`` draws ``[batch_size, *shape]`` with ``torch.randn(generator=...)``.
@@ -215,7 +238,9 @@ class FastSampler:
                                             else (shape,)))
         self.batch_size = check_int("batch_size", batch_size)
         self.max_graphs = check_int("max_graphs", max_graphs)
-        self.warmup = check_int("warmup", warmup, minimum=0)
+        # >= 1: the first Triton compile / cuBLAS workspace / lazy init must happen before the
+        # capture, never inside it
+        self.warmup = check_int("warmup", warmup, minimum=1)
         self.model_dtype = model_dtype
         self.device = torch.device(device) if device is not None else _infer_device(
             model.model if isinstance(model, GuidedModel) else model)
@@ -379,7 +404,7 @@ class FastSampler:
         start = time.perf_counter()
         with torch.cuda.device(dev):
             current = torch.cuda.current_stream(dev)
-            side = torch.cuda.Stream(device=dev)
+            side = _side_stream(dev)
             side.wait_stream(current)
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
@@ -388,11 +413,14 @@ class FastSampler:
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, stream=side):
+                # thread_local: another thread's CUDA calls (a data loader pinning memory) do
+                # not invalidate this capture; this thread's own illegal calls still do
+                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
                     self._loop(st)
             except Exception as e:  # the model did something a capture cannot record
                 torch.cuda.set_stream(current)  # graph.__exit__ skips restoring it when capture_end raises
-                graph = None  # drop the half-captured graph
+                _release_graph(graph)  # the half-captured graph's private memory pool
+                graph = None
                 try:
                     torch.cuda.synchronize(dev)
                 except Exception:  # pragma: no cover - a sticky error: nothing left to salvage

@@ -15,3 +15,67 @@ def smooth_gmm(dim=8, k=4, path="fm-ot", seed=0, std_range=(0.3, 0.6)):
 
 def noise(b, *shape, seed=1, dtype=torch.float64):
     return torch.randn(b, *shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+class StandInCuda:
+    """A stand-in ``torch.cuda`` for FastSampler's graph path on CPU: streams, events and
+    ``synchronize`` do nothing; a "capture" (``torch.cuda.graph``) runs its body under the
+    capture checker (``bespoke_fast.capture.HostSyncDetector``, strict, every tensor counted as
+    a device tensor), so anything a real capture rejects raises there, as on a GPU; "replay"
+    reruns the captured state's loop. Records what the engine asked for: capture error modes,
+    streams made, graphs reset after a failed capture.
+
+    Use ``cuda = StandInCuda(monkeypatch); sampler = cuda.attach(FastSampler(...))``.
+    """
+
+    def __init__(self, monkeypatch):
+        import contextlib
+
+        from bespoke_fast import engine
+        from bespoke_fast.capture import HostSyncDetector
+
+        self.modes, self.streams, self.resets, self.replays, self.problems = [], [], 0, 0, []
+        outer = self
+
+        class Stream:
+            def __init__(self, device=None, made=True):
+                if made:
+                    outer.streams.append(self)
+
+            def wait_stream(self, other):
+                pass
+
+        current = Stream(made=False)
+
+        class Graph:
+            def replay(self):
+                outer.replays += 1
+                state = next(s for s in outer.sampler._states.values() if s.graph is self)
+                outer.sampler._loop(state)
+
+            def reset(self):
+                outer.resets += 1
+
+        @contextlib.contextmanager
+        def graph(g, stream=None, capture_error_mode="global"):
+            outer.modes.append(capture_error_mode)
+            detector = HostSyncDetector(device_types=None, strict=True)
+            try:
+                with detector:
+                    yield
+            finally:
+                outer.problems += detector.problems
+
+        for name, value in dict(device=lambda d=None: contextlib.nullcontext(),
+                                stream=lambda s=None: contextlib.nullcontext(),
+                                current_stream=lambda d=None: current, Stream=Stream,
+                                CUDAGraph=Graph, graph=graph, set_stream=lambda s: None,
+                                synchronize=lambda d=None: None,
+                                empty_cache=lambda: None).items():
+            monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(engine, "_SIDE_STREAMS", {})  # no stream left from another test
+
+    def attach(self, sampler):
+        self.sampler = sampler
+        sampler.use_graph = True  # as on a CUDA device
+        return sampler

@@ -389,7 +389,8 @@ class _FakeCuda:
                 fake.sampler._loop(st)
 
         @contextlib.contextmanager
-        def graph(g, stream=None):
+        def graph(g, stream=None, capture_error_mode="global"):
+            fake.capture_error_mode = capture_error_mode
             fake.capturing = True
             try:
                 yield
