@@ -18,6 +18,7 @@ public functions.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -133,7 +134,8 @@ def _check_state(name, x):
     _check_tensor(name, x, dtypes=(torch.float32,))
     if x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"{name} must have shape [B, ...] with B >= 1, got {tuple(x.shape)}")
-    if x.device.type != "cuda" and not _INTERPRETED:
+    if x.device.type != "cuda" and not _INTERPRETED and not (_RECORDER is not None
+                                                               and x.device.type == "meta"):
         raise ValueError(f"{name} is on {x.device}: the Triton kernels need CUDA tensors, or "
                          f"TRITON_INTERPRET=1 set before bespoke_fast.kernels is imported")
     return x
@@ -180,22 +182,68 @@ def _check_model_in(model_in, x):
     return True, tuple(model_in.shape) == twice
 
 
+class LaunchPlan(NamedTuple):
+    """One kernel launch, fully decided: ``kernel[grid](*args, **meta)``. The launchers build
+    it (:func:`plan_one_state`, :func:`plan_rk2_stage2`, ``bns.plan_bns_step``) and then launch
+    it; the ahead-of-time compile (``bespoke_fast.kernels.aot``) compiles the same plans, so
+    the constexprs, block size and warps it checks are the ones launched."""
+    kernel: object
+    grid: tuple
+    args: tuple
+    meta: dict
+
+
+# Set by bespoke_fast.kernels.aot.record_launches(): launches are recorded, not run.
+_RECORDER = None
+
+
+def _launch(plan: LaunchPlan):
+    if _RECORDER is not None:
+        _RECORDER.append(plan)
+        return
+    plan.kernel[plan.grid](*plan.args, **plan.meta)
+
+
+def _model_in_flags(model_in, x):
+    """(HAS_MODEL_IN, MODEL_IN_TWICE) from the buffer's shape (``[2B, ...]``: twice)."""
+    if model_in is None:
+        return False, False
+    return True, model_in.shape[0] == 2 * x.shape[0]
+
+
+def plan_one_state(kernel, x, u, table, step, model_in, guidance, out, cols) -> LaunchPlan:
+    """The launch of an ``x' = p x + q u`` kernel (rk1_step, rk2_stage1) on checked tensors."""
+    has_mi, mi_twice = _model_in_flags(model_in, x)
+    n = x.numel()
+    block, warps = _launch_config(n)
+    return LaunchPlan(kernel, (triton.cdiv(n, block),),
+                      (x, u, table, out, model_in if has_mi else out, step, n),
+                      dict(NUM_COLS=T.NUM_COLS, COL_A=cols[0], COL_B=cols[1], COL_W=T.W,
+                           GUIDANCE=bool(guidance), HAS_MODEL_IN=has_mi, MODEL_IN_TWICE=mi_twice,
+                           BLOCK=block, num_warps=warps))
+
+
+def plan_rk2_stage2(x, x_mid, u2, table, step, model_in, guidance, out) -> LaunchPlan:
+    """The launch of the RK2 stage-2 kernel on checked tensors."""
+    has_mi, mi_twice = _model_in_flags(model_in, x)
+    n = x.numel()
+    block, warps = _launch_config(n)
+    return LaunchPlan(_rk2_stage2_kernel, (triton.cdiv(n, block),),
+                      (x, x_mid, u2, table, out, model_in if has_mi else out, step, n),
+                      dict(NUM_COLS=T.NUM_COLS, COL_C=T.C, COL_D=T.D, COL_E=T.E, COL_W=T.W,
+                           GUIDANCE=bool(guidance), HAS_MODEL_IN=has_mi, MODEL_IN_TWICE=mi_twice,
+                           BLOCK=block, num_warps=warps))
+
+
 def _launch_one_state(kernel, x, u, table, step, model_in, guidance, out, cols, u_name):
     """Shared launcher of the x' = p x + q u kernels (rk1_step, rk2_stage1)."""
     _check_state("x", x)
     _check_tensor(u_name, u, shape=_velocity_shape(x, guidance), dtypes=_MODEL_DTYPES, device=x.device)
     step = _check_table(table, step, x.device)
     out = _check_out(out, x)
-    has_mi, mi_twice = _check_model_in(model_in, x)
-    n = x.numel()
-    if n == 0:
-        return out
-    block, warps = _launch_config(n)
-    kernel[(triton.cdiv(n, block),)](
-        x, u, table, out, model_in if has_mi else out, step, n,
-        NUM_COLS=T.NUM_COLS, COL_A=cols[0], COL_B=cols[1], COL_W=T.W,
-        GUIDANCE=bool(guidance), HAS_MODEL_IN=has_mi, MODEL_IN_TWICE=mi_twice,
-        BLOCK=block, num_warps=warps)
+    _check_model_in(model_in, x)
+    if x.numel():
+        _launch(plan_one_state(kernel, x, u, table, step, model_in, guidance, out, cols))
     return out
 
 
@@ -205,16 +253,9 @@ def _launch_rk2_stage2(x, x_mid, u2, table, step, model_in, guidance, out):
     _check_tensor("u2", u2, shape=_velocity_shape(x, guidance), dtypes=_MODEL_DTYPES, device=x.device)
     step = _check_table(table, step, x.device)
     out = _check_out(out, x)
-    has_mi, mi_twice = _check_model_in(model_in, x)
-    n = x.numel()
-    if n == 0:
-        return out
-    block, warps = _launch_config(n)
-    _rk2_stage2_kernel[(triton.cdiv(n, block),)](
-        x, x_mid, u2, table, out, model_in if has_mi else out, step, n,
-        NUM_COLS=T.NUM_COLS, COL_C=T.C, COL_D=T.D, COL_E=T.E, COL_W=T.W,
-        GUIDANCE=bool(guidance), HAS_MODEL_IN=has_mi, MODEL_IN_TWICE=mi_twice,
-        BLOCK=block, num_warps=warps)
+    _check_model_in(model_in, x)
+    if x.numel():
+        _launch(plan_rk2_stage2(x, x_mid, u2, table, step, model_in, guidance, out))
     return out
 
 

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bespoke_rk import (_MODEL_DTYPES, _check_index, _check_model_in, _check_out, _check_state,
-                         _check_tensor, _launch_config)
+from .bespoke_rk import (_MODEL_DTYPES, LaunchPlan, _check_index, _check_model_in, _check_out,
+                         _check_state, _check_tensor, _launch, _launch_config, _model_in_flags)
 
 __all__ = ["bns_step"]
 
@@ -59,15 +59,22 @@ def _launch_bns_step(x0, us, i, table_a, table_b, out, model_in):
         raise ValueError(f"us must have shape [m, {', '.join(map(str, x0.shape))}] with m > i={i} "
                          f"(velocities of steps 0..i), got {tuple(us.shape)}")
     out = _check_out(out, x0)
-    has_mi, mi_twice = _check_model_in(model_in, x0)
-    N = x0.numel()
-    if N == 0:
-        return out
-    block, warps = _launch_config(N)
-    _bns_step_kernel[(triton.cdiv(N, block),)](
-        x0, us, table_a, table_b, out, model_in if has_mi else out, i, n, N,
-        HAS_MODEL_IN=has_mi, MODEL_IN_TWICE=mi_twice, BLOCK=block, num_warps=warps)
+    _check_model_in(model_in, x0)
+    if x0.numel():
+        _launch(plan_bns_step(x0, us, i, table_a, table_b, out, model_in))
     return out
+
+
+def plan_bns_step(x0, us, i, table_a, table_b, out, model_in) -> LaunchPlan:
+    """The launch of the BNS kernel on checked tensors (``i`` already in ``[0, n)``)."""
+    has_mi, mi_twice = _model_in_flags(model_in, x0)
+    N = x0.numel()
+    block, warps = _launch_config(N)
+    return LaunchPlan(_bns_step_kernel, (triton.cdiv(N, block),),
+                      (x0, us, table_a, table_b, out, model_in if has_mi else out, i,
+                       table_a.shape[0], N),
+                      dict(HAS_MODEL_IN=has_mi, MODEL_IN_TWICE=mi_twice, BLOCK=block,
+                           num_warps=warps))
 
 
 # ============================================================================ public
