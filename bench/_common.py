@@ -118,15 +118,22 @@ def machine_info() -> dict:
 
 
 _L2_FLUSH = {}
+L2_FLUSH_BYTES = 256 * 2**20  # more than any L2 (H100: 50 MB, H200: 60 MB)
 
 
 def _flush_l2(device):
-    # Write a buffer bigger than any L2 (H100: 50 MB) so each repetition starts cold, as in
-    # triton.testing.do_bench; otherwise small working sets report cache, not HBM, bandwidth.
-    buf = _L2_FLUSH.get(device)
-    if buf is None:
-        buf = _L2_FLUSH[device] = torch.empty(256 * 2**20, dtype=torch.int8, device=device)
-    buf.zero_()
+    """Start each repetition with a cold L2 by READING a buffer bigger than it: the cache then
+    holds only clean lines, so nothing is written back during the timed kernel. (Writing the
+    buffer, e.g. ``zero_()``, leaves its dirty lines to be written back while the next kernel
+    runs: that write-back would be charged to the kernel and to the copy.)"""
+    got = _L2_FLUSH.get(device)
+    if got is None:
+        buf = torch.zeros(L2_FLUSH_BYTES // 4, dtype=torch.float32, device=device)
+        if buf.device.type == "cuda":
+            torch.cuda.synchronize(buf.device)  # the zero-fill's write-back ends here, untimed
+        got = _L2_FLUSH[device] = (buf, torch.zeros((), device=device))
+    buf, acc = got
+    torch.sum(buf, dim=0, out=acc)  # reads every line; writes 4 bytes
 
 
 def timeit_cuda(fn: Callable[[], object], warmup: int = 10, reps: int = 50,

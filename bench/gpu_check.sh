@@ -1,35 +1,66 @@
 #!/usr/bin/env bash
 # The one GPU check: GPU tests, the kernel bandwidth bench and the GPU throughput regimes.
 #
-#   bash bench/gpu_check.sh OUT_DIR
+#   bash bench/gpu_check.sh OUT_DIR              # on the GPU machine
+#   bash bench/gpu_check.sh --dry-run OUT_DIR    # on any CPU machine: same stages, toy sizes
 #
-# For a machine with torch and triton preinstalled and NO package registry. It
+# For a machine with torch and triton preinstalled (+ numpy, safetensors) and NO package
+# registry. It
 #   1. installs the project without dependencies (pip install --no-deps --no-build-isolation -e .),
 #      or, if that fails, puts a shadow package on PYTHONPATH (bespoke_fast + the kernels/ folder
 #      as bespoke_fast.kernels, the layout setup.py declares),
 #   2. sets BESPOKE_FAST_GPU_TESTS=1 (the root conftest.py then leaves TRITON_INTERPRET unset:
-#      kernels compile for the GPU) and runs `pytest -m gpu tests` (pytest.ini adds -q),
-#   3. runs bench/bench_kernels.py and bench/throughput.py (launch + compute regimes),
+#      kernels compile for the GPU; a triton that does not import FAILS the run) and runs
+#      `pytest -m gpu tests` (pytest.ini adds -q),
+#   3. runs bench/bench_kernels.py (inputs generated on the device; results rewritten after
+#      every point) and bench/throughput.py (launch + compute regimes; rewritten after every row),
 #   4. renders OUT_DIR/summary.md (bench/render.py).
-# Each step has its own time cap (`timeout`); a step that fails or times out is recorded in
-# OUT_DIR/status.txt and the script goes on. Worst case ~7 min (the caps below add up to 410 s,
-# plus a few seconds of setup), typically less on an H100. Peers that are not installed (torchdiffeq, flow_matching, diffusers) are
-# skipped with a note by the scripts. Nothing here changes GPU clocks or any device setting.
+# Each stage has its own time cap (`timeout`, printed as a plan first; the caps add up to
+# <= 7 min on an H200, leaving room for the install), and writes its results as it goes, so a
+# cap loses only unfinished rows. A stage that fails or times out is recorded in
+# OUT_DIR/status.txt and the script goes on. Peers that are not installed (torchdiffeq,
+# flow_matching, diffusers) are skipped with a note by the scripts. Nothing here changes GPU
+# clocks or any device setting.
+#
+# --dry-run: the same stages and files on CPU at toy sizes (CI runs it, < 3 min): the install
+# stage takes the shadow-package path (no pip), the GPU tests skip (no CUDA), the kernel bench
+# runs the kernels through the Triton interpreter at 64 KB, the throughput bench runs its CPU
+# regime quickly (and notes the skipped GPU regimes).
 set -u
-OUT="${1:?usage: bash bench/gpu_check.sh OUT_DIR}"
+PY_GIVEN="${PYTHON:-python}"  # a relative path is made absolute (stages run from other dirs)
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+OUT="${1:?usage: bash bench/gpu_check.sh [--dry-run] OUT_DIR}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
+case "$PY_GIVEN" in */*) PY_GIVEN="$(cd "$(dirname "$PY_GIVEN")" && pwd)/$(basename "$PY_GIVEN")";; esac
 cd "$REPO"
-PY="${PYTHON:-python}"
+PY="$PY_GIVEN"
 STATUS="$OUT/status.txt"
 : > "$STATUS"
 T0=$(date +%s)
 
 # caps (seconds); override with env vars for a longer or shorter check
-CAP_TESTS="${CAP_TESTS:-130}"
+CAP_TESTS="${CAP_TESTS:-100}"
 CAP_KERNELS="${CAP_KERNELS:-100}"
 CAP_THROUGHPUT="${CAP_THROUGHPUT:-180}"
+CAP_RENDER="${CAP_RENDER:-15}"
+if [ "$DRY" = "1" ]; then
+  # toy sizes on CPU: the same code paths and files, in well under 3 minutes
+  KERNEL_ARGS=(--sizes-mb 0.0625 --warmup 1 --reps 2 --cpu-kernels)
+  THROUGHPUT_ARGS=(--regimes launch compute cpu --quick --reps 2 --telemetry-seconds 0.1)
+else
+  # sizes that fit the caps on an H200 (kernels: 84 points, <= 1 GB states, ~1 min measured
+  # by the byte counts; throughput: the launch + compute regimes, ~2-3 min)
+  KERNEL_ARGS=(--sizes-mb 1 4 16 64 256 1024)
+  THROUGHPUT_ARGS=(--regimes launch compute --telemetry-seconds 0.5)
+fi
+TOTAL_CAP=$(( CAP_TESTS + CAP_KERNELS + CAP_THROUGHPUT + CAP_RENDER ))
+echo "time plan: gpu-tests ${CAP_TESTS}s + kernels ${CAP_KERNELS}s + throughput ${CAP_THROUGHPUT}s + render ${CAP_RENDER}s = ${TOTAL_CAP}s cap$([ "$DRY" = 1 ] && echo ' (dry run on CPU)')" | tee "$OUT/plan.txt"
+if [ "$DRY" = "0" ] && [ "$TOTAL_CAP" -gt 420 ]; then
+  echo "warning: the caps add up to more than 7 minutes" | tee -a "$OUT/plan.txt"
+fi
 
 step() {  # step NAME CAP LOGFILE CMD...: run with a time cap, tee output, record the outcome
   local name="$1" cap="$2" log="$3"; shift 3
@@ -68,7 +99,7 @@ cat "$OUT/env.txt"
 # ---- install without dependencies, or fall back to a shadow package on PYTHONPATH
 if [ "${SKIP_INSTALL:-0}" = "1" ]; then
   echo "install      skipped   SKIP_INSTALL=1 (using the current environment)" >> "$STATUS"
-elif "$PY" -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
+elif [ "$DRY" = "0" ] && "$PY" -m pip install --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1 \
    && (cd /tmp && "$PY" -c "import bespoke_fast.kernels, bespoke_fast.engine") >> "$OUT/install.log" 2>&1; then
   echo "install      ok        pip install --no-deps --no-build-isolation -e ." >> "$STATUS"
 else
@@ -79,7 +110,13 @@ else
   done
   [ -e "$SHADOW/bespoke_fast/kernels" ] || ln -s "$REPO/kernels" "$SHADOW/bespoke_fast/kernels"
   export PYTHONPATH="$SHADOW${PYTHONPATH:+:$PYTHONPATH}"
-  echo "install      fallback  pip failed (see install.log); PYTHONPATH shadow package $SHADOW" >> "$STATUS"
+  if [ "$DRY" = "1" ]; then
+    echo "install      shadow    dry run: PYTHONPATH shadow package (the no-pip path)" >> "$STATUS"
+  else
+    echo "install      fallback  pip failed (see install.log); PYTHONPATH shadow package" >> "$STATUS"
+  fi
+  (cd /tmp && "$PY" -c "import bespoke_fast.kernels, bespoke_fast.engine") >> "$OUT/install.log" 2>&1 \
+    || echo "install      FAILED    the shadow package does not import (see install.log)" >> "$STATUS"
 fi
 
 export BESPOKE_FAST_GPU_TESTS=1
@@ -93,17 +130,17 @@ else
   echo "gpu-tests    SKIPPED   pytest not installed" >> "$STATUS"
 fi
 
-# ---- 2. kernel bandwidth
+# ---- 2. kernel bandwidth (writes kernels.json / .md after every point)
 step kernels "$CAP_KERNELS" "$OUT/kernels.log" \
-  "$PY" bench/bench_kernels.py --out "$OUT"
+  "$PY" bench/bench_kernels.py --out "$OUT" "${KERNEL_ARGS[@]}"
 
-# ---- 3. throughput (GPU regimes); it stops starting rows 25 s before its cap and writes as it goes
+# ---- 3. throughput; it stops starting rows 25 s before its cap and writes as it goes
 step throughput "$CAP_THROUGHPUT" "$OUT/throughput.log" \
-  "$PY" bench/throughput.py --regimes launch compute --out "$OUT" --telemetry-seconds 0.5 \
+  "$PY" bench/throughput.py --out "$OUT" "${THROUGHPUT_ARGS[@]}" \
   --time-budget $(( CAP_THROUGHPUT - 25 ))
 
 # ---- 4. summary
 echo "total        $(( $(date +%s) - T0 ))s" >> "$STATUS"
-"$PY" bench/render.py "$OUT" > /dev/null 2>&1 || echo "render failed" >> "$STATUS"
+step render "$CAP_RENDER" "$OUT/render.log" "$PY" bench/render.py "$OUT"
 cat "$STATUS"
 echo "summary: $OUT/summary.md"

@@ -11,7 +11,10 @@ name               what it is                                                 pa
                    16x16, GroupNorm(8): a small 3x32x32 model (many small
                    kernels) for the launch-bound regime
 ``digits``         the zoo's digits network (1x8x8; ``bespoke_fast.zoo``:          ~0.37M
-                   ``DigitsMLP``) with the trained ``digits-fmot`` weights
+                   ``DigitsMLP``) with the trained ``digits-fmot`` weights, or
+                   random weights where ``safetensors`` is not installed (the
+                   same architecture and cost: throughput does not depend on
+                   the weights)
 =================  =========================================================  ============
 
 (Counts are checked by ``python bench/models.py``.) Every network follows the package's velocity
@@ -164,8 +167,20 @@ MODELS = {
 
 
 def _zoo_digits():
-    """The zoo's trained ``digits-fmot`` velocity model (weights ship with the package)."""
+    """The zoo's trained ``digits-fmot`` velocity model (weights ship with the package); without
+    ``safetensors`` (e.g. a GPU image with only torch + triton) the same network, random
+    weights."""
     import bespoke_fast
+    try:
+        import safetensors.torch  # noqa: F401
+    except ImportError:
+        from bespoke_fast.models import as_velocity
+        from bespoke_fast.zoo.nets import DigitsMLP
+        from bespoke_fast.zoo.trained import load_meta
+        meta = load_meta("digits-fmot")
+        net = as_velocity(DigitsMLP(**meta["net"]["config"]), prediction=meta["prediction"],
+                          path=meta["path"], time=meta["time"])
+        return net, "zoo digits-fmot architecture, RANDOM weights (safetensors not installed)"
     net = bespoke_fast.zoo.load("digits-fmot").model
     return net, f"zoo digits-fmot, trained ({type(getattr(net, 'net', net)).__name__})"
 

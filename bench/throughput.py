@@ -27,7 +27,7 @@ Regimes (``--regimes``):
 * ``compute`` (CUDA): the 35.7M-param DDPM CIFAR UNet (random weights) at batch 128 (fp32, bf16)
   and 256 (bf16).
 * ``cpu``     (always available): the zoo's digits network at batch 64 and 256, fp32; target:
-  FastSampler's reference path within 1.05x of its floor.
+  FastSampler's reference path within 1.03x of its floor.
 
 For every row: latency median and spread (p90 - p10) over ``reps`` timed calls (CUDA events
 without an L2 flush -- back-to-back sampling is the steady state; host clock on CPU),
@@ -67,7 +67,7 @@ HAS_CUDA = torch.cuda.is_available()
 NFE = 10
 N_STEPS = 5          # RK2: 2 NFE per step
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-TARGET_X_FLOOR = 1.05
+TARGET_X_FLOOR = 1.03  # the README's claim: within 3% of the model-only floor
 
 # (regime, model, batch, dtype, run torch.compile row)
 REGIMES = {
@@ -394,6 +394,21 @@ def run_config(cfg, args, machine, records, device, deadline, flush=lambda: None
         torch.cuda.empty_cache()
 
 
+def _guarded(cfg, args, machine, records, device, deadline, flush, phase="main"):
+    """One configuration; a failure in its setup (the model, the solver, the reference run) is
+    recorded as a note and the next configuration runs."""
+    try:
+        run_config(cfg, args, machine, records, device, deadline, flush=flush, phase=phase)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        records.append({"kind": "note", "text": f"{cfg[:4]} ({phase}) failed in setup: "
+                                                f"{type(e).__name__}: {first}"})
+        print(f"== {cfg[:4]} FAILED in setup: {type(e).__name__}: {first}", flush=True)
+        flush()
+        if HAS_CUDA:
+            torch.cuda.empty_cache()
+
+
 def header(args, device):
     return [f"* command: `{command_line()}`",
             f"* device {device}; NFE {NFE} (Bespoke RK2 n={N_STEPS} at identity = midpoint; "
@@ -462,7 +477,7 @@ def main(argv=None):
             if time.perf_counter() > deadline:
                 records.append({"kind": "note", "text": f"{cfg[:4]} skipped: time budget reached"})
                 continue
-            run_config(cfg, args, machine, records, device, deadline, flush=flusher(device))
+            _guarded(cfg, args, machine, records, device, deadline, flusher(device))
         # torch.compile rows last: the slowest to set up (see run_config)
         for cfg in table[regime]:
             if cfg[4] and (cuda_regime or args.cpu_compile):
@@ -470,8 +485,8 @@ def main(argv=None):
                     records.append({"kind": "note", "text": f"{cfg[:4]} torch.compile row "
                                                             f"skipped: time budget reached"})
                     continue
-                run_config(cfg, args, machine, records, device, deadline,
-                           flush=flusher(device), phase="compile")
+                _guarded(cfg, args, machine, records, device, deadline, flusher(device),
+                         phase="compile")
     if HAS_CUDA and torch.backends.cuda.matmul.allow_tf32 is False:
         records.append({"kind": "note", "text": "fp32 matmuls without TF32 (torch default); "
                                                 "cuDNN convolutions may use TF32 "

@@ -1,7 +1,28 @@
 """Small shared fixtures for the test-suite (importable as ``tests.helpers``)."""
+import os
+
 import torch
 
 from bespoke_fast.models import GaussianMixtureFlow
+
+
+# bench/gpu_check.sh sets it: the kernels compile for the GPU, and they MUST be there
+GPU_RUN = os.environ.get("BESPOKE_FAST_GPU_TESTS") == "1"
+
+
+def require_kernels():
+    """Import ``bespoke_fast.kernels``: on a GPU run (``BESPOKE_FAST_GPU_TESTS=1``) a missing or
+    broken triton is an ERROR (a GPU run whose kernel tests silently skip would report "ok");
+    elsewhere the calling test module is skipped."""
+    import pytest
+    try:
+        from bespoke_fast import kernels
+    except Exception as e:  # ImportError, or triton failing to initialise
+        if GPU_RUN:
+            raise RuntimeError(f"BESPOKE_FAST_GPU_TESTS=1 but bespoke_fast.kernels does not import "
+                               f"({type(e).__name__}: {e}): the GPU run needs triton") from e
+        pytest.skip(f"triton is not importable ({type(e).__name__}: {e})", allow_module_level=True)
+    return kernels
 
 
 def smooth_gmm(dim=8, k=4, path="fm-ot", seed=0, std_range=(0.3, 0.6)):

@@ -15,6 +15,7 @@ from bespoke_fast.engine import FastSampler
 from bespoke_fast.models import GaussianMixtureFlow, cfg
 from bespoke_fast.noise import noise_for_indices
 from bespoke_fast.solvers.bespoke import BespokeSolver
+from tests.helpers import GPU_RUN, require_kernels
 
 SHAPE = (2, 3)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -462,7 +463,10 @@ def test_graph_control_flow_capture_failure_warns_once_and_runs_eagerly(monkeypa
 
 # ----------------------------------------------------------------------------- GPU (graph)
 def _gpu_backend():
-    """Compiled kernels on the GPU, else the reference ops (still captured in the graph)."""
+    """Compiled kernels on the GPU (a missing triton is an error on a GPU run), else the
+    reference ops (still captured in the graph)."""
+    if GPU_RUN:
+        require_kernels()
     return "triton" if ops.triton_available() and not INTERPRETED else "reference"
 
 
