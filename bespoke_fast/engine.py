@@ -50,15 +50,21 @@ Graph cache
     baked into the graph). States live in an LRU dict of at most ``max_graphs`` entries.
 
 CUDA graph (device cuda and ``cuda_graph=True``)
-    First use of a key: warm up on a side stream (``warmup`` full loops; compiles and caches
-    the Triton kernels, cuBLAS workspaces, ``torch.compile`` code), then capture the whole loop
-    with ``torch.cuda.graph(g, stream=side)``, then replay. Later calls copy x0 / extras into the
+    First use of a key: warm up on a side stream (``warmup >= 1`` full loops; compiles and
+    caches the Triton kernels, cuBLAS workspaces, ``torch.compile`` code, so none of that happens
+    inside the capture), then capture the whole loop with ``torch.cuda.graph(g, stream=side,
+    capture_error_mode="thread_local")`` (CUDA calls of OTHER threads, e.g. a data loader
+    pinning memory, do not break it), then replay. One side stream per device serves every
+    warm-up and capture (a stream per capture would also get a cuBLAS workspace each). Later calls copy x0 / extras into the
     static buffers, ``g.replay()``, and return ``x[:B].clone()``. Capture time (warm-up
     included) is kept apart in ``capture_seconds[key]`` and :meth:`FastSampler.stats`.
 
     If the capture raises (the model syncs with the host: ``.item()``, ``.cpu()``, printing a
     CUDA tensor, data-dependent shapes, ...), the sampler warns ONCE for that key with the
-    reason and runs the same loop eagerly for that key from then on. Host-side values a model
+    reason, frees the failed graph and its private memory pool at once (``graph.reset()``,
+    ``empty_cache``), and runs the same loop eagerly for that key from then on.
+    ``bespoke_fast.check_capturable`` (CLI: ``bespoke-fast doctor``) finds such models on CPU,
+    before a GPU run. Host-side values a model
     reads during capture (Python RNG, counters) are frozen into the graph: such models should
     use ``cuda_graph=False``.
 """

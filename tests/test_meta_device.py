@@ -111,3 +111,35 @@ def test_gaussian_mixture_equal_stds_decided_at_construction():
     means = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
     assert GaussianMixtureFlow(means, 0.2).equal_stds
     assert not GaussianMixtureFlow(means, torch.tensor([0.1, 0.2, 0.3])).equal_stds
+
+
+@pytest.fixture()
+def bench_modules():
+    sys.path.insert(0, BENCH)
+    try:
+        import bench_kernels
+        import models
+        import throughput
+        yield bench_kernels, models, throughput
+    finally:
+        sys.path.remove(BENCH)
+
+
+@pytest.mark.parametrize("name", ["unet-2m", "digits", "unet-35m"])
+def test_bench_setup_on_meta(bench_modules, name):
+    """The bench's setup functions place everything on the device they are given (the
+    throughput bench once moved the solver to CUDA and built its table index on the CPU)."""
+    bench_kernels, models, throughput = bench_modules
+    net, shape, _ = models.make_model(name, device=META)
+    assert {p.device for p in net.parameters()} == {META}
+    x0 = torch.empty(2, *shape, device=META)
+    args = throughput.parse_args(["--regimes", "cpu"])
+    rows = dict((n, make) for n, make, _ in throughput.build_rows(
+        ("compute", name, 2, "fp32", False), net, shape, x0, torch.float32, META, args))
+    for row in ("fast: reference", "eager: BespokeSolver.sample", "floor: NFE x forward"):
+        fn, _ = rows[row]()
+        assert fn().device == META, row
+    for op in bench_kernels.OPS:
+        case = bench_kernels.make_case(op, 0.0625, torch.bfloat16, META)
+        assert {t.device for t in case["tensors"].values()} == {META}
+        assert case["ref"]().device == META
