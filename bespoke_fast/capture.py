@@ -9,18 +9,22 @@ a CPU-only torch build cannot index such tensors.) A dispatch mode watches every
 loop and reports what a real capture rejects:
 
 * host reads of a device value: ``.item()``, ``float()``, ``bool()`` / ``if tensor:``,
-  ``.tolist()``, printing (``aten._local_scalar_dense``, ``aten.is_nonzero``, ``aten.equal``);
+  ``torch.equal`` (``aten._local_scalar_dense``, ``aten.is_nonzero``, ``aten.equal``);
 * data-dependent output shapes: ``nonzero``, boolean-mask indexing, ``masked_select``,
   ``unique``, ... (their size is only known after a device-to-host read);
-* device-to-host copies (``.cpu()``, ``.to("cpu")``, ``.numpy()``) and host-to-device copies
-  of host tensors made inside the loop (a synchronous copy from pageable memory);
+* device-to-host copies (``.cpu()``, ``.to("cpu")``, ``.tolist()``; ``.numpy()`` fails on
+  the meta device and is reported with its error) and host-to-device copies of host tensors
+  made inside the loop (a synchronous copy from pageable memory);
 * ``torch.cuda.synchronize()``;
 * anything else that fails on the device: a host tensor mixed into a device op, a dtype error.
 
 Each problem names the aten op and the first frame of user code (``file:line``) that caused it,
-skipping torch and the sampler's own machinery. Python-side values a model reads (its own
-counters, Python RNG) are NOT problems for a capture but are frozen into the graph; the check
-cannot see them.
+skipping torch and the sampler's own machinery. Not seen: printing a device tensor (a meta
+tensor prints without values), branches on ``tensor.is_cuda`` or ``torch.cuda`` calls other than
+``synchronize``, and Python-side values a model reads (its own counters, Python RNG): those are
+legal in a capture but frozen into the graph. The Triton kernels are not run here (the check
+uses the reference ops); their launches take a Python-int step and read device tables, and the
+``aot`` tests compile every variant for sm_90 / sm_80.
 
 The same dispatch mode (:class:`HostSyncDetector`) is what the tests' stand-in ``torch.cuda``
 applies during a "capture", so the engine's graph path is exercised on CPU.
@@ -48,7 +52,7 @@ aten = torch.ops.aten
 
 # ops that hand a device value to the host (the Python scalar or bool they return)
 _HOST_READS = {
-    aten._local_scalar_dense.default: ".item() / float() / int() / bool() / .tolist() / print",
+    aten._local_scalar_dense.default: ".item() / float() / int() / bool()",
     aten.is_nonzero.default: "bool(tensor) / `if tensor:`",
     aten.equal.default: "torch.equal (returns a Python bool)",
 }
@@ -64,6 +68,9 @@ _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 # they call (models in bespoke_fast, e.g. models.py and the zoo, ARE reported)
 _MACHINERY = {os.path.join(_PKG_DIR, f) for f in ("capture.py", "engine.py", "_checks.py",
                                                    "ops.py", "ops_bns.py")}
+# the kernels: bespoke_fast/kernels when installed, the repository's kernels/ when editable
+_KERNEL_DIRS = tuple(os.path.join(d, "kernels") + os.sep
+                     for d in (_PKG_DIR, os.path.dirname(_PKG_DIR)))
 
 
 class HostSyncError(RuntimeError):
@@ -72,8 +79,8 @@ class HostSyncError(RuntimeError):
 
 def _is_machinery(filename: str) -> bool:
     f = os.path.abspath(filename)
-    return (f.startswith(_TORCH_DIR + os.sep) or f in _MACHINERY
-            or os.sep + "contextlib.py" in f or os.sep + "kernels" + os.sep in f)
+    return (f.startswith(_TORCH_DIR + os.sep) or f in _MACHINERY or f.startswith(_KERNEL_DIRS)
+            or f.endswith(os.sep + "contextlib.py"))
 
 
 def user_frame(frames=None) -> str:
@@ -145,7 +152,7 @@ class HostSyncDetector(TorchDispatchMode):
         if self.device_types is None:
             return None
         if src.device.type in self.device_types and dst_type not in self.device_types:
-            return "device-to-host copy (.cpu() / .to('cpu') / .numpy())"
+            return "device-to-host copy (.cpu() / .to('cpu') / .tolist() / .numpy())"
         if src.device.type not in self.device_types and src.dim() > 0:
             return ("host-to-device copy of a host tensor made during the loop (a synchronous "
                     "copy; create it on the device, or once outside the loop)")

@@ -33,7 +33,7 @@ import torch
 from . import bespoke_rk
 
 __all__ = ["record_launches", "engine_plans", "compile_plan", "inspect_cubin", "compile_all",
-           "IMAGE_CASE"]
+           "markdown", "IMAGE_CASE"]
 
 # The aligned image-size case: batch 64 of 3x32x32 (196,608 elements, a multiple of 16).
 IMAGE_CASE = (64, (3, 32, 32))
@@ -187,11 +187,30 @@ def compile_all(archs=(90, 80), log=print) -> list:
     return records
 
 
+def markdown(records: list) -> str:
+    """A table of the compiled variants: one row per (variant, arch)."""
+    import triton
+    lines = [f"# Ahead-of-time compile of the engine's kernels (triton {triton.__version__}, no GPU)",
+             "", f"{len(records)} compiled variants; registers and local memory (spills) from "
+             "`cuobjdump -res-usage`, memory instructions from `cuobjdump -sass` (image case).",
+             "", "| case | config | kernel | arch | BLOCK | warps | model_in | regs | spill bytes "
+             "| shared B | global / shared memory instructions |", "|" + "---|" * 11]
+    for r in records:
+        c = r["constexprs"]
+        mi = ("none" if not c["HAS_MODEL_IN"] else "twice" if c["MODEL_IN_TWICE"] else "once")
+        ops = " ".join(f"{k} x{v}" for k, v in sorted(r.get("memory_ops", {}).items())) or "-"
+        lines.append(f"| {r['case']} | {r['config']} | {r['kernel']} | sm_{r['arch']} | "
+                     f"{c['BLOCK']} | {r['num_warps']} | {mi} | {r['registers']} | "
+                     f"{r['local_bytes'] + r['stack_bytes']} | {r['shared_bytes']} | {ops} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, nargs="+", default=[90, 80],
                    help="compute capabilities to compile for (default: 90 80)")
     p.add_argument("--out", default=None, help="write the records as JSON here")
+    p.add_argument("--md", default=None, help="write a Markdown table here")
     args = p.parse_args(argv)
     if bespoke_rk._INTERPRETED:
         print("aot: TRITON_INTERPRET=1 is set: the kernels are interpreted, not compiled; "
@@ -201,6 +220,9 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(records, f, indent=1)
+    if args.md:
+        with open(args.md, "w", encoding="utf-8") as f:
+            f.write(markdown(records))
     per_arch = {a: sum(r["arch"] == a for r in records) for a in args.arch}
     print(f"{len(records)} compiled variants: " + ", ".join(f"sm_{a}: {n}" for a, n in per_arch.items()))
     return 0

@@ -227,6 +227,25 @@ def test_graph_path_falls_back_once_and_releases_the_failed_graph(monkeypatch):
     assert len(cuda.problems) == 1 and cuda.resets == 1  # the private pool is handed back
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_failed_capture_hands_its_memory_back():
+    import gc
+    model, solver, x0 = Syncing().cuda(), perturbed("rk2", 2), noise(4, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_reserved()
+    sampler = FastSampler(model, solver, SHAPE, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sampler(x0)
+    assert sampler.stats()["capture_failures"] and torch.cuda.memory_reserved() >= base
+    del sampler
+    gc.collect()
+    torch.cuda.empty_cache()
+    assert torch.cuda.memory_reserved() == base  # no private pool left behind
+
+
 def test_warmup_must_be_at_least_one():
     with pytest.raises(ValueError, match="warmup must be an int >= 1"):
         FastSampler(gmm(), perturbed("rk1", 1), SHAPE, 2, warmup=0)
