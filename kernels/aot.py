@@ -138,8 +138,12 @@ def inspect_cubin(cubin: bytes, sass: bool = True) -> dict:
 
 
 def _key(plan):
+    """What makes two plans compile differently: argument types, ``int % 16`` of the integer
+    arguments the JIT specialises on (not ``do_not_specialize`` ones like the step index),
+    constexprs and warps."""
     sig = tuple((type(a).__name__, getattr(a, "dtype", None),
-                 a % 16 == 0 if isinstance(a, int) else None) for a in plan.args)
+                 a % 16 == 0 if isinstance(a, int) and not p.do_not_specialize else None)
+                for a, p in zip(plan.args, plan.kernel.params))
     return (plan.kernel.fn.__name__, sig, tuple(sorted(plan.meta.items())))
 
 
