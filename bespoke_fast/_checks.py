@@ -1,24 +1,92 @@
-"""Argument and model-output checks shared by every solver: one place, one wording."""
+"""Argument and model-output checks shared by every solver: one place, one wording, and the
+library's documented error types.
+
+Errors that are the user's to fix (bad arguments, bad or foreign files, a model that breaks the
+velocity contract or produces NaN/Inf, an output that cannot be written) derive from
+:class:`BespokeFastError`; each also derives from the matching builtin (``ValueError``,
+``TypeError``, ``FloatingPointError``, ``OSError``) so older ``except ValueError`` code keeps
+working. The command line prints them as one line (exit code 2); anything else is a bug and
+keeps its traceback.
+"""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
+
+__all__ = ["BespokeFastError", "InvalidArgumentError", "InvalidTypeError", "InvalidFileError",
+           "SolverFileError", "MismatchError", "ModelContractError", "NonFiniteError",
+           "OutputError", "check_int", "check_choice", "check_positive", "check_state",
+           "call_model", "time_vector"]
+
+
+class BespokeFastError(Exception):
+    """Base of every user-fixable error the library raises (see the module docstring)."""
+
+
+class InvalidArgumentError(BespokeFastError, ValueError):
+    """An argument value out of range (``num=0``, ``rtol=-1``, an unknown choice, ...)."""
+
+
+class InvalidTypeError(BespokeFastError, TypeError):
+    """An argument of the wrong type (``num=1.5``)."""
+
+
+class InvalidFileError(BespokeFastError, ValueError):
+    """A file or directory (GT set, samples, checkpoint) that is damaged or not ours; the message
+    starts with its path."""
+
+
+class SolverFileError(InvalidFileError):
+    """An invalid solver file; the message starts with its path."""
+
+
+class MismatchError(BespokeFastError, ValueError):
+    """An artefact made by another run or another model than the one given (a rerun with other
+    arguments into an existing folder, a solver fitted to another model, a checkpoint of another
+    GT set). The message names the differing field and how to proceed."""
+
+
+class ModelContractError(BespokeFastError, TypeError, ValueError):
+    """The model broke the velocity contract (returned a non-tensor, another shape or dtype).
+    Both a ``TypeError`` and a ``ValueError``, as the separate checks were before."""
+
+
+class NonFiniteError(BespokeFastError, FloatingPointError):
+    """The model (or a solver) produced NaN or Inf; the message names where."""
+
+
+class OutputError(BespokeFastError, OSError):
+    """An output could not be written (permission, disk full, a directory in the way); the
+    message names the file."""
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
     """``value`` must be a Python/NumPy integer (not bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}")
+        raise InvalidTypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} "
+                               f"{value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
+        raise InvalidArgumentError(f"{name} must be an int >= {minimum}, got {value}")
     return int(value)
 
 
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+        raise InvalidArgumentError(f"unknown {name} {value!r}; expected one of "
+                                   f"{', '.join(map(repr, choices))}")
     return value
+
+
+def check_positive(name: str, value) -> float:
+    """``value`` must be a real number, finite and > 0 (tolerances, learning rates)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise InvalidTypeError(f"{name} must be a positive finite number, got "
+                               f"{type(value).__name__} {value!r}")
+    if not (math.isfinite(float(value)) and float(value) > 0):
+        raise InvalidArgumentError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 def check_state(name: str, x) -> torch.Tensor:
@@ -42,16 +110,16 @@ def call_model(model, x: torch.Tensor, t: torch.Tensor, extras: dict, check_fini
     """
     u = model(x, t, **extras)
     if not isinstance(u, torch.Tensor):
-        raise TypeError(f"the model must return a torch.Tensor, got {type(u).__name__}")
+        raise ModelContractError(f"the model must return a torch.Tensor, got {type(u).__name__}")
     if u.shape != x.shape:
-        raise ValueError(f"the model returned shape {tuple(u.shape)} for an input of shape "
+        raise ModelContractError(f"the model returned shape {tuple(u.shape)} for an input of shape "
                          f"{tuple(x.shape)}; a velocity model must return the input's shape")
     want = expect_dtype or x.dtype
     if u.dtype != want:
-        raise TypeError(f"the model returned dtype {u.dtype} for an input of dtype {x.dtype}; "
+        raise ModelContractError(f"the model returned dtype {u.dtype} for an input of dtype {x.dtype}; "
                         f"expected {want} (cast inside the model, or wrap it)")
     if check_finite and not bool(torch.isfinite(u).all()):
-        raise FloatingPointError(f"the model returned a non-finite velocity (NaN or Inf) at "
+        raise NonFiniteError(f"the model returned a non-finite velocity (NaN or Inf) at "
                                  f"t={float(t.reshape(-1)[0]):.6g}")
     return u
 
