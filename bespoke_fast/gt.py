@@ -7,19 +7,26 @@ interpolation, differentiable in t ("cached" GT, method.md section 5), plus its 
 
 On disk, a directory::
 
-    manifest.json            model name/hash, shape, seed, tolerances, knots, shards, measured
-                             interpolation error, model evaluations, wall time
+    run.json                 the run identity (model name + hash, num, shape, seed, tolerances,
+                             knots, batch size, dtype, ...), written first
     shard_00000.safetensors  index [S], x0, x1 [S, *shape], knots_x, knots_u [S, K, *shape]
-    shard_00000.json         sidecar: count, sha256 of the shard (written after the shard)
+    shard_00000.json         sidecar: count, run identity hash, sha256 of the shard (written
+                             after the shard)
+    manifest.json            the run identity, shards, measured interpolation error, model
+                             evaluations, wall time; written LAST, sealed with its own sha256
 
-Shards are written atomically (temp file + rename); a rerun keeps every shard whose sidecar
-matches its file and computes only the missing ones. Under torchrun, shard k is computed by
-rank ``k % world_size`` and rank 0 writes the manifest.
+Shards are written atomically (temp file + rename); a rerun with the same arguments keeps every
+shard whose sidecar matches its file and this run, and computes only the missing ones; a rerun
+with other arguments is refused (``overwrite=True`` / ``--overwrite`` replaces the set). A
+damaged manifest is detected on read and rebuilt from the verified shards by a rerun. Under
+torchrun, shard k is computed by rank ``k % world_size`` and rank 0 writes the manifest.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +34,11 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from ._checks import check_int
-from .io import atomic_write_text, model_fingerprint, sha256_file
+from ._checks import (InvalidArgumentError, InvalidFileError, NonFiniteError, check_int,
+                      check_positive)
+from .io import (MANIFEST_MAX_BYTES, atomic_write, atomic_write_text, check_shard_plan,
+                 claim_run_dir, identity_hash, model_fingerprint, model_identity,
+                 read_json_bounded, remove_stale_temp_files, seal, sha256_file, unseal)
 from .noise import noise_for_indices
 from .solvers.adaptive import default_knots, solve_adaptive
 
@@ -143,33 +153,94 @@ class TrajectorySet:
 
 
 # ----------------------------------------------------------------------------- generation
+SHARD_PATTERNS = ("shard_*.safetensors", "shard_*.json", "manifest.json", ".shard_*.tmp",
+                  ".manifest.json.*.tmp", "shard_*.safetensors.tmp")
+_SHARD_RE = re.compile(r"^shard_\d{5,}\.safetensors$")
+
+
 def _shard_paths(out: Path, k: int):
     return out / f"shard_{k:05d}.safetensors", out / f"shard_{k:05d}.json"
 
 
-def _shard_done(out: Path, k: int, count: int) -> bool:
-    data, side = _shard_paths(out, k)
-    if not (data.is_file() and side.is_file()):
-        return False
+def _read_sidecar(out: Path, k: int):
     try:
-        info = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return info.get("count") == count and info.get("sha256") == sha256_file(data)
+        info = json.loads(_shard_paths(out, k)[1].read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _shard_done(out: Path, k: int, count: int, run: str):
+    """The sidecar of shard ``k`` if it belongs to run ``run`` (identity hash), holds ``count``
+    trajectories and its file's sha256 matches; else None."""
+    data = _shard_paths(out, k)[0]
+    info = _read_sidecar(out, k)
+    if info is None or not data.is_file():
+        return None
+    if info.get("run") != run or info.get("count") != count or info.get("sha256") != sha256_file(data):
+        return None
+    return info
+
+
+def run_identity(model, num, shape, seed, rtol, atol, knots_t, batch_size, model_name, data_range,
+                 dtype, extras_fn=None) -> dict:
+    """Everything that determines a GT set's bytes (stored in ``run.json`` and the manifest): a
+    rerun into the same folder must match it field for field."""
+    return {"format": GT_FORMAT, "model": model_identity(model, model_name), "num": num,
+            "shape": list(shape), "seed": seed, "rtol": rtol, "atol": atol,
+            "knots_t": knots_t.tolist(), "batch_size": batch_size,
+            "dtype": str(dtype).replace("torch.", ""), "data_range": data_range,
+            "extras_fn": model_fingerprint(extras_fn) if extras_fn is not None else ""}
+
+
+class _CheckedModel:
+    """Wraps the model for GT integration: counts evaluations and turns a NaN/Inf velocity into
+    a NonFiniteError naming the sample index, the time and the evaluation."""
+
+    def __init__(self, model, index):
+        self.model, self.index, self.calls = model, index, 0
+
+    def __call__(self, x, t, **extras):
+        self.calls += 1
+        u = self.model(x, t, **extras)
+        if isinstance(u, torch.Tensor) and u.is_floating_point() and u.shape == x.shape:
+            bad = ~torch.isfinite(u.reshape(u.shape[0], -1)).all(1)
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0])
+                raise NonFiniteError(
+                    f"the model returned NaN/Inf for GT sample {int(self.index[row])} at "
+                    f"t={float(t.reshape(-1)[row]):.6g} (model evaluation {self.calls} of its "
+                    f"shard); nothing was written for that shard")
+        return u
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def _first_non_finite(index, knots_x):
+    """``(sample index, knot)`` of the first non-finite state in ``knots_x [B, K, ...]``, or None."""
+    bad = ~torch.isfinite(knots_x.reshape(knots_x.shape[0], knots_x.shape[1], -1)).all(-1)
+    if not bool(bad.any()):
+        return None
+    row, knot = (int(v) for v in bad.nonzero()[0])
+    return int(index[row]), knot
 
 
 def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: float = 1e-5,
                           atol: float = 1e-5, knots=DEFAULT_KNOTS, batch_size: int = 256,
                           extras_fn=None, model_name: str = "", data_range: float = 2.0,
                           device=None, dtype=torch.float32, progress: bool = True,
-                          measure_interpolation: int = 16) -> dict:
+                          measure_interpolation: int = 16, overwrite: bool = False) -> dict:
     """Integrate ``num`` noises to t = 1 and store them as a sharded GT set in directory ``out``.
 
     Args:
         model: velocity model ``model(x, t[B], **extras)``.
         num: number of trajectories. shape: one sample's shape (e.g. ``(1, 8, 8)``).
         out: output directory (created). Rerunning the same call resumes: finished shards are
-            verified (sha256) and kept, only missing ones are computed.
+            verified (sha256) and kept, only missing ones are computed. A folder made with other
+            arguments (model, num, seed, tolerances, knots, batch size, ...) is refused with a
+            ``MismatchError`` naming the field, unless ``overwrite=True`` (which deletes that
+            run's files first).
         seed: noise seed; trajectory i starts from ``noise_for_indices([i], shape, seed)``.
         rtol, atol: Dormand-Prince tolerances (float32 state: 1e-5 is a sensible floor).
         knots: number of knots K (times ``default_knots(K)``, denser near t = 1) or a tensor of
@@ -182,8 +253,13 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
         measure_interpolation: trajectories used to measure the Hermite interpolation error
             against direct tight solves at random times (0 to skip).
 
-    Returns: the manifest (also written to ``out/manifest.json``), including the model
-    evaluations spent (``nfe``: per-sample evaluations, solver + knots) and wall time.
+    A model that returns NaN/Inf stops the run with a ``NonFiniteError`` naming the sample
+    index and the time; the shard is not written. Absurd sizes fail before any work (more than
+    ``io.MAX_SHARDS`` shards, or more bytes than the disk has free).
+
+    Returns: the manifest (also written to ``out/manifest.json``, last and atomically, sealed
+    with its own checksum), including the model evaluations spent (``nfe``: per-sample
+    evaluations, solver + knots) and wall time.
 
     Example::
 
@@ -192,58 +268,79 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
     """
     num = check_int("num", num)
     batch_size = check_int("batch_size", batch_size)
-    shape = tuple(int(s) for s in shape)
+    rtol, atol = check_positive("rtol", rtol), check_positive("atol", atol)
+    shape = tuple(check_int("shape entries", s) for s in shape)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    knots_t = default_knots(knots) if isinstance(knots, int) else torch.as_tensor(knots, dtype=torch.float64)
+    knots_t = (default_knots(check_int("knots", knots, 2)) if isinstance(knots, int)
+               else torch.as_tensor(knots, dtype=torch.float64))
     if knots_t.numel() < 2 or knots_t[0] != 0 or knots_t[-1] != 1 or (knots_t.diff() <= 0).any():
-        raise ValueError("knots must be an int >= 2 or increasing times from 0 to 1")
+        raise InvalidArgumentError("knots must be an int >= 2 or increasing times from 0 to 1")
     device = torch.device(device) if device is not None else _model_device(model)
     rank, world, distributed = _dist()
-    n_shards = math.ceil(num / batch_size)
-    mine = [k for k in range(n_shards) if k % world == rank]
-    todo = [k for k in mine if not _shard_done(out, k, min(batch_size, num - k * batch_size))]
+    identity = run_identity(model, num, shape, seed, rtol, atol, knots_t, batch_size, model_name,
+                            data_range, dtype, extras_fn)
+    run = identity_hash(identity)
+    claim_run_dir(out, identity, SHARD_PATTERNS, overwrite, "GT set", rank, distributed)
+    if distributed:
+        torch.distributed.barrier()
+    if rank == 0:
+        remove_stale_temp_files(out, (".shard_*.tmp", "shard_*.safetensors.tmp"))
+    item = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
+    existing = sum(f.stat().st_size for f in out.glob("shard_*.safetensors"))
+    n_shards = check_shard_plan(out, num, batch_size, item * (2 + 2 * knots_t.numel()) + 8,
+                                existing, "gt")
+
+    def count(k):
+        return min(batch_size, num - k * batch_size)
+
+    mine = range(rank, n_shards, world)          # streamed: no up-front lists
+    last_is_mine = (n_shards - 1) % world == rank
     start = time.perf_counter()
-    bar = _progress(total=sum(min(batch_size, num - k * batch_size) for k in todo),
+    bar = _progress(total=len(mine) * batch_size - (batch_size - count(n_shards - 1)) * last_is_mine,
                     enabled=progress and rank == 0, desc="GT trajectories", unit="traj")
-    for k in todo:
-        lo, hi = k * batch_size, min(num, (k + 1) * batch_size)
+    for k in mine:
+        lo, hi = k * batch_size, k * batch_size + count(k)
+        if _shard_done(out, k, hi - lo, run) is not None:
+            bar.update(hi - lo)
+            continue
         index = torch.arange(lo, hi)
-        x0 = noise_for_indices(index.tolist(), shape, seed, dtype=dtype, device=device)
+        x0 = noise_for_indices(range(lo, hi), shape, seed, dtype=dtype, device=device)
         extras = extras_fn(index) if extras_fn is not None else {}
         with torch.no_grad():
-            _, stats = solve_adaptive(model, x0, torch.tensor([0.0, 1.0], dtype=torch.float64),
-                                      rtol=rtol, atol=atol, dense_knots=knots_t, **extras)
+            _, stats = solve_adaptive(_CheckedModel(model, index), x0,
+                                      torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=rtol,
+                                      atol=atol, dense_knots=knots_t, check_finite=False, **extras)
         tensors = {
             "index": index, "x0": x0.cpu(), "x1": stats["knots_x"][-1].cpu(),
             "knots_x": stats["knots_x"].movedim(0, 1).contiguous().cpu(),
             "knots_u": stats["knots_u"].movedim(0, 1).contiguous().cpu(),
         }
+        bad = _first_non_finite(index, tensors["knots_x"])
+        if bad is not None:
+            raise NonFiniteError(f"GT sample {bad[0]} is NaN/Inf at knot {bad[1]} (t="
+                                 f"{float(knots_t[bad[1]]):.6g}; the integration diverged); nothing "
+                                 f"was written for shard {k}")
         for name, value in extras.items():
             if isinstance(value, torch.Tensor):
                 tensors[f"extra.{name}"] = value.contiguous().cpu()
-        _write_shard(out, k, tensors, {"count": hi - lo, "start": lo, "nfe": stats["nfe"] * (hi - lo),
+        _write_shard(out, k, tensors, {"count": hi - lo, "start": lo, "run": run,
+                                        "nfe": stats["nfe"] * (hi - lo),
                                         "nfe_knots": stats["nfe_knots"] * (hi - lo),
                                         "steps": stats["n_accepted"], "rejected": stats["n_rejected"]})
         bar.update(hi - lo)
     bar.close()
     if distributed:
         torch.distributed.barrier()
-    manifest = _read_manifest(out) if not todo and (out / "manifest.json").is_file() else None
-    if rank == 0 and manifest is None:
-        manifest = _write_manifest(out, model, num, shape, seed, rtol, atol, knots_t, batch_size,
-                                   n_shards, model_name, data_range, dtype,
-                                   time.perf_counter() - start)
-        if measure_interpolation:
-            gt = load_trajectories(out)
-            manifest["interpolation"] = measure_interpolation_error(
-                model, gt, min(measure_interpolation, len(gt)), rtol=rtol * 1e-2,
-                atol=atol * 1e-2, seed=seed)
-            atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
+    manifest = None
+    if rank == 0:
+        manifest = _reusable_manifest(out, identity, run, n_shards)
+        if manifest is None:
+            manifest = _write_manifest(out, model, identity, run, n_shards, seed, rtol, atol,
+                                       measure_interpolation, time.perf_counter() - start)
     if distributed:
         torch.distributed.barrier()
         if rank != 0:
-            manifest = _read_manifest(out)
+            manifest = read_manifest(out)
     return manifest
 
 
@@ -264,38 +361,96 @@ def _progress(total, enabled, desc, unit):
 
 
 def _write_shard(out: Path, k: int, tensors: dict, info: dict) -> None:
-    from safetensors.torch import save_file
+    """The shard file, then its sidecar (both atomic): a sidecar vouches for a complete file."""
+    from safetensors.torch import save
     data, side = _shard_paths(out, k)
-    tmp = data.with_name(data.name + ".tmp")
-    save_file(tensors, str(tmp))
-    tmp.replace(data)
-    atomic_write_text(side, json.dumps({**info, "sha256": sha256_file(data)}) + "\n")
+    blob = save(tensors)
+    atomic_write(data, blob)
+    atomic_write_text(side, json.dumps({**info, "sha256": hashlib.sha256(blob).hexdigest()}) + "\n")
 
 
-def _read_manifest(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
+def _manifest_error(path, msg):
+    return InvalidFileError(f"{path}: {msg}; rerun the same 'bespoke-fast gt' command to rebuild "
+                            f"it from the verified shards")
 
 
-def _write_manifest(out, model, num, shape, seed, rtol, atol, knots_t, batch_size, n_shards,
-                    model_name, data_range, dtype, wall):
+def read_manifest(out) -> dict:
+    """Read and verify ``out/manifest.json``: bounded JSON, its seal (own checksum) and schema.
+    Raises ``FileNotFoundError`` when absent, ``InvalidFileError`` naming the file otherwise."""
+    path = Path(out) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{out}: not a GT directory (no manifest.json); create one with "
+                                f"'bespoke-fast gt --model M --num N --out {out}'")
+    try:
+        doc = read_json_bounded(path, "GT manifest", MANIFEST_MAX_BYTES, InvalidFileError)
+    except InvalidFileError as e:
+        raise _manifest_error(path, str(e).split(": ", 1)[-1]) from None
+    if not isinstance(doc, dict) or doc.get("format") != GT_FORMAT:
+        raise InvalidFileError(f"{path}: not a bespoke_fast GT manifest")
+    try:
+        unseal(path, doc)
+    except InvalidFileError as e:
+        raise _manifest_error(path, str(e).split(": ", 1)[-1]) from None
+    shards = doc.get("shards")
+    ok = (isinstance(shards, list) and shards and isinstance(doc.get("knots_t"), list)
+          and isinstance(doc.get("num"), int) and isinstance(doc.get("shape"), list)
+          and all(isinstance(s, dict) and isinstance(s.get("file"), str)
+                  and _SHARD_RE.match(s["file"]) and isinstance(s.get("count"), int)
+                  and isinstance(s.get("sha256"), str) for s in shards)
+          and sum(s["count"] for s in shards) == doc["num"])
+    if not ok:
+        raise _manifest_error(path, "damaged (missing or malformed 'shards', 'num', 'shape' or "
+                                    "'knots_t')")
+    return doc
+
+
+def _reusable_manifest(out, identity, run, n_shards):
+    """The existing manifest if it verifies and describes exactly the shards on disk, else None
+    (then it is rebuilt)."""
+    try:
+        manifest = read_manifest(out)
+    except (FileNotFoundError, InvalidFileError):
+        return None
+    if manifest.get("run") != identity or len(manifest["shards"]) != n_shards:
+        return None
+    for k, shard in enumerate(manifest["shards"]):
+        info = _read_sidecar(out, k)
+        if info is None or info.get("run") != run or info.get("sha256") != shard["sha256"]:
+            return None
+    return manifest
+
+
+def _write_manifest(out, model, identity, run, n_shards, seed, rtol, atol, measure, wall):
+    """Build the manifest from the verified shards (measuring the interpolation error first),
+    then write it once, atomically and sealed: a kill before leaves no manifest, after a
+    complete one."""
     shards, nfe, nfe_knots = [], 0, 0
     for k in range(n_shards):
-        info = json.loads(_shard_paths(out, k)[1].read_text())
+        count = min(identity["batch_size"], identity["num"] - k * identity["batch_size"])
+        info = _shard_done(out, k, count, run)
+        if info is None:
+            raise InvalidFileError(f"{_shard_paths(out, k)[0]}: missing or corrupt after the run "
+                                   f"(another process writing to {out}?); rerun the same command")
         shards.append({"file": _shard_paths(out, k)[0].name, **info})
         nfe += info["nfe"]
         nfe_knots += info["nfe_knots"]
+    num = identity["num"]
     manifest = {
         "format": GT_FORMAT, "format_version": 1, "package_version": __version__,
-        "model": {"name": model_name, "hash": model_fingerprint(model)},
-        "num": num, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-        "seed": seed, "rtol": rtol, "atol": atol, "batch_size": batch_size,
-        "knots_t": knots_t.tolist(), "data_range": data_range, "shards": shards,
+        "run": identity,
+        **{k: identity[k] for k in ("model", "num", "shape", "dtype", "seed", "rtol", "atol",
+                                    "batch_size", "knots_t", "data_range")},
+        "shards": shards,
         "nfe": {"solver": nfe, "knots": nfe_knots, "total": nfe + nfe_knots,
                 "per_trajectory": (nfe + nfe_knots) / num},
         "wall_seconds_last_run": wall,
     }
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1) + "\n")
-    return manifest
+    if measure:
+        gt = _assemble(out, manifest)
+        manifest["interpolation"] = measure_interpolation_error(
+            model, gt, min(measure, len(gt)), rtol=rtol * 1e-2, atol=atol * 1e-2, seed=seed)
+    atomic_write_text(out / "manifest.json", json.dumps(seal(manifest), indent=1) + "\n")
+    return seal(manifest)
 
 
 def measure_interpolation_error(model, gt: TrajectorySet, num: int = 16, times_per_traj: int = 8,
@@ -329,31 +484,41 @@ def measure_interpolation_error(model, gt: TrajectorySet, num: int = 16, times_p
             "reference_dtype": ref_dtype}
 
 
-def load_trajectories(path, device="cpu") -> TrajectorySet:
-    """Load a GT directory written by :func:`generate_trajectories` (safe format, verified).
-
-    Raises ``FileNotFoundError`` / ``ValueError`` naming what is missing or wrong.
-    """
-    from safetensors.torch import load_file
-    path = Path(path)
-    if not (path / "manifest.json").is_file():
-        raise FileNotFoundError(f"{path}: not a GT directory (no manifest.json); create one with "
-                                f"'bespoke-fast gt --model M --num N --out {path}'")
-    manifest = _read_manifest(path)
-    if manifest.get("format") != GT_FORMAT:
-        raise ValueError(f"{path}/manifest.json: not a bespoke_fast GT manifest")
+def _assemble(path: Path, manifest: dict) -> TrajectorySet:
+    """Read the manifest's shards, each checked against its checksum, into one set."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as st_load
     parts = []
     for shard in manifest["shards"]:
         f = path / shard["file"]
         if not f.is_file():
             raise FileNotFoundError(f"{path}: shard {shard['file']} is missing; rerun the same "
                                     f"'bespoke-fast gt' command to recompute it")
-        if sha256_file(f) != shard["sha256"]:
-            raise ValueError(f"{f}: checksum mismatch (corrupt or partial); delete it and rerun "
-                             f"the same 'bespoke-fast gt' command")
-        parts.append(load_file(str(f)))
+        blob = f.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != shard["sha256"]:
+            raise InvalidFileError(f"{f}: checksum mismatch (corrupt or partial); delete it and "
+                                   f"rerun the same 'bespoke-fast gt' command")
+        try:
+            part = st_load(blob)
+        except (SafetensorError, ValueError) as e:
+            raise InvalidFileError(f"{f}: not a GT shard ({e})") from None
+        if part.get("x0") is None or part["x0"].shape[0] != shard["count"]:
+            raise InvalidFileError(f"{f}: holds another number of trajectories than the manifest")
+        parts.append(part)
     cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    gt = TrajectorySet(cat["x0"], cat["x1"], torch.tensor(manifest["knots_t"], dtype=torch.float64),
-                       cat["knots_x"], cat["knots_u"], cat["index"], manifest,
-                       {k[len("extra."):]: v for k, v in cat.items() if k.startswith("extra.")})
+    return TrajectorySet(cat["x0"], cat["x1"], torch.tensor(manifest["knots_t"], dtype=torch.float64),
+                         cat["knots_x"], cat["knots_u"], cat["index"], manifest,
+                         {k[len("extra."):]: v for k, v in cat.items() if k.startswith("extra.")})
+
+
+def load_trajectories(path, device="cpu") -> TrajectorySet:
+    """Load a GT directory written by :func:`generate_trajectories` (safe format, verified: the
+    manifest's seal and schema, then every shard's sha256).
+
+    Raises ``FileNotFoundError`` / ``InvalidFileError`` (a ``ValueError``) naming what is missing
+    or wrong; a damaged manifest is rebuilt from the verified shards by rerunning the same
+    ``gt`` command.
+    """
+    path = Path(path)
+    gt = _assemble(path, read_manifest(path))
     return gt.to(device) if str(device) != "cpu" else gt

@@ -43,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from ._checks import MismatchError, OutputError, SolverFileError
+from ._checks import (InvalidArgumentError, InvalidFileError, MismatchError, OutputError,
+                      SolverFileError)
 
 FORMAT = "bespoke_fast.solver"
 FORMAT_VERSION = 1
@@ -400,3 +401,127 @@ def _check_tables(path, solver, stored):
     for name, value in derived.items():
         if not torch.allclose(stored[name], value, rtol=1e-9, atol=1e-12):
             _fail(path, f"table {name!r} does not match the parameters (edited by hand?)")
+
+
+# ----------------------------------------------------------------------------- run directories
+# Shared by the GT sets (gt.py) and the sample folders (sampling.py): a folder holds the output
+# of ONE run, identified by a dict of everything that determines its bytes ("run identity",
+# stored in RUN_FILE before any shard is written). A rerun with the same identity resumes; with
+# another one it stops (MismatchError naming the field) unless overwrite=True, which deletes the
+# files of the old run (and only those). Manifests are written last and sealed with the sha256
+# of their own canonical JSON, so any damage to them is detected on read.
+RUN_FILE = "run.json"
+MAX_SHARDS = 1_000_000
+MANIFEST_MAX_BYTES = 256 << 20
+
+
+def _canonical(doc) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def identity_hash(identity: dict) -> str:
+    """sha256 (hex) of a run identity's canonical JSON."""
+    return hashlib.sha256(_canonical(identity)).hexdigest()
+
+
+def seal(doc: dict) -> dict:
+    """``doc`` plus ``"sealed_sha256"``: the sha256 of the rest (see :func:`unseal`)."""
+    body = {k: v for k, v in doc.items() if k != "sealed_sha256"}
+    return {**body, "sealed_sha256": hashlib.sha256(_canonical(body)).hexdigest()}
+
+
+def unseal(path, doc, error=InvalidFileError):
+    """Check a sealed document read from ``path``; raise ``error`` naming it when damaged."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("sealed_sha256"), str):
+        raise error(f"{path}: damaged (not an object with a 'sealed_sha256' checksum)")
+    body = {k: v for k, v in doc.items() if k != "sealed_sha256"}
+    if hashlib.sha256(_canonical(body)).hexdigest() != doc["sealed_sha256"]:
+        raise error(f"{path}: damaged (its checksum does not match its content)")
+    return doc
+
+
+def _first_difference(old, new, prefix=""):
+    """Dotted name and the two values of the first field where ``old`` and ``new`` differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(new) + [k for k in old if k not in new]:
+            if old.get(key, "<absent>") != new.get(key, "<absent>"):
+                return _first_difference(old.get(key, "<absent>"), new.get(key, "<absent>"),
+                                         f"{prefix}{key}.")
+    return prefix.rstrip("."), old, new
+
+
+def _short(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def claim_run_dir(out, identity: dict, owned, overwrite: bool = False, what: str = "run",
+                  rank: int = 0, grouped: bool = False) -> None:
+    """Make ``out`` the folder of the run ``identity`` (see the block comment above).
+
+    ``owned``: glob patterns of the files a run of this kind writes (shards, sidecars, manifest,
+    temp files); ``overwrite`` deletes exactly those, plus RUN_FILE, first. Raises
+    :class:`MismatchError` naming the first differing field when ``out`` holds another run,
+    or files of an unknown run. Only rank 0 deletes; in a process group (``grouped``) only rank 0
+    writes RUN_FILE (the caller then meets the others at a barrier)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _output_error(out, e) from e
+    if not out.is_dir():
+        raise OutputError(f"cannot write {out}: not a directory")
+    run_file = out / RUN_FILE
+    theirs = None
+    if run_file.exists():
+        try:
+            theirs = read_json_bounded(run_file, "run identity file", error=InvalidFileError)
+            theirs = unseal(run_file, theirs)["identity"]
+        except (InvalidFileError, KeyError):
+            theirs = "damaged"
+    has_files = any(next(out.glob(p), None) is not None for p in owned)
+    if theirs == identity:
+        return
+    if (theirs is not None or has_files) and not overwrite:
+        if theirs is None or theirs == "damaged":
+            state = "a damaged run.json" if theirs == "damaged" else "files but no run.json"
+            raise MismatchError(f"{out} holds {state} (a {what} of an unknown run); use another "
+                                f"--out, or --overwrite (overwrite=True) to replace it")
+        field, old, new = _first_difference(theirs, identity)
+        raise MismatchError(f"{out} holds a {what} made with other arguments: {field} was "
+                            f"{_short(old)}, now {_short(new)}; use another --out, or --overwrite "
+                            f"(overwrite=True) to replace it")
+    if rank != 0 and grouped:  # rank 0 clears the folder and claims it; the others only check
+        return
+    if overwrite and rank == 0:
+        for pattern in list(owned) + [RUN_FILE]:
+            for f in out.glob(pattern):
+                if f.is_file() or f.is_symlink():
+                    f.unlink()
+    atomic_write_text(run_file, json.dumps(seal({"identity": identity}), indent=1) + "\n")
+
+
+def remove_stale_temp_files(out, patterns) -> None:
+    """Delete temp files a killed writer left in ``out`` (they are never read)."""
+    for pattern in patterns:
+        for f in Path(out).glob(pattern):
+            f.unlink(missing_ok=True)
+
+
+def check_shard_plan(out, num: int, shard_size: int, bytes_per_item: int, existing: int = 0,
+                     what: str = "run") -> int:
+    """Fail fast on absurd sizes, before any work: at most ``MAX_SHARDS`` shards, and the bytes
+    still to write must fit the free space of ``out``'s disk. Returns the number of shards."""
+    n_shards = -(-num // shard_size)
+    if n_shards > MAX_SHARDS:
+        raise InvalidArgumentError(f"{what}: {num} items in shards of {shard_size} make {n_shards} "
+                                   f"shards, over the limit of {MAX_SHARDS}; use a larger batch "
+                                   f"size or a smaller count")
+    import shutil
+    need = num * bytes_per_item - existing
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise InvalidArgumentError(f"{what}: {num} items need about {need / 1e9:.3g} GB but only "
+                                   f"{free / 1e9:.3g} GB are free on {out}; use a smaller count or "
+                                   f"another --out")
+    return n_shards

@@ -133,7 +133,7 @@ def test_gt_sets_resume_verify_and_match_direct_solves(tmp_path):
     (out / "shard_00002.safetensors").write_bytes(b"garbage")
     mtime0 = (out / "shard_00000.safetensors").stat().st_mtime_ns
     bf.generate_trajectories(flow, 20, (8,), out, seed=3, batch_size=8, progress=False,
-                             measure_interpolation=0)
+                             model_name="smooth", measure_interpolation=0)
     assert (out / "shard_00000.safetensors").stat().st_mtime_ns == mtime0
     after = {p.name: p.read_bytes() for p in out.glob("shard_*.safetensors")}
     assert after == before

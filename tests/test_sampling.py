@@ -11,6 +11,9 @@ import textwrap
 
 import numpy as np
 
+import pytest
+
+from bespoke_fast._checks import MismatchError
 from bespoke_fast.sampling import sample_to_dir, shard_name
 
 # Shared by the tests and the torchrun script (exec'ed in both) so both build the same problem.
@@ -110,7 +113,11 @@ def test_resume_recomputes_only_missing_or_corrupt_shards(tmp_path):
 
     model = Problem()                                  # complete: nothing to do
     assert run(tmp_path, model=model)["computed_shards"] == [] and model.calls == 0
-    assert run(tmp_path, shard_size=5)["computed_shards"] == [0, 1, 2, 3]  # another layout
+    with pytest.raises(MismatchError, match="shard_size was 8, now 5"):  # another layout
+        run(tmp_path, shard_size=5)
+    assert run(tmp_path, shard_size=5, overwrite=True)["computed_shards"] == [0, 1, 2, 3]
+    assert sorted(p.name for p in tmp_path.glob("samples_*.npy")) == [
+        shard_name(k) + ".npy" for k in range(4)]
 
 
 def test_explicit_ranks_without_a_process_group(tmp_path):
