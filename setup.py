@@ -20,6 +20,8 @@ setup(
         # bespoke_fast.integrations.diffusers (transformers: without it the SD3 / Flux pipeline
         # classes are dummies)
         "diffusers": ["diffusers", "transformers"],
+        # the digits-exact model reads the 1797 digits from scikit-learn
+        "digits": ["scikit-learn"],
         # flow_matching and diffusers: the peer-conversion tests check our adapters to them, and
         # the diffusers integration tests; nvidia-ml-py: the telemetry test runs against a fake
         # NVML on CPU machines

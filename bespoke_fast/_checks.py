@@ -16,8 +16,8 @@ import numbers
 import torch
 
 __all__ = ["BespokeFastError", "InvalidArgumentError", "InvalidTypeError", "InvalidFileError",
-           "SolverFileError", "MismatchError", "ModelContractError", "NonFiniteError",
-           "OutputError", "check_int", "check_choice", "check_positive", "check_state",
+           "SolverFileError", "MissingFileError", "MismatchError", "ModelContractError", "NonFiniteError",
+           "OutputError", "MissingDependencyError", "check_int", "check_choice", "check_positive", "check_state",
            "call_model", "time_vector"]
 
 
@@ -38,6 +38,10 @@ class InvalidFileError(BespokeFastError, ValueError):
     starts with its path."""
 
 
+class MissingFileError(BespokeFastError, FileNotFoundError):
+    """A file or directory the call needs does not exist; the message names it."""
+
+
 class SolverFileError(InvalidFileError):
     """An invalid solver file; the message starts with its path."""
 
@@ -55,6 +59,10 @@ class ModelContractError(BespokeFastError, TypeError, ValueError):
 
 class NonFiniteError(BespokeFastError, FloatingPointError):
     """The model (or a solver) produced NaN or Inf; the message names where."""
+
+
+class MissingDependencyError(BespokeFastError, ImportError):
+    """An optional package a feature needs is not installed; the message says what to install."""
 
 
 class OutputError(BespokeFastError, OSError):

@@ -24,16 +24,59 @@ from pathlib import Path
 
 import torch
 
-from ._checks import check_choice, check_int
+from ._checks import InvalidArgumentError, InvalidTypeError, check_choice, check_int
 from .gt import TrajectorySet
 from .solvers.bns import INITS, NonStationarySolver
 from .trainer import (_check_gt_matches, _dist, _finish, _frozen, _load_checkpoint,
-                      _save_checkpoint, _validate)
+                      _save_checkpoint, _validate, gt_split_fingerprint)
 
-__all__ = ["train_bns", "end_to_end_loss", "OPTIMIZERS"]
+__all__ = ["train_bns", "end_to_end_loss", "bns_split", "OPTIMIZERS", "DEFAULT_NUM_TRAIN",
+           "DEFAULT_NUM_VAL", "MIN_TRAIN_PAIRS", "MIN_VAL_PAIRS"]
 
 
 OPTIMIZERS = ("lbfgs", "adam")
+DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL = 520, 1024   # the paper's split
+MIN_TRAIN_PAIRS, MIN_VAL_PAIRS = 16, 16          # below these a fit or its PSNR means little
+
+
+def bns_split(n: int, num_train: int | None = None, num_val: int | None = None,
+              separate_val: int | None = None):
+    """``(num_train, num_val, note)`` for a BNS fit on ``n`` GT pairs.
+
+    Defaults: 520 training and 1024 validation pairs (the paper's). When the set is smaller, a
+    defaulted size shrinks to fit (validation first gives up pairs, never below the training
+    pairs' count nor ``MIN_VAL_PAIRS``) and ``note`` says what was used; sizes given explicitly
+    are kept or refused. Refused below ``MIN_TRAIN_PAIRS`` (16) training or ``MIN_VAL_PAIRS``
+    (16) validation pairs. ``separate_val``: the size of a separate validation set (then all
+    ``n`` pairs are for training)."""
+    n = check_int("number of GT pairs", n, 0)
+    for name, v in (("num_train", num_train), ("num_val", num_val)):
+        if v is not None:
+            check_int(name, v, MIN_TRAIN_PAIRS if name == "num_train" else MIN_VAL_PAIRS)
+    if separate_val is not None:
+        num_val = separate_val
+        avail = n
+    else:
+        if n < MIN_TRAIN_PAIRS + MIN_VAL_PAIRS:
+            raise InvalidArgumentError(
+                f"a BNS fit needs at least {MIN_TRAIN_PAIRS + MIN_VAL_PAIRS} GT pairs "
+                f"({MIN_TRAIN_PAIRS} training + {MIN_VAL_PAIRS} validation), got {n}; generate more")
+        if num_val is None:
+            keep = num_train if num_train is not None else min(DEFAULT_NUM_TRAIN, n // 2)
+            num_val = min(DEFAULT_NUM_VAL, n - keep)
+        avail = n - num_val
+    if num_train is None:
+        num_train = min(DEFAULT_NUM_TRAIN, avail)
+    if num_val < MIN_VAL_PAIRS or num_train < MIN_TRAIN_PAIRS or num_train > avail:
+        raise InvalidArgumentError(
+            f"cannot take {num_train} training and {num_val} validation pairs from {n} GT pairs "
+            f"(need at least {MIN_TRAIN_PAIRS} / {MIN_VAL_PAIRS}); lower num_train / num_val "
+            f"(--num-train / --val) or generate more GT")
+    note = None
+    if (num_train, num_val) != (DEFAULT_NUM_TRAIN, DEFAULT_NUM_VAL):
+        note = (f"BNS split: {num_train} training / {num_val} validation pairs of {n} "
+                f"(paper default {DEFAULT_NUM_TRAIN} / {DEFAULT_NUM_VAL})")
+    return num_train, num_val, note
 
 
 def end_to_end_loss(solver: NonStationarySolver, model, batch: TrajectorySet,
@@ -82,8 +125,8 @@ def _next_stop(done: int, iters: int, *every: int) -> int:
 
 def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = "midpoint",
               optimizer: str = "lbfgs", iters: int | None = None, batch_size: int = 520,
-              lr: float | None = None, lr_final: float = 0.01, num_train: int = 520,
-              num_val: int = 1024, val=None, val_every: int = 25, seed: int = 0,
+              lr: float | None = None, lr_final: float = 0.01, num_train: int | None = None,
+              num_val: int | None = None, val=None, val_every: int = 25, seed: int = 0,
               checkpoint=None, checkpoint_every: int = 50, dtype=torch.float64, model_dtype=None,
               progress: bool = True,
               model_name: str = "", callback=None):
@@ -106,9 +149,11 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
             cosine to ``lr * lr_final`` at the last iteration (Adam only: the end-to-end loss is
             sharp, and a constant rate leaves the validation PSNR jumping by tens of dB).
         num_train, num_val: the last ``num_val`` trajectories are held out for validation
-            first (at most ``len - 1``), then the first ``num_train`` of the rest are the
-            training pairs (at most what is left). ``val``: a separate TrajectorySet to validate
-            on instead (then ``trajectories`` are all for training, up to ``num_train``).
+            first, then the first ``num_train`` of the rest are the training pairs. Defaults
+            520 / 1024, shrunk to fit a smaller set (the report's ``split_note`` says what was
+            used); explicit sizes that do not fit, or fewer than 16 / 16 pairs, are refused
+            (:func:`bns_split`). ``val``: a separate TrajectorySet to validate on instead (then
+            ``trajectories`` are all for training, up to ``num_train``).
         val_every: validate every k iterations (and at the start and the end); the parameters
             with the best validation PSNR are kept (the initial solver included).
         seed: seeds Adam's batch order (the result is a deterministic function of the inputs on CPU).
@@ -132,7 +177,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
 
     Example::
 
-        >>> gt = load_trajectories("runs/gt")                       # >= 1544 trajectories
+        >>> gt = load_trajectories("runs/gt")                       # 1544 trajectories
         >>> solver, report = train_bns(model, gt, n_steps=8)        # 520 train / 1024 val
         >>> solver.save("bns_nfe8.json")
     """
@@ -141,27 +186,25 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
     check_choice("optimizer", optimizer, OPTIMIZERS)
     iters = check_int("iters", (300 if optimizer == "lbfgs" else 1000) if iters is None else iters)
     batch_size = check_int("batch_size", batch_size)
-    num_train = check_int("num_train", num_train)
     val_every = check_int("val_every", val_every)
     checkpoint_every = check_int("checkpoint_every", checkpoint_every)
     lr = (1.0 if optimizer == "lbfgs" else 3e-3) if lr is None else lr
     if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr}")
+        raise InvalidArgumentError(f"lr must be a positive number, got {lr}")
     if not 0 <= lr_final <= 1:
-        raise ValueError(f"lr_final must be in [0, 1] (a fraction of lr), got {lr_final}")
+        raise InvalidArgumentError(f"lr_final must be in [0, 1] (a fraction of lr), got {lr_final}")
     if not isinstance(trajectories, TrajectorySet):
-        raise TypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
+        raise InvalidTypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
     _check_gt_matches(model, trajectories, model_name)
-    if isinstance(val, TrajectorySet):
+    if val is not None and not isinstance(val, TrajectorySet):
+        raise InvalidTypeError("val must be None or a TrajectorySet")
+    num_train, num_val, split_note = bns_split(len(trajectories), num_train, num_val,
+                                               len(val) if val is not None else None)
+    if val is not None:
         pool, val_set = trajectories, val
-    elif val is None:
-        num_val = check_int("num_val", num_val)
-        if len(trajectories) < 2:
-            raise ValueError(f"need at least 2 trajectories (training + validation), got {len(trajectories)}")
-        pool, val_set = trajectories.split(min(num_val, len(trajectories) - 1))
     else:
-        raise TypeError("val must be None or a TrajectorySet")
-    train_set = pool.subset(range(min(num_train, len(pool))))
+        pool, val_set = trajectories.split(num_val)
+    train_set = pool.subset(range(num_train))
     model_dtype = train_set.x0.dtype if model_dtype is None else model_dtype
     rank, world = _dist()
     device = train_set.x0.device
@@ -171,7 +214,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
               "iters": iters, "batch_size": batch_size, "lr": lr,
               "lr_final": lr_final if optimizer == "adam" else None, "seed": seed,
               "num_train": len(train_set), "num_val": len(val_set), "val_every": val_every,
-              "checkpoint_every": checkpoint_every,
+              "checkpoint_every": checkpoint_every, "gt": gt_split_fingerprint(train_set, val_set),
               "dtype": str(dtype or train_set.x0.dtype).replace("torch.", ""),
               "model_dtype": str(model_dtype).replace("torch.", ""),
               "loss": "mean log mse"}
@@ -267,4 +310,5 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
     state["wall_total"] += time.perf_counter() - started
     return _finish(solver, model, trajectories, config, state, model_name,
                    init=state["init_record"], loss_evaluations=state["loss_evals"],
-                   converged=state["converged"], lbfgs_restarts=state["restarts"])
+                   converged=state["converged"], lbfgs_restarts=state["restarts"],
+                   split_note=split_note)

@@ -1,14 +1,20 @@
 """The ``bespoke-fast`` command line: ``demo``, ``gt``, ``train``, ``eval``, ``sample``, ``doctor``.
 
 Each sub-command has ``--help``; long work shows progress bars on stderr; ``--json`` prints a
-machine-readable summary on stdout. Errors are one line on stderr and exit code 2.
+machine-readable summary on stdout. Errors that are the user's to fix (the library's
+``BespokeFastError`` types, bad options, and permission / disk-full / missing-file / is-a-directory
+``OSError``) are one line on stderr and exit code 2; ``--debug`` shows their traceback instead.
+Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
+
+from ._checks import BespokeFastError, MissingDependencyError
 
 __all__ = ["main", "build_parser"]
 
@@ -21,17 +27,27 @@ def _device(name):
     import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {name!r} is not a device (cpu, cuda, cuda:1 or auto)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                           f"device(s)")
     return name
 
 
 def _model(args):
     from .zoo import resolve_model
-    try:
-        if args.model.startswith("diffusers:"):
+    if args.model.startswith("diffusers:"):
+        try:
             return _diffusers_model(args)
-        return resolve_model(args.model, device=_device(args.device))
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        raise CLIError(str(e)) from e
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            raise CLIError(str(e)) from e
+    return resolve_model(args.model, device=_device(args.device))
 
 
 def _diffusers_model(args):
@@ -48,15 +64,12 @@ def _diffusers_model(args):
 
 def _gt(args, zm):
     from .gt import load_trajectories
-    try:
-        gt = load_trajectories(args.gt, device=_device(args.device))
-    except (FileNotFoundError, ValueError) as e:
-        raise CLIError(str(e)) from e
+    gt = load_trajectories(args.gt, device=_device(args.device))
     if tuple(gt.shape) != tuple(zm.shape):
         raise CLIError(f"{args.gt}: GT samples have shape {tuple(gt.shape)} but model {args.model!r} "
                        f"makes shape {tuple(zm.shape)}: generate GT for this model")
     name = gt.meta.get("model", {}).get("name")
-    if name and name != zm.name:
+    if name and name != zm.name and not getattr(args, "allow_model_mismatch", False):
         raise CLIError(f"{args.gt}: GT was generated with model {name!r}, not {zm.name!r}")
     return gt
 
@@ -77,21 +90,26 @@ def cmd_gt(args):
                                      rtol=args.rtol, atol=args.atol, knots=args.knots,
                                      batch_size=args.batch_size, model_name=zm.name,
                                      data_range=zm.data_range, progress=not args.quiet,
-                                     extras_fn=getattr(zm, "condition", None))
+                                     extras_fn=getattr(zm, "condition", None),
+                                     overwrite=args.overwrite)
     if getattr(zm, "conditioning", None):  # the table the stored prompt indices refer to
         from .integrations.diffusers import CONDITIONING_FILE, save_conditioning
         save_conditioning(Path(args.out) / CONDITIONING_FILE, zm.conditioning, zm.guidance_scale)
     interp = manifest.get("interpolation", {})
+    lines = [f"wrote {manifest['num']} GT trajectories of {zm.name} to {args.out} "
+             f"({manifest['nfe']['per_trajectory']:.0f} model evaluations per trajectory)"]
+    if interp:
+        lines.append(f"Hermite interpolation RMSE vs direct solves: mean {interp['rmse_mean']:.2e}, "
+                     f"max {interp['rmse_max']:.2e}")
     _emit(args, {"out": str(args.out), "num": manifest["num"], "nfe": manifest["nfe"],
-                 "interpolation": interp, "wall_seconds": manifest["wall_seconds_last_run"]},
-          [f"wrote {manifest['num']} GT trajectories of {zm.name} to {args.out} "
-           f"({manifest['nfe']['per_trajectory']:.0f} model evaluations per trajectory)",
-           f"Hermite interpolation RMSE vs direct solves: mean {interp.get('rmse_mean', float('nan')):.2e}, "
-           f"max {interp.get('rmse_max', float('nan')):.2e}"])
+                 "interpolation": interp, "wall_seconds": manifest["wall_seconds_last_run"]}, lines)
 
 
 def _nfe_to_steps(solver_kind, base, nfe):
     if solver_kind == "bns":
+        if nfe < 2 or nfe % 2:
+            raise CLIError(f"--nfe {nfe}: a BNS solver starts from midpoint (two evaluations per "
+                           f"step), so NFE must be a positive even number")
         return nfe
     per = 2 if base == "rk2" else 1
     if nfe < per or nfe % per:
@@ -101,25 +119,29 @@ def _nfe_to_steps(solver_kind, base, nfe):
 
 
 def cmd_train(args):
+    from .io import check_writable
+    n = _nfe_to_steps(args.solver, args.base, args.nfe)
+    if args.solver != "bns" and args.num_train is not None:
+        raise CLIError("--num-train is for --solver bns (bespoke trains on all but --val)")
+    check_writable(args.out, "solver file")          # before the fit, not after it
     zm = _model(args)
     gt = _gt(args, zm)
-    n = _nfe_to_steps(args.solver, args.base, args.nfe)
-    try:
-        if args.solver == "bns":
-            from .bns_train import train_bns
-            solver, report = train_bns(zm.model, gt, n_steps=n, iters=args.iters, lr=args.lr,
-                                       batch_size=args.batch_size, seed=args.seed,
-                                       checkpoint=args.checkpoint, progress=not args.quiet,
-                                       model_name=zm.name)
-        else:
-            from .trainer import train
-            solver, report = train(zm.model, gt, base=args.base, n_steps=n, iters=args.iters,
-                                   batch_size=args.batch_size, lr=args.lr, val=args.val,
-                                   seed=args.seed, checkpoint=args.checkpoint,
-                                   gt_mode=args.gt_mode, finetune_iters=args.finetune_iters,
-                                   progress=not args.quiet, model_name=zm.name)
-    except ValueError as e:
-        raise CLIError(str(e)) from e
+    if args.solver == "bns":
+        from .bns_train import train_bns
+        solver, report = train_bns(zm.model, gt, n_steps=n, iters=args.iters, lr=args.lr,
+                                   batch_size=args.batch_size, seed=args.seed,
+                                   num_train=args.num_train, num_val=args.val,
+                                   checkpoint=args.checkpoint, progress=not args.quiet,
+                                   model_name=zm.name)
+        if report.get("split_note") and not args.quiet:
+            print(f"bespoke-fast train: {report['split_note']}", file=sys.stderr)
+    else:
+        from .trainer import train
+        solver, report = train(zm.model, gt, base=args.base, n_steps=n, iters=args.iters,
+                               batch_size=args.batch_size, lr=args.lr, val=args.val,
+                               seed=args.seed, checkpoint=args.checkpoint,
+                               gt_mode=args.gt_mode, finetune_iters=args.finetune_iters,
+                               progress=not args.quiet, model_name=zm.name)
     solver.save(args.out)
     best = report["best"]
     _emit(args, {"out": str(args.out), "nfe": solver.nfe, "best": best, "nfe_spent": report["nfe"],
@@ -134,12 +156,8 @@ def cmd_eval(args):
     from .evaluation import evaluate
     zm = _model(args)
     gt = _gt(args, zm)
-    results = []
-    for spec in args.solvers:
-        try:
-            results.append(evaluate(zm.model, spec, gt))
-        except (ValueError, TypeError) as e:
-            raise CLIError(f"solver {spec!r}: {e}") from e
+    results = [evaluate(zm.model, spec, gt, model_name=zm.name,
+                        allow_model_mismatch=args.allow_model_mismatch) for spec in args.solvers]
     lines = [f"{'solver':<28} {'NFE':>4} {'RMSE':>10} {'PSNR (dB)':>10} {'PSNR set':>9}"]
     lines += [f"{r['solver']:<28} {r['nfe']:>4} {r['rmse']:>10.3e} {r['psnr']:>10.2f} "
               f"{r['psnr_set']:>9.2f}" for r in results]
@@ -151,15 +169,19 @@ def cmd_sample(args):
     import torch
     from .io import load_solver
     from .sampling import sample_to_dir
+    if args.backend == "triton":
+        from .ops import triton_available
+        if not triton_available():
+            raise MissingDependencyError("--backend triton needs the 'triton' package: pip install "
+                                         "\"bespoke_fast[triton]\" (or use --backend reference)")
+    solver = load_solver(args.solver)
     zm = _model(args)
-    try:
-        solver = load_solver(args.solver)
-    except (ValueError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from e
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.model_dtype]
     result = sample_to_dir(zm.model, solver, zm.shape, args.num, args.out, batch_size=args.batch_size,
                            seed=args.seed, model_dtype=dtype, backend=args.backend,
-                           device=_device(args.device), progress=not args.quiet, model_name=zm.name)
+                           device=_device(args.device), progress=not args.quiet, model_name=zm.name,
+                           overwrite=args.overwrite,
+                           allow_model_mismatch=args.allow_model_mismatch)
     _emit(args, result, [f"wrote {args.num} samples of {zm.name} (NFE {solver.nfe}) to {args.out}"])
 
 
@@ -184,14 +206,11 @@ def cmd_doctor(args):
 
 def cmd_demo(args):
     from .demo import run_demo
-    try:
-        summary = run_demo(args.model, nfe=args.nfe, out=args.out, num_gt=args.num_gt,
-                           num_val=args.num_val, iters=args.iters,
-                           finetune_iters=args.finetune_iters,
-                           device=_device(args.device), progress=not args.quiet,
-                           log=(lambda *a: None) if args.json else print)
-    except ValueError as e:
-        raise CLIError(str(e)) from e
+    summary = run_demo(args.model, nfe=args.nfe, out=args.out, num_gt=args.num_gt,
+                       num_val=args.num_val, iters=args.iters,
+                       finetune_iters=args.finetune_iters,
+                       device=_device(args.device), progress=not args.quiet,
+                       log=(lambda *a: None) if args.json else print)
     if args.json:
         print(json.dumps(summary, indent=1))
 
@@ -210,6 +229,20 @@ def _common(p, model=True, gt=False):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own; demo: 1)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error instead of one line")
+
+
+def _overwrite(p, what):
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace the {what} in --out if it was made with other arguments "
+                        f"(default: refuse; the same arguments resume)")
+
+
+def _allow_mismatch(p):
+    p.add_argument("--allow-model-mismatch", action="store_true",
+                   help="use a solver file (or GT set) made for another model than --model "
+                        "(default: refuse)")
 
 
 def _diffusers_options(p):
@@ -265,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knots", type=int, default=None, help="knots per trajectory (default: gt.DEFAULT_KNOTS)")
     p.add_argument("--batch-size", type=int, default=256, help="trajectories per shard")
     _diffusers_options(p)
+    _overwrite(p, "GT set")
     p.set_defaults(func=cmd_gt)
 
     p = sub.add_parser("train", help="fit a Bespoke (or BNS) solver on a GT set",
@@ -280,7 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end-to-end fine-tune iterations after the bound phase (bespoke)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--val", type=int, default=256, help="held-out trajectories (bespoke)")
+    p.add_argument("--val", type=int, default=None,
+                   help="held-out trajectories (default: bespoke 256; bns 1024, fewer when the GT "
+                        "set is small, at least 16)")
+    p.add_argument("--num-train", type=int, default=None,
+                   help="bns: training pairs (default 520, fewer when the GT set is small, at "
+                        "least 16)")
     p.add_argument("--gt-mode", choices=("cached", "online"), default="cached")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", type=Path, default=None,
@@ -295,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, gt=True)
     p.add_argument("solvers", nargs="+", metavar="SOLVER", help="solver file or method@NFE")
     _diffusers_options(p)
+    _allow_mismatch(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="draw samples with a solver file into .npy shards",
@@ -311,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype the model runs in (the solver state stays fp32)")
     p.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
     p.add_argument("--out", type=Path, required=True, help="output directory")
+    _overwrite(p, "samples")
+    _allow_mismatch(p)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("doctor", help="check on CPU that the sampling loop captures in a CUDA graph",
@@ -344,14 +386,36 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
         _fill_defaults(args)
         rc = args.func(args)
-    except CLIError as e:
-        print(f"bespoke-fast {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"bespoke-fast {args.command}: interrupted (rerun the same command to resume)",
               file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 -- only the user's errors are mapped; bugs re-raise
+        message = _user_error(e)
+        if message is None or args.debug:
+            raise
+        print(f"bespoke-fast {args.command}: error: {message}", file=sys.stderr)
+        return 2
     return rc or 0
+
+
+# OSErrors that are the user's to fix: a path that is missing, a directory, not writable, or a
+# full disk. Others (EIO, ...) keep their traceback.
+_USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.EEXIST,
+                errno.ENOSPC, errno.EROFS, errno.ENAMETOOLONG, getattr(errno, "EDQUOT", -1)}
+
+
+def _user_error(e: BaseException):
+    """The one-line message for a user-fixable error, or None for a bug (see the docstring)."""
+    if isinstance(e, (CLIError, BespokeFastError)):
+        text = str(e)
+    elif isinstance(e, OSError) and e.errno in _USER_ERRNOS:
+        text = f"{e.strerror}: {e.filename}" if e.filename else str(e)
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            text = f"disk full ({text})"
+    else:
+        return None
+    return " ".join(text.split()) or type(e).__name__
 
 
 def _fill_defaults(args):
@@ -369,6 +433,8 @@ def _fill_defaults(args):
         for name in ("iters", "batch_size", "lr", "finetune_iters"):
             if getattr(args, name, None) is None and name in params:
                 setattr(args, name, params[name].default)
+        if args.solver != "bns" and args.val is None:
+            args.val = params["val"].default
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from ._checks import (InvalidArgumentError, InvalidFileError, NonFiniteError, check_int,
+from ._checks import (InvalidArgumentError, InvalidFileError, MissingFileError, NonFiniteError,
+                      check_int,
                       check_positive)
 from .io import (MANIFEST_MAX_BYTES, atomic_write, atomic_write_text, check_shard_plan,
                  claim_run_dir, identity_hash, model_fingerprint, model_identity,
@@ -136,9 +137,19 @@ class TrajectorySet:
         """(train, val): the last ``num_val`` trajectories are held out for validation."""
         num_val = check_int("num_val", num_val, 1)
         if num_val >= len(self):
-            raise ValueError(f"cannot hold out {num_val} of {len(self)} trajectories for validation")
+            raise InvalidArgumentError(f"cannot hold out {num_val} of {len(self)} trajectories for "
+                                       f"validation (at least one must be left for training)")
         n = len(self)
         return self.subset(range(n - num_val)), self.subset(range(n - num_val, n))
+
+    def fingerprint(self) -> str:
+        """sha256 (first 16 hex digits) of the sample indices and the pairs ``(x0, x1)``: tells
+        two GT sets (or splits) apart, e.g. when a checkpoint is resumed."""
+        h = hashlib.sha256()
+        for v in (self.index, self.x0, self.x1):
+            h.update(str(v.dtype).encode() + str(tuple(v.shape)).encode())
+            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def at(self, t: torch.Tensor, rows=None) -> torch.Tensor:
         """``x(t)`` by Hermite interpolation, ``[m, N or len(rows), *shape]``."""
@@ -306,10 +317,16 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
         index = torch.arange(lo, hi)
         x0 = noise_for_indices(range(lo, hi), shape, seed, dtype=dtype, device=device)
         extras = extras_fn(index) if extras_fn is not None else {}
-        with torch.no_grad():
-            _, stats = solve_adaptive(_CheckedModel(model, index), x0,
-                                      torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=rtol,
-                                      atol=atol, dense_knots=knots_t, check_finite=False, **extras)
+        try:
+            with torch.no_grad():
+                _, stats = solve_adaptive(_CheckedModel(model, index), x0,
+                                          torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=rtol,
+                                          atol=atol, dense_knots=knots_t, check_finite=False,
+                                          **extras)
+        except RuntimeError as e:   # max_steps / step size underflow: the tolerances' to fix
+            if not str(e).startswith("solve_adaptive:"):
+                raise
+            raise InvalidArgumentError(f"GT shard {k} (samples {lo}..{hi - 1}): {e}") from e
         tensors = {
             "index": index, "x0": x0.cpu(), "x1": stats["knots_x"][-1].cpu(),
             "knots_x": stats["knots_x"].movedim(0, 1).contiguous().cpu(),
@@ -379,7 +396,7 @@ def read_manifest(out) -> dict:
     Raises ``FileNotFoundError`` when absent, ``InvalidFileError`` naming the file otherwise."""
     path = Path(out) / "manifest.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{out}: not a GT directory (no manifest.json); create one with "
+        raise MissingFileError(f"{out}: not a GT directory (no manifest.json); create one with "
                                 f"'bespoke-fast gt --model M --num N --out {out}'")
     try:
         doc = read_json_bounded(path, "GT manifest", MANIFEST_MAX_BYTES, InvalidFileError)
@@ -492,7 +509,7 @@ def _assemble(path: Path, manifest: dict) -> TrajectorySet:
     for shard in manifest["shards"]:
         f = path / shard["file"]
         if not f.is_file():
-            raise FileNotFoundError(f"{path}: shard {shard['file']} is missing; rerun the same "
+            raise MissingFileError(f"{path}: shard {shard['file']} is missing; rerun the same "
                                     f"'bespoke-fast gt' command to recompute it")
         blob = f.read_bytes()
         if hashlib.sha256(blob).hexdigest() != shard["sha256"]:

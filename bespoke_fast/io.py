@@ -43,8 +43,8 @@ from pathlib import Path
 
 import torch
 
-from ._checks import (InvalidArgumentError, InvalidFileError, MismatchError, OutputError,
-                      SolverFileError)
+from ._checks import (InvalidArgumentError, InvalidFileError, MismatchError, MissingFileError,
+                      OutputError, SolverFileError)
 
 FORMAT = "bespoke_fast.solver"
 FORMAT_VERSION = 1
@@ -56,7 +56,7 @@ MAX_STEPS = 1024
 __all__ = ["save_solver", "load_solver", "solver_document", "solver_from_document",
            "model_fingerprint", "model_identity",
            "check_model_identity", "solver_fingerprint", "sha256_file", "atomic_write",
-           "atomic_write_text", "FORMAT_VERSION", "MAX_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS",
+           "atomic_write_text", "check_writable", "FORMAT_VERSION", "MAX_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS",
            "MAX_STEPS"]
 
 
@@ -304,7 +304,7 @@ def load_solver(path):
     if not path.is_file():
         if path.exists():
             _fail(path, "not a regular file")
-        raise FileNotFoundError(f"solver file not found: {path}")
+        raise MissingFileError(f"solver file not found: {path}")
     return solver_from_document(read_json_bounded(path, "solver file"), path)
 
 
@@ -499,6 +499,21 @@ def claim_run_dir(out, identity: dict, owned, overwrite: bool = False, what: str
                 if f.is_file() or f.is_symlink():
                     f.unlink()
     atomic_write_text(run_file, json.dumps(seal({"identity": identity}), indent=1) + "\n")
+
+
+def check_writable(path, what: str = "output") -> None:
+    """Fail before any work if ``path`` cannot be written: it is a directory, or its folder
+    cannot be created or written (probed with a temp file that is removed again)."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"cannot write the {what} {path}: it is a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise _output_error(path, e) from e
 
 
 def remove_stale_temp_files(out, patterns) -> None:

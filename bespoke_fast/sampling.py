@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._checks import InvalidArgumentError, InvalidFileError, NonFiniteError, check_int
+from ._checks import (InvalidArgumentError, InvalidFileError, MissingFileError, NonFiniteError,
+                      check_int)
 from .io import (MANIFEST_MAX_BYTES, atomic_write, atomic_write_text, check_model_identity,
                  check_shard_plan, claim_run_dir, identity_hash, model_identity,
                  read_json_bounded, remove_stale_temp_files, seal, sha256_file,
@@ -261,7 +262,7 @@ def load_samples(out_dir) -> np.ndarray:
     out_dir = Path(out_dir)
     path = out_dir / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{out_dir}: no complete samples (no {MANIFEST}); rerun the "
+        raise MissingFileError(f"{out_dir}: no complete samples (no {MANIFEST}); rerun the "
                                 f"'bespoke-fast sample' command that made it")
     doc = unseal(path, read_json_bounded(path, "samples manifest", MANIFEST_MAX_BYTES,
                                          InvalidFileError))

@@ -228,8 +228,11 @@ def test_training_improves_validation_psnr(gmm_gt, optimizer, iters):
 
 def test_train_bns_split_and_arguments(gmm_gt):
     flow, gt = gmm_gt
-    _, report = train_bns(flow, gt, n_steps=2, iters=1, num_train=1000, num_val=1000, progress=False)
-    assert report["config"]["num_val"] == 127 and report["config"]["num_train"] == 1
+    with pytest.raises(ValueError, match="cannot take 1000 training and 1000 validation pairs"):
+        train_bns(flow, gt, n_steps=2, iters=1, num_train=1000, num_val=1000, progress=False)
+    _, report = train_bns(flow, gt, n_steps=2, iters=1, progress=False)   # 128 pairs: defaults shrink
+    assert (report["config"]["num_train"], report["config"]["num_val"]) == (64, 64)
+    assert "64 training / 64 validation pairs of 128" in report["split_note"]
     with pytest.raises(ValueError, match="n_steps=3"):
         train_bns(flow, gt, n_steps=3, iters=1, progress=False)
     with pytest.raises(ValueError, match="unknown optimizer"):

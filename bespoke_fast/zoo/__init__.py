@@ -14,14 +14,23 @@ name                  what it is
 ====================  =====================================================================
 
 The trained weights ship with the package (safetensors, < 2 MB each) and are reproducible with
-``python -m bespoke_fast.zoo.train --all``.
+``python -m bespoke_fast.zoo.train --all``. ``digits-exact`` reads the digits from scikit-learn
+(installed by the ``digits`` extra: ``pip install "bespoke_fast[digits]"``).
+
+Your own model: ``package.module:factory`` (see :func:`resolve_model`); its name is that spec,
+and its identity (recorded in GT sets and solver files, checked on use) is the hash of its
+parameters and buffers, or for a plain function ``"callable:<module>.<qualname>"``
+(``bespoke_fast.io.model_fingerprint``).
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 
 import torch
+
+from .._checks import InvalidArgumentError, MissingDependencyError
 
 __all__ = ["ZooModel", "load", "NAMES", "resolve_model"]
 
@@ -66,6 +75,9 @@ def load(name: str, device="cpu") -> ZooModel:
         return ZooModel(name, gmm64().to(device), (64,), 2.0,
                         "exact FM-OT flow of a 64-dim 8-component Gaussian mixture")
     if name == "digits-exact":
+        if importlib.util.find_spec("sklearn") is None:
+            raise MissingDependencyError("model 'digits-exact' needs scikit-learn (the digits "
+                                         "data ships with it): pip install \"bespoke_fast[digits]\"")
         from ..models import digits_flow
         flow = digits_flow()
         flow.name = "digits-exact"
@@ -75,7 +87,7 @@ def load(name: str, device="cpu") -> ZooModel:
         from .trained import load_trained
         model, meta = load_trained(name, device=device)
         return ZooModel(name, model, (1, 8, 8), 2.0, meta.get("description", name))
-    raise ValueError(f"unknown model {name!r}; bundled models: {', '.join(NAMES)} "
+    raise InvalidArgumentError(f"unknown model {name!r}; bundled models: {', '.join(NAMES)} "
                      f"(or give 'package.module:factory' for your own)")
 
 
@@ -89,17 +101,19 @@ def resolve_model(spec: str, device="cpu") -> ZooModel:
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import model factory {spec!r}: {e}") from e
+        raise InvalidArgumentError(f"cannot import model factory {spec!r}: {e}") from e
+    if not callable(factory):
+        raise InvalidArgumentError(f"model factory {spec!r} is not callable")
     made = factory()
     if isinstance(made, ZooModel):
         zm = made
-    elif isinstance(made, dict):
+    elif isinstance(made, dict) and "model" in made and "shape" in made:
         zm = ZooModel(spec, made["model"], tuple(made["shape"]), float(made.get("data_range", 2.0)),
                       extras=made.get("extras", {}))
     elif isinstance(made, (tuple, list)) and len(made) in (2, 3):
         zm = ZooModel(spec, made[0], tuple(made[1]), float(made[2]) if len(made) == 3 else 2.0)
     else:
-        raise ValueError(f"model factory {spec!r} must return a ZooModel, a dict with 'model' and "
+        raise InvalidArgumentError(f"model factory {spec!r} must return a ZooModel, a dict with 'model' and "
                          f"'shape', or a (model, shape[, data_range]) tuple; got {type(made).__name__}")
     if isinstance(zm.model, torch.nn.Module):
         zm.model.to(device)
