@@ -35,8 +35,7 @@ import torch
 
 from . import __version__
 from ._checks import (InvalidArgumentError, InvalidFileError, MissingFileError, NonFiniteError,
-                      check_int,
-                      check_positive)
+                      check_int, check_positive)
 from .io import (MANIFEST_MAX_BYTES, atomic_write, atomic_write_text, check_shard_plan,
                  claim_run_dir, identity_hash, model_fingerprint, model_identity,
                  read_json_bounded, remove_stale_temp_files, seal, sha256_file, unseal)
@@ -309,43 +308,45 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
     start = time.perf_counter()
     bar = _progress(total=len(mine) * batch_size - (batch_size - count(n_shards - 1)) * last_is_mine,
                     enabled=progress and rank == 0, desc="GT trajectories", unit="traj")
-    for k in mine:
-        lo, hi = k * batch_size, k * batch_size + count(k)
-        if _shard_done(out, k, hi - lo, run) is not None:
+    try:
+        for k in mine:
+            lo, hi = k * batch_size, k * batch_size + count(k)
+            if _shard_done(out, k, hi - lo, run) is not None:
+                bar.update(hi - lo)
+                continue
+            index = torch.arange(lo, hi)
+            x0 = noise_for_indices(range(lo, hi), shape, seed, dtype=dtype, device=device)
+            extras = extras_fn(index) if extras_fn is not None else {}
+            try:
+                with torch.no_grad():
+                    _, stats = solve_adaptive(_CheckedModel(model, index), x0,
+                                              torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=rtol,
+                                              atol=atol, dense_knots=knots_t, check_finite=False,
+                                              **extras)
+            except RuntimeError as e:   # max_steps / step size underflow: the tolerances' to fix
+                if not str(e).startswith("solve_adaptive:"):
+                    raise
+                raise InvalidArgumentError(f"GT shard {k} (samples {lo}..{hi - 1}): {e}") from e
+            tensors = {
+                "index": index, "x0": x0.cpu(), "x1": stats["knots_x"][-1].cpu(),
+                "knots_x": stats["knots_x"].movedim(0, 1).contiguous().cpu(),
+                "knots_u": stats["knots_u"].movedim(0, 1).contiguous().cpu(),
+            }
+            bad = _first_non_finite(index, tensors["knots_x"])
+            if bad is not None:
+                raise NonFiniteError(f"GT sample {bad[0]} is NaN/Inf at knot {bad[1]} (t="
+                                     f"{float(knots_t[bad[1]]):.6g}; the integration diverged); nothing "
+                                     f"was written for shard {k}")
+            for name, value in extras.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"extra.{name}"] = value.contiguous().cpu()
+            _write_shard(out, k, tensors, {"count": hi - lo, "start": lo, "run": run,
+                                            "nfe": stats["nfe"] * (hi - lo),
+                                            "nfe_knots": stats["nfe_knots"] * (hi - lo),
+                                            "steps": stats["n_accepted"], "rejected": stats["n_rejected"]})
             bar.update(hi - lo)
-            continue
-        index = torch.arange(lo, hi)
-        x0 = noise_for_indices(range(lo, hi), shape, seed, dtype=dtype, device=device)
-        extras = extras_fn(index) if extras_fn is not None else {}
-        try:
-            with torch.no_grad():
-                _, stats = solve_adaptive(_CheckedModel(model, index), x0,
-                                          torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=rtol,
-                                          atol=atol, dense_knots=knots_t, check_finite=False,
-                                          **extras)
-        except RuntimeError as e:   # max_steps / step size underflow: the tolerances' to fix
-            if not str(e).startswith("solve_adaptive:"):
-                raise
-            raise InvalidArgumentError(f"GT shard {k} (samples {lo}..{hi - 1}): {e}") from e
-        tensors = {
-            "index": index, "x0": x0.cpu(), "x1": stats["knots_x"][-1].cpu(),
-            "knots_x": stats["knots_x"].movedim(0, 1).contiguous().cpu(),
-            "knots_u": stats["knots_u"].movedim(0, 1).contiguous().cpu(),
-        }
-        bad = _first_non_finite(index, tensors["knots_x"])
-        if bad is not None:
-            raise NonFiniteError(f"GT sample {bad[0]} is NaN/Inf at knot {bad[1]} (t="
-                                 f"{float(knots_t[bad[1]]):.6g}; the integration diverged); nothing "
-                                 f"was written for shard {k}")
-        for name, value in extras.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"extra.{name}"] = value.contiguous().cpu()
-        _write_shard(out, k, tensors, {"count": hi - lo, "start": lo, "run": run,
-                                        "nfe": stats["nfe"] * (hi - lo),
-                                        "nfe_knots": stats["nfe_knots"] * (hi - lo),
-                                        "steps": stats["n_accepted"], "rejected": stats["n_rejected"]})
-        bar.update(hi - lo)
-    bar.close()
+    finally:
+        bar.close()
     if distributed:
         torch.distributed.barrier()
     manifest = None
