@@ -328,7 +328,7 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
                     raise
                 raise InvalidArgumentError(f"GT shard {k} (samples {lo}..{hi - 1}): {e}") from e
             tensors = {
-                "index": index, "x0": x0.cpu(), "x1": stats["knots_x"][-1].cpu(),
+                "index": index, "x0": x0.cpu(), "x1": stats["knots_x"][-1].cpu().clone(),
                 "knots_x": stats["knots_x"].movedim(0, 1).contiguous().cpu(),
                 "knots_u": stats["knots_u"].movedim(0, 1).contiguous().cpu(),
             }

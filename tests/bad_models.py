@@ -51,3 +51,18 @@ def plain_factory():
 
 def garbage():
     return 42
+
+
+class Delayed(torch.nn.Module):
+    """``model`` with a sleep per call (so a test can kill a run in the middle); the delay is not
+    part of the state, so the identity is the same with or without it."""
+
+    def __init__(self, model, delay=0.0):
+        super().__init__()
+        self.model, self.delay = model, delay
+
+    def forward(self, x, t, **extras):
+        if self.delay:
+            import time
+            time.sleep(self.delay)
+        return self.model(x, t, **extras)
