@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ._checks import InvalidArgumentError
 from .evaluation import evaluate
 from .gt import generate_trajectories, load_trajectories
 from .io import atomic_write_text
@@ -93,16 +94,18 @@ def run_demo(model: str = "digits-fmot", nfe: int = 10, out="bespoke_demo", num_
         >>> run_demo("digits-fmot", nfe=10, out="bespoke_demo")
     """
     if nfe < 2 or nfe % 2:
-        raise ValueError(f"nfe must be an even number >= 2 for a bespoke RK2 solver, got {nfe}")
+        raise InvalidArgumentError(f"nfe must be an even number >= 2 for a bespoke RK2 solver, "
+                                   f"got {nfe}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     zm = resolve_model(model, device=device)
     log(f"[1/4] ground truth: {num_gt} trajectories of {zm.name} (adaptive RK45, rtol 1e-5)")
     t0 = time.perf_counter()
+    # the demo owns out/gt: the same settings resume it, other settings replace it
     manifest = generate_trajectories(zm.model, num_gt, zm.shape, out / "gt", seed=seed,
                                      model_name=zm.name, data_range=zm.data_range,
-                                     progress=progress)
+                                     progress=progress, overwrite=True)
     gt_seconds = time.perf_counter() - t0
     gt = load_trajectories(out / "gt", device=device)
     _, val = gt.split(num_val)

@@ -46,6 +46,7 @@ __all__ = ["generate_trajectories", "load_trajectories", "TrajectorySet", "hermi
            "DEFAULT_KNOTS", "GT_FORMAT"]
 
 GT_FORMAT = "bespoke_fast.gt"
+GT_FORMAT_VERSION = 2      # 2: run identity, sealed manifest written last
 DEFAULT_KNOTS = 41
 
 
@@ -405,6 +406,9 @@ def read_manifest(out) -> dict:
         raise _manifest_error(path, str(e).split(": ", 1)[-1]) from None
     if not isinstance(doc, dict) or doc.get("format") != GT_FORMAT:
         raise InvalidFileError(f"{path}: not a bespoke_fast GT manifest")
+    if doc.get("format_version") == 1 and "sealed_sha256" not in doc:
+        raise InvalidFileError(f"{path}: made by an older bespoke_fast (an unverifiable manifest); "
+                               f"regenerate the set: rerun 'bespoke-fast gt' with --overwrite")
     try:
         unseal(path, doc)
     except InvalidFileError as e:
@@ -454,7 +458,7 @@ def _write_manifest(out, model, identity, run, n_shards, seed, rtol, atol, measu
         nfe_knots += info["nfe_knots"]
     num = identity["num"]
     manifest = {
-        "format": GT_FORMAT, "format_version": 1, "package_version": __version__,
+        "format": GT_FORMAT, "format_version": GT_FORMAT_VERSION, "package_version": __version__,
         "run": identity,
         **{k: identity[k] for k in ("model", "num", "shape", "dtype", "seed", "rtol", "atol",
                                     "batch_size", "knots_t", "data_range")},

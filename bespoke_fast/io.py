@@ -333,7 +333,7 @@ def solver_from_document(doc, path="<solver document>"):
     if not _is_int(n) or not 1 <= n <= MAX_STEPS:
         _fail(path, f"'n_steps' must be an int >= 1 and <= MAX_STEPS ({MAX_STEPS}), got {n!r}")
     if kind == "bns" and header == "midpoint" and n % 2:
-        _fail(path, f"init 'midpoint' needs an even n_steps, got {n}")
+        _fail(path, f"init 'midpoint' needs an even number of steps, got n_steps={n}")
     nfe = n if kind == "bns" or header == "rk1" else 2 * n
     if not _is_int(doc.get("nfe")) or doc["nfe"] != nfe:
         _fail(path, f"'nfe' is {doc.get('nfe')!r} but a {kind} solver with n_steps={n} has NFE "

@@ -48,7 +48,7 @@ __all__ = ["sample_to_dir", "load_samples", "shard_name"]
 
 MANIFEST = "manifest.json"
 FORMAT = "bespoke-fast-samples"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: run identity, sealed manifest
 OWNED = ("samples_*.npy", "samples_*.json", MANIFEST, ".samples_*.tmp", ".manifest.json.*.tmp")
 _SHARD_RE = re.compile(r"^samples_\d{5,}\.npy$")
 

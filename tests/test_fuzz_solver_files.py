@@ -108,9 +108,9 @@ def _mutate_text(text, rng):
 MAX = bf.io.MAX_STEPS
 REASONS = ("not JSON", "not UTF-8", "nested deeper", "digits", "duplicate key", "NaN or Inf",
            "'n_steps'", "'nfe'", "format_version", "'format'", "unknown kind", "unknown base",
-           "unknown init", "entries, expected", "must hold exactly", "list of numbers",
-           "is not finite", "strictly increasing", "start at 0", "must be > 0", "overflow",
-           "does not match", "must be an object", "name and hash", "too large", "even n_steps")
+           "unknown init", "even number of steps", "entries, expected", "must hold exactly",
+           "list of numbers", "is not finite", "strictly increasing", "start at 0", "must be > 0", "overflow",
+           "does not match", "must be an object", "name and hash", "too large")
 
 
 def fuzz(cases=CASES, seed=0, tmp_path=None):
