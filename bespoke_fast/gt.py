@@ -291,15 +291,15 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
     identity = run_identity(model, num, shape, seed, rtol, atol, knots_t, batch_size, model_name,
                             data_range, dtype, extras_fn)
     run = identity_hash(identity)
+    item = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
+    existing = sum(f.stat().st_size for f in out.glob("shard_*.safetensors"))
+    n_shards = check_shard_plan(out, num, batch_size, item * (2 + 2 * knots_t.numel()) + 8,
+                                existing, "gt")
     claim_run_dir(out, identity, SHARD_PATTERNS, overwrite, "GT set", rank, distributed)
     if distributed:
         torch.distributed.barrier()
     if rank == 0:
         remove_stale_temp_files(out, (".shard_*.tmp", "shard_*.safetensors.tmp"))
-    item = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
-    existing = sum(f.stat().st_size for f in out.glob("shard_*.safetensors"))
-    n_shards = check_shard_plan(out, num, batch_size, item * (2 + 2 * knots_t.numel()) + 8,
-                                existing, "gt")
 
     def count(k):
         return min(batch_size, num - k * batch_size)

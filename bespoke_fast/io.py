@@ -461,8 +461,8 @@ def claim_run_dir(out, identity: dict, owned, overwrite: bool = False, what: str
 
     ``owned``: glob patterns of the files a run of this kind writes (shards, sidecars, manifest,
     temp files); ``overwrite`` deletes exactly those, plus RUN_FILE, first. Raises
-    :class:`MismatchError` naming the first differing field when ``out`` holds another run,
-    or files of an unknown run. Only rank 0 deletes; in a process group (``grouped``) only rank 0
+    :class:`MismatchError` naming the first differing field when ``out`` holds files of another
+    run, or of an unknown one. Only rank 0 deletes; in a process group (``grouped``) only rank 0
     writes RUN_FILE (the caller then meets the others at a barrier)."""
     out = Path(out)
     try:
@@ -482,7 +482,7 @@ def claim_run_dir(out, identity: dict, owned, overwrite: bool = False, what: str
     has_files = any(next(out.glob(p), None) is not None for p in owned)
     if theirs == identity:
         return
-    if (theirs is not None or has_files) and not overwrite:
+    if has_files and not overwrite:   # a run.json alone (a run that wrote nothing) is replaced
         if theirs is None or theirs == "damaged":
             state = "a damaged run.json" if theirs == "damaged" else "files but no run.json"
             raise MismatchError(f"{out} holds {state} (a {what} of an unknown run); use another "
@@ -534,7 +534,10 @@ def check_shard_plan(out, num: int, shard_size: int, bytes_per_item: int, existi
                                    f"size or a smaller count")
     import shutil
     need = num * bytes_per_item - existing
-    free = shutil.disk_usage(out).free
+    probe = Path(out).absolute()
+    while not probe.exists() and probe != probe.parent:   # the folder may not exist yet
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
     if need > free:
         raise InvalidArgumentError(f"{what}: {num} items need about {need / 1e9:.3g} GB but only "
                                    f"{free / 1e9:.3g} GB are free on {out}; use a smaller count or "

@@ -156,14 +156,14 @@ def sample_to_dir(model, solver, shape, num: int, out_dir, batch_size: int = 256
                 "model_dtype": str(model_dtype).replace("torch.", ""), "backend": backend,
                 "extras": _extras_identity(extras)}
     run = identity_hash(identity)
+    existing = sum(f.stat().st_size for f in out_dir.glob("samples_*.npy"))
+    n_shards = check_shard_plan(out_dir, num, shard_size, 4 * int(np.prod(shape)), existing,
+                                "sample")
     claim_run_dir(out_dir, identity, OWNED, overwrite, "sample folder", rank, distributed)
     if distributed:
         torch.distributed.barrier()
     if rank == 0:
         remove_stale_temp_files(out_dir, (".samples_*.tmp",))
-    item = 4 * int(np.prod(shape))
-    existing = sum(f.stat().st_size for f in out_dir.glob("samples_*.npy"))
-    n_shards = check_shard_plan(out_dir, num, shard_size, item, existing, "sample")
 
     def bounds(k):
         return k * shard_size, min((k + 1) * shard_size, num)

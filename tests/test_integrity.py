@@ -191,6 +191,8 @@ def test_non_finite_outputs_name_the_sample_and_write_nothing(tmp_path):
     with pytest.raises(NonFiniteError, match=r"NaN/Inf for GT sample 0 at t=0.5"):
         generate_trajectories(_NaNLate(), 6, (4,), tmp_path / "g", batch_size=3, progress=False)
     assert not list((tmp_path / "g").glob("shard_*"))
+    # a run that wrote nothing does not block the fixed rerun
+    assert sample_to_dir(_Linear(), s, (4,), 6, tmp_path / "s", batch_size=3, progress=False)["complete"]
 
 
 def test_identity_checks_on_use(tmp_path):
