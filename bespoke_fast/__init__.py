@@ -29,6 +29,11 @@ _LAZY = {
     "FastSampler": "engine",
     # capture check (CPU-side, before a GPU run)
     "check_capturable": "capture", "CaptureReport": "capture",
+    # the documented error types (bespoke_fast._checks)
+    **{name: "_checks" for name in (
+        "BespokeFastError", "InvalidArgumentError", "InvalidTypeError", "InvalidFileError",
+        "SolverFileError", "MissingFileError", "MismatchError", "ModelContractError",
+        "NonFiniteError", "OutputError", "MissingDependencyError")},
 }
 _SUBMODULES = ("models", "solvers", "io", "ops", "table", "gt", "trainer", "evaluation", "engine",
                "metrics", "telemetry", "zoo", "cli", "capture")

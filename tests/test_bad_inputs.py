@@ -298,3 +298,22 @@ def test_sample_eval_train_work_with_every_solver_kind(base, tmp_path):
         x = bf.sampling.load_samples(out)
         assert x.shape == (6, 64) and np.isfinite(x).all()
         assert main(["eval", *MODEL, "--gt", gt, str(f)]) == 0
+
+
+def test_bns_split_rules():
+    from bespoke_fast.bns_train import bns_split
+    assert bns_split(1544)[:2] == (520, 1024) and bns_split(1544)[2] is None
+    num_train, num_val, note = bns_split(1280)           # what `gt`'s default --num gives
+    assert (num_train, num_val) == (520, 760) and "520 training / 760 validation" in note
+    assert bns_split(384)[:2] == (192, 192) and bns_split(32)[:2] == (16, 16)
+    assert bns_split(100, num_val=20)[:2] == (80, 20)
+    assert bns_split(100, separate_val=50)[:2] == (100, 50)
+    for kwargs in (dict(n=31), dict(n=100, num_val=90), dict(n=100, num_train=8),
+                   dict(n=100, num_train=60, num_val=60)):
+        with pytest.raises(bf.InvalidArgumentError):
+            bns_split(**kwargs)
+
+
+def test_error_types_are_public():
+    assert issubclass(bf.SolverFileError, bf.BespokeFastError) and issubclass(bf.SolverFileError, ValueError)
+    assert issubclass(bf.OutputError, OSError) and issubclass(bf.NonFiniteError, FloatingPointError)
