@@ -465,12 +465,12 @@ def claim_run_dir(out, identity: dict, owned, overwrite: bool = False, what: str
     run, or of an unknown one. Only rank 0 deletes; in a process group (``grouped``) only rank 0
     writes RUN_FILE (the caller then meets the others at a barrier)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"cannot write {out}: it exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _output_error(out, e) from e
-    if not out.is_dir():
-        raise OutputError(f"cannot write {out}: not a directory")
     run_file = out / RUN_FILE
     theirs = None
     if run_file.exists():

@@ -102,7 +102,7 @@ CLI_CASES = [
      lambda b, t, m: (t / "out").mkdir() or (t / "out" / "shard_00000.json").write_text("{}"),
      "files but no run.json"),
     ("gt out is a file", ["gt", *MODEL, "--num", "8", "--out", "OUT"],
-     lambda b, t, m: (t / "out").write_text("x"), "out"),
+     lambda b, t, m: (t / "out").write_text("x"), "out: it exists and is not a directory"),
     ("permission denied", ["gt", *MODEL, "--num", "8", "--out", "OUT"],
      lambda b, t, m: _fail_writes(m, PermissionError(errno.EACCES, "Permission denied")),
      "Permission denied"),
