@@ -311,6 +311,19 @@ class StreamedTrajectories:
         """Rows ``rows`` (of this view) as an in-memory TrajectorySet, knots decoded."""
         return self._gather(rows)
 
+    def fingerprint(self, chunk: int = 1024) -> str:
+        """Same value as ``TrajectorySet.fingerprint`` of these rows, read chunk by chunk."""
+        import hashlib
+        h = hashlib.sha256()
+        n, dtype = len(self), getattr(torch, self.meta.get("dtype", "float32"))
+        for name, dt, shape in (("index", torch.int64, (n,)), ("x0", dtype, (n, *self.shape)),
+                                ("x1", dtype, (n, *self.shape))):
+            h.update(str(dt).encode() + str(tuple(shape)).encode())
+            for lo in range(0, n, chunk):
+                v = getattr(self._gather(range(lo, min(n, lo + chunk)), with_knots=False), name)
+                h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def endpoints(self):
         """All rows without knots (x0, x1, index, extras): what evaluation needs."""
         return self._gather(range(len(self)), with_knots=False)

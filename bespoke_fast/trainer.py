@@ -29,12 +29,14 @@ import torch
 from ._checks import (InvalidArgumentError, InvalidFileError, InvalidTypeError, MismatchError,
                       call_model, check_choice, check_int)
 from .gt import TrajectorySet
+from .gt_storage import StreamedTrajectories
 from .io import atomic_write, check_writable, model_fingerprint
 from .metrics import rmse_psnr
 from .solvers.adaptive import solve_adaptive
 from .solvers.bespoke import BespokeSolver
 
-__all__ = ["train", "rmse_bound_loss", "local_errors", "lipschitz_weights", "gt_at_grid"]
+__all__ = ["train", "rmse_bound_loss", "local_errors", "lipschitz_weights", "gt_at_grid",
+           "loss_backward", "model_for_loss"]
 
 GT_MODES = ("cached", "online")
 
@@ -107,6 +109,78 @@ def gt_at_grid(solver, model, batch: TrajectorySet, mode: str = "cached", rtol=1
         U = call_model(model, flat, tt, rep).reshape_as(X)
     dt = (t - ts).to(X.dtype).reshape(-1, *([1] * (X.dim() - 1)))
     return X + U * dt, (stats["nfe"] + X.shape[0]) * X.shape[1]
+
+
+# ----------------------------------------------------------------------------- memory
+AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def model_for_loss(model, activation_checkpointing: bool = False, autocast=None):
+    """The model as the training loss calls it.
+
+    ``autocast`` (``torch.bfloat16`` / ``torch.float16``): each call runs under
+    ``torch.autocast`` with float32 inputs, and its output is cast back to the input's dtype, so
+    the solver maths (states, coefficients, errors) stays float64/float32.
+    ``activation_checkpointing``: each call's activations are dropped after the forward and
+    recomputed in the backward (``torch.utils.checkpoint``): the memory of a batch through n
+    steps is then one model call's activations plus the states, at about 1.3x the time.
+    """
+    if autocast is not None and autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be torch.bfloat16 or torch.float16, got {autocast!r}")
+    if not activation_checkpointing and autocast is None:
+        return model
+
+    def run(x, t, extras):
+        if autocast is None:
+            return model(x, t, **extras)
+        xin = x.float() if x.dtype == torch.float64 else x
+        with torch.autocast(device_type=x.device.type, dtype=autocast):
+            u = model(xin, t.to(xin.dtype), **extras)
+        return u.to(x.dtype)
+
+    def call(x, t, **extras):
+        if activation_checkpointing and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+            return checkpoint(run, x, t, extras, use_reentrant=False)
+        return run(x, t, extras)
+    return call
+
+
+def loss_backward(solver, model, batch: TrajectorySet, phase: str = "bound", gt_mode: str = "cached",
+                  L_tau: float = 1.0, micro_batch: int | None = None, loss_model=None):
+    """One iteration's loss on ``batch`` with its gradient accumulated into ``.grad``.
+
+    ``phase``: ``"bound"`` (the RMSE bound on GT states at the solver's grid) or
+    ``"finetune"`` (mean per-sample RMSE of the n-step sample vs ``x(1)``). ``micro_batch``:
+    evaluate in chunks of that many trajectories, each chunk's loss weighted by its share of
+    the batch and back-propagated at once (gradient accumulation: both losses are batch means,
+    so the gradient equals the full batch's up to rounding, and memory is that of one chunk).
+    ``loss_model``: the model as the loss calls it (:func:`model_for_loss`; default ``model``);
+    online GT always uses ``model``.
+
+    Returns ``(loss, nfe)``: the batch loss (detached) and the per-sample model evaluations.
+    """
+    check_choice("phase", phase, ("bound", "finetune"))
+    loss_model = model if loss_model is None else loss_model
+    n = len(batch)
+    chunk = n if micro_batch is None else min(check_int("micro_batch", micro_batch), n)
+    stages = 1 if solver.base == "rk1" else 2
+    total, nfe = None, 0
+    for lo in range(0, n, chunk):
+        part = batch if chunk == n else batch.subset(range(lo, min(n, lo + chunk)))
+        if phase == "bound":
+            X, gt_nfe = gt_at_grid(solver, model, part, gt_mode, extras=part.extras)
+            loss, _ = rmse_bound_loss(solver, loss_model, X, part.extras, L_tau)
+            nfe += gt_nfe + solver.n_steps * stages * len(part)
+        else:
+            x_n = solver.sample(loss_model, part.x0, **part.extras)
+            loss = (x_n - part.x1).flatten(1).pow(2).mean(1).add(1e-20).sqrt().mean()
+            nfe += solver.nfe * len(part)
+        if chunk != n:
+            loss = loss * (len(part) / n)
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total, nfe
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -223,7 +297,8 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
           iters: int = 200, batch_size: int = 128, lr: float = 5e-3, val=256,
           val_every: int = 50, seed: int = 0, checkpoint=None, checkpoint_every: int = 50,
           gt_mode: str = "cached", finetune_iters: int = 800, finetune_lr: float | None = None,
-          L_tau: float = 1.0, model_name: str = "", progress: bool = True, callback=None):
+          L_tau: float = 1.0, model_name: str = "", progress: bool = True, callback=None,
+          micro_batch: int | None = None, activation_checkpointing: bool = False, autocast=None):
     """Fit a :class:`BespokeSolver` to ``model`` on GT trajectories.
 
     Args:
@@ -244,6 +319,14 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
             Defaults measured on gmm-64 and digits-fmot (NFE 10): the bound phase plateaus
             within ~150 iterations, the fine-tune adds 2-4 dB.
         callback: optional ``callback(iteration, record)`` after each validation.
+        micro_batch, activation_checkpointing, autocast: memory (see :func:`loss_backward` and
+            :func:`model_for_loss`): gradient accumulation over chunks of ``micro_batch``
+            trajectories (same result up to rounding), per-model-call activation
+            checkpointing (same result), the model under bf16/fp16 autocast (solver maths
+            in the GT's dtype). Peak memory of a bound-phase iteration is about
+            ``base + activations(one model call) x stages x n x micro_batch`` without
+            checkpointing and ``base + activations(one model call) x micro_batch`` with it
+            (measured on a 35M-parameter UNet: ``bench/fit_cost.py --unet``).
 
     Returns: ``(solver, report)``; the report holds the curve (iteration, loss, validation
     RMSE/PSNR), the best validation figures, model evaluations spent (``nfe``: GT, training,
@@ -268,21 +351,23 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
         raise InvalidArgumentError("iters + finetune_iters must be >= 1")
     if not (lr > 0 and math.isfinite(lr)):
         raise InvalidArgumentError(f"lr must be a positive number, got {lr}")
-    if not isinstance(trajectories, TrajectorySet):
+    if not isinstance(trajectories, (TrajectorySet, StreamedTrajectories)):
         raise InvalidTypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
     _check_gt_matches(model, trajectories, model_name)
+    loss_model = model_for_loss(model, activation_checkpointing, autocast)
     if isinstance(val, TrajectorySet):
         train_set, val_set = trajectories, val
     else:
         train_set, val_set = trajectories.split(check_int("val", val))
     rank, world = _dist()
-    device = train_set.x0.device
+    device = train_set.device
     solver = BespokeSolver(base, n_steps).to(device)
     config = {"base": base, "n_steps": n_steps, "iters": iters, "batch_size": batch_size, "lr": lr,
               "seed": seed, "gt_mode": gt_mode, "finetune_iters": finetune_iters,
               "finetune_lr": finetune_lr if finetune_lr is not None else lr, "L_tau": L_tau,
               "num_train": len(train_set), "num_val": len(val_set), "val_every": val_every,
-              "gt": gt_split_fingerprint(train_set, val_set)}
+              "gt": gt_split_fingerprint(train_set, val_set),
+              **({"autocast": str(autocast).replace("torch.", "")} if autocast is not None else {})}
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
     state = {"iteration": 0, "curve": [], "best": None, "best_psnr": -math.inf,
              "nfe_train": 0, "nfe_val": 0, "wall_total": 0.0}
@@ -299,7 +384,6 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
     from tqdm.auto import tqdm
     bar = tqdm(total=total, initial=state["iteration"], disable=not progress or rank != 0,
                desc=f"fit bespoke-{base} NFE {solver.nfe}", unit="it", dynamic_ncols=True)
-    stages = 1 if base == "rk1" else 2
     with _frozen(model):
         while state["iteration"] < total:
             k = state["iteration"]
@@ -312,15 +396,9 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
             rows = torch.randint(len(train_set), (batch_size,), generator=gen)
             batch = train_set.subset(rows)
             optim.zero_grad(set_to_none=True)
-            if k < iters:
-                X, gt_nfe = gt_at_grid(solver, model, batch, gt_mode, extras=batch.extras)
-                loss, _ = rmse_bound_loss(solver, model, X, batch.extras, L_tau)
-                state["nfe_train"] += gt_nfe + n_steps * stages * batch_size
-            else:
-                x_n = solver.sample(model, batch.x0, **batch.extras)
-                loss = (x_n - batch.x1).flatten(1).pow(2).mean(1).add(1e-20).sqrt().mean()
-                state["nfe_train"] += solver.nfe * batch_size
-            loss.backward()
+            loss, nfe = loss_backward(solver, model, batch, "bound" if k < iters else "finetune",
+                                      gt_mode, L_tau, micro_batch, loss_model)
+            state["nfe_train"] += nfe
             if world > 1:
                 for p in solver.parameters():
                     torch.distributed.all_reduce(p.grad)
