@@ -24,7 +24,7 @@ _LAZY = {
     "load_solver": "io",
     # fit
     "generate_trajectories": "gt", "load_trajectories": "gt", "train": "trainer",
-    "evaluate": "evaluation",
+    "evaluate": "evaluation", "fit": "fitting",
     # engine
     "FastSampler": "engine",
     # capture check (CPU-side, before a GPU run)
@@ -35,8 +35,8 @@ _LAZY = {
         "SolverFileError", "MissingFileError", "MismatchError", "ModelContractError",
         "NonFiniteError", "OutputError", "MissingDependencyError")},
 }
-_SUBMODULES = ("models", "solvers", "io", "ops", "table", "gt", "trainer", "evaluation", "engine",
-               "metrics", "telemetry", "zoo", "cli", "capture")
+_SUBMODULES = ("models", "solvers", "io", "ops", "table", "gt", "gt_storage", "trainer", "evaluation",
+               "fitting", "engine", "metrics", "telemetry", "zoo", "cli", "capture")
 
 __all__ = sorted(_LAZY) + ["__version__"]
 

@@ -1,0 +1,530 @@
+"""``bespoke-fast fit`` / ``bf.fit(...)``: the whole job of fitting a solver to a model, in one call.
+
+Stages, each resumable (rerun the same call after an interruption)::
+
+    plan        trajectories, disk, model evaluations, ETA (timed probe)   -> OUT/plan.json
+    gt_train    GT trajectories for training (seed S)                      -> OUT/gt_train/
+    gt_heldout  disjoint held-out GT, endpoints only (seed S + 1)          -> OUT/gt_heldout/
+    train       bespoke (RK2) or BNS solver; model selection on the last
+                trajectories of gt_train, never on the held-out set         -> OUT/train.ckpt, solver file
+    evaluate    the solver and the base solvers at the same NFE, held-out set only
+    report      OUT/report.json, OUT/report.md, OUT/error_maps.png, OUT/transform.png
+
+GT shards are checksummed and kept, training resumes from its checkpoint (ending with the
+parameters of an uninterrupted run), the plan is frozen in ``plan.json`` on the first run.
+``max_disk`` / ``budget_seconds`` scale the plan down (fewer trajectories, then fewer
+iterations) or refuse with a one-line ``ValueError`` when even the smallest plan does not fit.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ._checks import check_choice, check_int
+from .gt_storage import bytes_per_trajectory
+from .io import atomic_write_text
+
+__all__ = ["fit", "FitResult", "make_plan", "plot_error_maps", "plot_transform", "baselines",
+           "SOLVERS"]
+
+SOLVERS = ("bespoke", "bns")
+_ENDPOINT_KNOTS = (0.0, 1.0)
+# smallest plan --max-disk / --budget-seconds may scale down to
+_MIN_TRAIN, _MIN_HELDOUT, _MIN_ITERS = 64, 64, 10
+_SCALES = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.02, 0.01)
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the trained ``solver``, the ``report`` dict (also in
+    ``out/report.json``), the ``solver_path`` and the output directory ``out``."""
+
+    solver: object
+    report: dict
+    solver_path: Path
+    out: Path
+
+
+def baselines(nfe: int) -> list:
+    """Base solvers at the same NFE (rk4 at the nearest multiple of 4 not above it) and midpoint
+    at twice the NFE."""
+    specs = [f"euler@{nfe}"]
+    if nfe % 2 == 0:
+        specs.append(f"midpoint@{nfe}")
+    if nfe >= 4:
+        specs.append(f"rk4@{nfe - nfe % 4}")
+    specs.append(f"midpoint@{2 * nfe}")
+    return specs
+
+
+# ----------------------------------------------------------------------------- the model
+def _resolve(model, shape, data_range, device, log):
+    """``(ZooModel, device)`` from a name / ``module:factory`` / ZooModel / plain model."""
+    from .zoo import ZooModel, resolve_model
+    if device in (None, "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(model, str):
+        zm = resolve_model(model, device=device)
+    elif isinstance(model, ZooModel):
+        zm = model
+        if isinstance(zm.model, torch.nn.Module):
+            zm.model.to(device)
+    else:
+        if shape is None:
+            raise ValueError("shape is required for a plain model, e.g. fit(net, shape=(3, 32, 32))")
+        if data_range is None:
+            log("note: no data_range given; assuming 2.0 (data in [-1, 1]) for PSNR")
+        name = getattr(model, "name", "") or type(model).__name__
+        zm = ZooModel(name, model, tuple(shape), 2.0 if data_range is None else float(data_range))
+        if isinstance(model, torch.nn.Module):
+            model.to(device)
+    if shape is not None and tuple(shape) != tuple(zm.shape):
+        raise ValueError(f"shape {tuple(shape)} does not match the model's shape {tuple(zm.shape)}")
+    if data_range is not None:
+        zm.data_range = float(data_range)
+    return zm, torch.device(device)
+
+
+# ----------------------------------------------------------------------------- the plan
+def _probe(zm, device, batch, rtol, atol, knots):
+    """Seconds per sample-evaluation (forward) at ``batch`` and GT model evaluations per
+    trajectory (an adaptive solve of 2 trajectories with the GT tolerances)."""
+    from .noise import noise_for_indices
+    from .solvers.adaptive import solve_adaptive
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.no_grad():
+        x = noise_for_indices(list(range(batch)), zm.shape, seed=12345, device=device)
+        t = torch.full((batch,), 0.5, device=device)
+        zm.model(x, t)                                   # warm-up
+        sync()
+        start = time.perf_counter()
+        for _ in range(3):
+            zm.model(x, t)
+        sync()
+        per_eval = (time.perf_counter() - start) / (3 * batch)
+        x0 = noise_for_indices([0, 1], zm.shape, seed=12345, device=device)
+        _, stats = solve_adaptive(zm.model, x0, torch.tensor([0.0, 1.0], dtype=torch.float64),
+                                  rtol=rtol, atol=atol, return_stats=True)
+    return per_eval, stats["nfe"] + knots
+
+
+def make_plan(settings: dict, probe: dict) -> dict:
+    """The plan for ``settings`` (counts, iterations) given the probe's timings: trajectories,
+    disk bytes, model evaluations (per-sample forwards) and ETA seconds."""
+    s, nfe = settings, settings["nfe"]
+    K = len(settings["knots_t"])
+    knot_dtype = getattr(torch, s["storage_dtype"])
+    disk = (s["num_train"] * bytes_per_trajectory(s["shape"], K, knot_dtype=knot_dtype)
+            + s["num_heldout"] * bytes_per_trajectory(s["shape"], len(_ENDPOINT_KNOTS)))
+    gt_evals = probe["gt_evals_per_trajectory"] * s["num_train"] + (
+        (probe["gt_evals_per_trajectory"] - K + len(_ENDPOINT_KNOTS)) * s["num_heldout"])
+    if s["solver"] == "bespoke":
+        steps = s["iters"] + s["finetune_iters"]
+        train_evals = steps * s["batch_size"] * nfe
+        val_evals = math.ceil(steps / s["val_every"]) * s["num_select"] * nfe
+    else:   # L-BFGS: about 1.3 full-batch loss evaluations per iteration
+        train_evals = int(1.3 * s["iters"] * (s["num_train"] - s["num_select"]) * nfe)
+        val_evals = math.ceil(s["iters"] / s["val_every"]) * s["num_select"] * nfe
+    eval_evals = s["num_heldout"] * (nfe + sum(int(b.split("@")[1]) for b in baselines(nfe)))
+    evals = {"gt": int(gt_evals), "train": int(train_evals), "validation": int(val_evals),
+             "evaluation": int(eval_evals)}
+    # training back-propagates: about 3x a forward's time
+    eta = probe["seconds_per_eval"] * (gt_evals + 3 * train_evals + val_evals + eval_evals)
+    return {"trajectories": {"train": s["num_train"], "heldout": s["num_heldout"],
+                             "train_seed": s["seed"], "heldout_seed": s["heldout_seed"],
+                             "model_selection": s["num_select"]},
+            "iterations": {"iters": s["iters"], "finetune_iters": s["finetune_iters"]},
+            "disk_bytes": int(disk), "disk_is_upper_bound": bool(s["adaptive_knots"]),
+            "model_evaluations": {**evals, "total": sum(evals.values())},
+            "eta_seconds": eta, "probe": probe}
+
+
+def _scaled(settings, scale):
+    s = dict(settings)
+    s["num_train"] = max(min(_MIN_TRAIN + settings["num_select"], settings["num_train"]),
+                         int(settings["num_train"] * scale))
+    s["num_heldout"] = max(min(_MIN_HELDOUT, settings["num_heldout"]), int(settings["num_heldout"] * scale))
+    for key in ("iters", "finetune_iters"):
+        if settings[key]:
+            s[key] = max(min(_MIN_ITERS, settings[key]), int(settings[key] * scale))
+    return s
+
+
+def _fit_plan(settings, probe, max_disk, budget_seconds, log):
+    """The largest scaled plan within ``max_disk`` and ``budget_seconds`` (or ``ValueError``)."""
+    plan = make_plan(settings, probe)
+    for scale in _SCALES:
+        s = _scaled(settings, scale)
+        p = make_plan(s, probe)
+        if (max_disk is None or p["disk_bytes"] <= max_disk) and (
+                budget_seconds is None or p["eta_seconds"] <= budget_seconds):
+            if scale < 1:
+                log(f"scaled down to fit {_limits(max_disk, budget_seconds)}: "
+                    f"{settings['num_train']} -> {s['num_train']} training and "
+                    f"{settings['num_heldout']} -> {s['num_heldout']} held-out trajectories, "
+                    f"{settings['iters']}+{settings['finetune_iters']} -> "
+                    f"{s['iters']}+{s['finetune_iters']} iterations")
+            return s, p
+    raise ValueError(f"refusing to start: the full plan needs {_gb(plan['disk_bytes'])} and about "
+                     f"{_duration(plan['eta_seconds'])}, and even the smallest one ("
+                     f"{s['num_train']} trajectories, {_gb(p['disk_bytes'])}, "
+                     f"{_duration(p['eta_seconds'])}) exceeds {_limits(max_disk, budget_seconds)}")
+
+
+def _limits(max_disk, budget_seconds):
+    parts = ([f"max disk {_gb(max_disk)}"] if max_disk is not None else []) + (
+        [f"budget {_duration(budget_seconds)}"] if budget_seconds is not None else [])
+    return " and ".join(parts)
+
+
+def _gb(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def _duration(sec):
+    return f"{sec / 3600:.1f} h" if sec >= 7200 else f"{sec / 60:.1f} min" if sec >= 120 else f"{sec:.0f} s"
+
+
+def plan_lines(plan, settings) -> list:
+    t, e = plan["trajectories"], plan["model_evaluations"]
+    return [f"plan: {settings['solver']} solver at NFE {settings['nfe']} for {settings['model']} "
+            f"(shape {tuple(settings['shape'])})",
+            f"  trajectories: {t['train']} for training (seed {t['train_seed']}; the last "
+            f"{t['model_selection']} select the checkpoint) + {t['heldout']} held out "
+            f"(seed {t['heldout_seed']}, disjoint) for the report",
+            f"  disk: {'at most ' if plan['disk_is_upper_bound'] else ''}{_gb(plan['disk_bytes'])} "
+            f"(knots in {settings['storage_dtype']})",
+            f"  model evaluations: {e['total']:,} (GT {e['gt']:,}, training {e['train']:,}, "
+            f"validation {e['validation']:,}, evaluation {e['evaluation']:,})",
+            f"  ETA: about {_duration(plan['eta_seconds'])} "
+            f"({plan['probe']['seconds_per_eval'] * 1e3:.3g} ms per sample-evaluation, timed)"]
+
+
+# ----------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_error_maps(path, gt_x1, samples: dict, data_range: float, n: int = 4):
+    """For ``n`` held-out samples: the GT sample, then per solver ``|x - x_GT|`` (mean over
+    channels for images; per coordinate for vectors), each panel titled with its PSNR."""
+    from .metrics import rmse_psnr
+    plt = _plt()
+    n = min(n, gt_x1.shape[0])
+    rows = 1 + len(samples)
+    fig, axes = plt.subplots(rows, n, figsize=(2.3 * n, 2.3 * rows), squeeze=False)
+    errs = {k: (v[:n].double() - gt_x1[:n].double()).abs().cpu() for k, v in samples.items()}
+    vmax = max(float(e.max()) for e in errs.values()) or 1.0
+    image = gt_x1.dim() == 4
+    im = None
+    for j in range(n):
+        ax = axes[0, j]
+        g = gt_x1[j].double().cpu()
+        if image:
+            pic = g.permute(1, 2, 0) if g.shape[0] == 3 else g.mean(0)
+            ax.imshow(((pic / data_range) + 0.5).clamp(0, 1).numpy(),
+                      cmap=None if g.shape[0] == 3 else "gray")
+            ax.axis("off")
+        else:
+            ax.plot(g.reshape(-1).numpy(), lw=0.8)
+        ax.set_title(f"GT sample {j}", fontsize=8)
+        for i, (label, e) in enumerate(errs.items(), start=1):
+            ax = axes[i, j]
+            psnr = rmse_psnr(samples[label][j:j + 1], gt_x1[j:j + 1], data_range)["psnr"]
+            if image:
+                im = ax.imshow(e[j].mean(0).numpy(), cmap="magma", vmin=0, vmax=vmax)
+                ax.axis("off")
+            else:
+                ax.plot(e[j].reshape(-1).numpy(), lw=0.8, color=f"C{i}")
+                ax.set_ylim(0, vmax)
+            ax.set_title(f"{label}: {psnr:.1f} dB", fontsize=8)
+    if im is not None:
+        fig.colorbar(im, ax=axes[1:].ravel().tolist(), shrink=0.8, label="|x - x_GT|")
+    fig.suptitle("Error against the GT sample (adaptive RK45), same noise, equal NFE; "
+                 "title: the panel's PSNR", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_transform(path, solver):
+    """The learned scale-time transform of a Bespoke solver, with axis names and a caption."""
+    plt = _plt()
+    tb = {k: v.detach().double().cpu() for k, v in solver.tables().items()}
+    r = torch.linspace(0, 1, len(tb["t"]))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.6))
+    a.plot(r, tb["t"], "o-", ms=3, label="learned $t_r$")
+    a.plot(r, r, "--", color="gray", label="identity (plain RK)")
+    a.set_xlabel("solver time r (uniform steps)"), a.set_ylabel("model time $t_r$"), a.legend()
+    b.plot(r, tb["s"], "o-", ms=3, color="C1", label="learned $s_r$")
+    b.axhline(1, ls="--", color="gray", label="no scaling")
+    b.set_xlabel("solver time r (uniform steps)"), b.set_ylabel("state scale $s_r$"), b.legend()
+    fig.text(0.5, 0.01, "The solver steps uniformly in r; $t_r$ is the model time it evaluates "
+             "at step r, $s_r$ the factor the state is scaled by ($\\bar{x}_r = s_r\\,x(t_r)$).",
+             ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- the job
+def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=None,
+        data_range=None, num_train: int | None = None, num_heldout: int = 1024, seed: int = 0,
+        heldout_seed: int | None = None, rtol: float = 1e-5, atol: float = 1e-5,
+        knots: int | None = None, storage_dtype: str = "float32", adaptive_knots: bool = False,
+        max_disk: float | None = None, budget_seconds: float | None = None, device="auto",
+        iters: int | None = None, finetune_iters: int | None = None, batch_size: int | None = None,
+        micro_batch: int | None = None, activation_checkpointing: bool = False, autocast=None,
+        stream: bool = True, plots: bool = True, progress: bool = True, log=print,
+        plan_only: bool = False, train_kwargs: dict | None = None) -> FitResult | dict:
+    """Fit a solver to ``model`` end to end: GT, held-out GT, training, held-out evaluation,
+    report and solver file in ``out``. Rerunning the same call resumes where it stopped.
+
+    Args:
+        model: a bundled name (``"digits-fmot"``), ``"package.module:factory"``, a
+            :class:`~bespoke_fast.zoo.ZooModel`, or any velocity model ``model(x, t[B]) -> u``
+            (then give ``shape``; ``data_range`` defaults to 2, with a notice).
+        nfe: network evaluations of the solver (even for bespoke: RK2 steps of 2).
+        solver: ``"bespoke"`` (RK2 scale-time) or ``"bns"`` (non-stationary).
+        num_train: training GT trajectories (default 1280 bespoke, 776 BNS; the last
+            ``min(256, num_train // 5)`` select the checkpoint). num_heldout: held-out GT
+            (endpoints only; only the report uses them). seed / heldout_seed: their noise seeds
+            (held-out default ``seed + 1``; must differ, so the sets are disjoint).
+        rtol, atol, knots, storage_dtype, adaptive_knots: GT settings
+            (:func:`~bespoke_fast.gt.generate_trajectories`; the storage error budget uses
+            this ``nfe``).
+        max_disk (bytes), budget_seconds: scale the plan down to fit, or refuse.
+        iters, finetune_iters, batch_size: training length (default: the trainer's).
+        micro_batch, activation_checkpointing, autocast: trainer memory options
+            (:func:`~bespoke_fast.train`). stream: read training GT shard rows on demand.
+        plan_only: print and return the plan, do nothing else.
+        train_kwargs: further keyword arguments for the trainer (e.g. ``val_every``).
+
+    Returns: a :class:`FitResult` (``solver``, ``report``, ``solver_path``, ``out``), or the
+    plan dict with ``plan_only``.
+
+    Example::
+
+        >>> result = fit("digits-fmot", nfe=10, out="runs/digits_fit")
+        >>> result.report["heldout"][0]["psnr"], result.solver_path
+    """
+    check_choice("solver", solver, SOLVERS)
+    nfe = check_int("nfe", nfe)
+    if solver == "bespoke" and nfe % 2:
+        raise ValueError(f"nfe must be even for a bespoke RK2 solver (2 evaluations per step), got {nfe}")
+    heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
+    if heldout_seed == seed:
+        raise ValueError("heldout_seed must differ from seed (the held-out noises must be disjoint)")
+    for name, v in (("max_disk", max_disk), ("budget_seconds", budget_seconds)):
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            raise ValueError(f"{name} must be a positive number, got {v}")
+    out = Path(out)
+    zm, device = _resolve(model, shape, data_range, device, log)
+    settings = _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol, atol,
+                         knots, storage_dtype, adaptive_knots, iters, finetune_iters, batch_size)
+    requested = {"settings": settings, "max_disk": max_disk, "budget_seconds": budget_seconds}
+    plan_file = out / "plan.json"
+    if plan_file.is_file():
+        saved = json.loads(plan_file.read_text())
+        if saved["requested"] != json.loads(json.dumps(requested)):
+            raise ValueError(f"{out} holds a fit with other settings; use another --out or "
+                             f"remove {plan_file}")
+        settings, plan = saved["settings"], saved["plan"]
+        log(f"resuming the fit in {out} (plan from {plan_file})")
+    else:
+        per_eval, gt_per_traj = _probe(zm, device, min(settings["batch_size"], 16), rtol, atol,
+                                       len(settings["knots_t"]))
+        probe = {"seconds_per_eval": per_eval, "gt_evals_per_trajectory": gt_per_traj,
+                 "device": str(device)}
+        settings, plan = _fit_plan(settings, probe, max_disk, budget_seconds, log)
+        if not plan_only:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(plan_file, json.dumps({"requested": requested, "settings": settings,
+                                                     "plan": plan}, indent=1) + "\n")
+    for line in plan_lines(plan, settings):
+        log(line)
+    if plan_only:
+        return plan
+    return _run(zm, device, settings, plan, out, micro_batch, activation_checkpointing, autocast,
+                stream, plots, progress, log, train_kwargs or {})
+
+
+def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol, atol, knots,
+              storage_dtype, adaptive_knots, iters, finetune_iters, batch_size):
+    import inspect
+    from .gt import DEFAULT_KNOTS
+    from .gt_storage import storage_dtype_of
+    from .solvers.adaptive import default_knots
+    if solver == "bespoke":
+        from .trainer import train as fn
+    else:
+        from .bns_train import train_bns as fn
+    defaults = {k: v.default for k, v in inspect.signature(fn).parameters.items()}
+    num_train = check_int("num_train", num_train if num_train is not None else
+                          (1280 if solver == "bespoke" else 776), 2)
+    iters = iters if iters is not None else (defaults["iters"] or 300)
+    finetune_iters = finetune_iters if finetune_iters is not None else defaults.get("finetune_iters", 0)
+    batch_size = check_int("batch_size", batch_size if batch_size is not None else defaults["batch_size"])
+    storage_dtype = str(storage_dtype_of(storage_dtype) or torch.float32).replace("torch.", "")
+    # BNS trains on endpoint pairs only: no knots needed
+    knots_t = (list(_ENDPOINT_KNOTS) if solver == "bns" else
+               default_knots(check_int("knots", knots if knots is not None else DEFAULT_KNOTS, 2)).tolist())
+    return {"model": zm.name, "shape": list(zm.shape), "data_range": zm.data_range, "nfe": nfe,
+            "solver": solver, "num_train": num_train, "num_heldout": check_int("num_heldout", num_heldout),
+            "num_select": max(1, min(256, num_train // 5)), "seed": seed, "heldout_seed": heldout_seed,
+            "rtol": rtol, "atol": atol, "knots_t": knots_t, "storage_dtype": storage_dtype,
+            "adaptive_knots": bool(adaptive_knots) and solver == "bespoke",
+            "iters": check_int("iters", iters, 0), "finetune_iters": check_int("finetune_iters", finetune_iters, 0),
+            "batch_size": batch_size, "val_every": defaults["val_every"]}
+
+
+def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autocast, stream, plots,
+         progress, log, train_kwargs):
+    from .evaluation import evaluate
+    from .gt import generate_trajectories, load_trajectories
+    started = time.perf_counter()
+    gt_kwargs = dict(rtol=s["rtol"], atol=s["atol"], model_name=zm.name, data_range=zm.data_range,
+                     progress=progress)
+    log(f"[1/4] GT for training: {s['num_train']} trajectories (seed {s['seed']}) -> {out / 'gt_train'}")
+    gt_manifest = generate_trajectories(
+        zm.model, s["num_train"], zm.shape, out / "gt_train", seed=s["seed"],
+        knots=torch.tensor(s["knots_t"], dtype=torch.float64), storage_dtype=s["storage_dtype"],
+        adaptive_knots=s["adaptive_knots"], reference_nfe=s["nfe"],
+        measure_interpolation=16 if s["solver"] == "bespoke" else 0, **gt_kwargs)
+    log(f"[2/4] held-out GT: {s['num_heldout']} trajectories (seed {s['heldout_seed']}, endpoints "
+        f"only) -> {out / 'gt_heldout'}")
+    held_manifest = generate_trajectories(
+        zm.model, s["num_heldout"], zm.shape, out / "gt_heldout", seed=s["heldout_seed"],
+        knots=torch.tensor(_ENDPOINT_KNOTS, dtype=torch.float64), measure_interpolation=0, **gt_kwargs)
+    heldout = load_trajectories(out / "gt_heldout", device=device)
+    kind = "bespoke_rk2" if s["solver"] == "bespoke" else "bns"
+    solver_path = out / f"{_safe(zm.name)}_{kind}_nfe{s['nfe']}.json"
+    train_report_path = out / "train_report.json"
+    if solver_path.is_file() and train_report_path.is_file():
+        from .io import load_solver
+        log(f"[3/4] training already done: {solver_path}")
+        solver, train_report = load_solver(solver_path), json.loads(train_report_path.read_text())
+    else:
+        log(f"[3/4] training a {s['solver']} solver at NFE {s['nfe']}")
+        solver, train_report = _train(zm, device, s, out, micro_batch, activation_checkpointing,
+                                      autocast, stream, progress, train_kwargs)
+        solver.save(solver_path)
+        atomic_write_text(train_report_path, json.dumps(train_report, indent=1, default=str) + "\n")
+    log(f"[4/4] evaluating on the {len(heldout)} held-out trajectories")
+    label = f"{s['solver']}{'-rk2' if s['solver'] == 'bespoke' else ''}@{s['nfe']}"
+    rows = [{**evaluate(zm.model, solver, heldout), "solver": label}]
+    rows += [evaluate(zm.model, spec, heldout) for spec in baselines(s["nfe"])]
+    files = _report_plots(out, zm, solver, heldout, s, label, log) if plots else {}
+    report = {
+        "model": zm.name, "shape": list(zm.shape), "data_range": zm.data_range, "nfe": s["nfe"],
+        "solver": s["solver"], "solver_file": str(solver_path), "settings": s, "plan": plan,
+        "heldout": rows,
+        "gt": {"train": _gt_summary(gt_manifest), "heldout": _gt_summary(held_manifest),
+               "disjoint": "different noise seeds: counter-based noise, one stream per seed"},
+        "training": {k: train_report.get(k) for k in ("config", "best", "nfe", "wall_seconds")},
+        "files": files, "seconds_this_run": time.perf_counter() - started,
+    }
+    atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
+    atomic_write_text(out / "report.md", _markdown(report))
+    for line in _table(rows):
+        log(line)
+    log(f"report: {out / 'report.md'}; solver file: {solver_path}")
+    return FitResult(solver, report, solver_path, out)
+
+
+def _safe(name):
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _train(zm, device, s, out, micro_batch, activation_checkpointing, autocast, stream, progress,
+           train_kwargs):
+    from .gt import load_trajectories
+    ckpt = out / "train.ckpt"
+    if s["solver"] == "bespoke":
+        from .trainer import train
+        gt = load_trajectories(out / "gt_train", device=device, stream=stream)
+        return train(zm.model, gt, base="rk2", n_steps=s["nfe"] // 2, iters=s["iters"],
+                     finetune_iters=s["finetune_iters"], batch_size=s["batch_size"],
+                     val=s["num_select"], seed=s["seed"], checkpoint=ckpt, model_name=zm.name,
+                     progress=progress, micro_batch=micro_batch,
+                     activation_checkpointing=activation_checkpointing, autocast=autocast,
+                     **train_kwargs)
+    from .bns_train import train_bns
+    gt = load_trajectories(out / "gt_train", device=device)
+    return train_bns(zm.model, gt, n_steps=s["nfe"], iters=s["iters"], num_val=s["num_select"],
+                     num_train=len(gt) - s["num_select"], seed=s["seed"], checkpoint=ckpt,
+                     model_name=zm.name, progress=progress, **train_kwargs)
+
+
+def _gt_summary(m):
+    return {"num": m["num"], "seed": m["seed"], "knots": len(m["knots_t"]), "nfe": m["nfe"],
+            "storage": m.get("storage"), "interpolation": m.get("interpolation"),
+            "wall_seconds_last_run": m.get("wall_seconds_last_run")}
+
+
+def _report_plots(out, zm, solver, heldout, s, label, log):
+    from .solvers.fixed import solve
+    try:
+        _plt()
+    except ImportError:
+        log("matplotlib is not installed: skipping the plots (pip install bespoke_fast[viz])")
+        return {}
+    files = {}
+    with torch.no_grad():
+        x0 = heldout.x0[:4]
+        samples = {label: solver.sample(zm.model, x0)}
+        if s["nfe"] % 2 == 0:
+            samples[f"midpoint@{s['nfe']}"] = solve(zm.model, x0, "midpoint", n_steps=s["nfe"] // 2)
+        else:
+            samples[f"euler@{s['nfe']}"] = solve(zm.model, x0, "euler", n_steps=s["nfe"])
+    files["error_maps"] = str(plot_error_maps(out / "error_maps.png", heldout.x1[:4], samples,
+                                              zm.data_range))
+    if hasattr(solver, "tables") and getattr(solver, "kind", "") == "bespoke":
+        files["transform"] = str(plot_transform(out / "transform.png", solver))
+    return files
+
+
+def _table(rows):
+    lines = [f"{'solver':<18} {'NFE':>4} {'RMSE':>10} {'PSNR (dB)':>10} {'PSNR set':>9}"]
+    lines += [f"{r['solver']:<18} {r['nfe']:>4} {r['rmse']:>10.2e} {r['psnr']:>10.2f} "
+              f"{r['psnr_set']:>9.2f}" for r in rows]
+    return lines
+
+
+def _markdown(r):
+    s, p = r["settings"], r["plan"]
+    g = r["gt"]["train"]
+    lines = [f"# Fit report: {r['solver']} solver, NFE {r['nfe']}, {r['model']}", "",
+             f"Held-out evaluation: {r['gt']['heldout']['num']} trajectories (seed "
+             f"{r['gt']['heldout']['seed']}); training GT: {g['num']} trajectories (seed {g['seed']}), "
+             f"the last {s['num_select']} used only to select the checkpoint.", "",
+             "| solver | NFE | RMSE | PSNR (dB) | PSNR set (dB) |", "|---|---|---|---|---|"]
+    lines += [f"| {x['solver']} | {x['nfe']} | {x['rmse']:.3e} | {x['psnr']:.2f} | {x['psnr_set']:.2f} |"
+              for x in r["heldout"]]
+    storage = g.get("storage") or {}
+    bpt = storage.get("bytes_per_trajectory", {})
+    lines += ["", "PSNR: mean of per-sample PSNRs against the GT endpoint (data range "
+              f"{r['data_range']}); PSNR set: of the mean MSE.", "",
+              f"GT: {g['knots']} knots, stored in {storage.get('knot_dtype', 'float32')}"
+              + (f", {bpt['stored']:.0f} bytes per trajectory (float32, every knot: "
+                 f"{bpt['float32_all_knots']})" if bpt else "")
+              + (f", extra interpolation error {storage['extra_rmse_mean']:.2e} RMSE (limit "
+                 f"{storage['error_limit']:.2e})" if "extra_rmse_mean" in storage else "") + ".",
+              f"Plan: {p['model_evaluations']['total']:,} model evaluations, ETA "
+              f"{_duration(p['eta_seconds'])}; training took {r['training']['wall_seconds'] or 0:.0f} s.", ""]
+    for name, f in r["files"].items():
+        lines.append(f"![{name}]({Path(f).name})")
+    return "\n".join(lines) + "\n"
