@@ -1,4 +1,5 @@
-"""The ``bespoke-fast`` command line: ``demo``, ``gt``, ``train``, ``eval``, ``sample``, ``doctor``.
+"""The ``bespoke-fast`` command line: ``demo``, ``fit``, ``gt``, ``train``, ``eval``, ``sample``,
+``doctor``.
 
 Each sub-command has ``--help``; long work shows progress bars on stderr; ``--json`` prints a
 machine-readable summary on stdout. Errors that are the user's to fix (the library's
@@ -215,12 +216,54 @@ def cmd_demo(args):
         print(json.dumps(summary, indent=1))
 
 
+def _size(text):
+    """'20GB', '500MB', '1.5e9' -> bytes."""
+    units = {"TB": 1e12, "GB": 1e9, "MB": 1e6, "KB": 1e3, "B": 1}
+    t = str(text).strip().upper()
+    for unit, scale in units.items():
+        if t.endswith(unit):
+            try:
+                return float(t[:-len(unit)]) * scale
+            except ValueError:
+                break
+    try:
+        return float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 20GB, 500MB)") from None
+
+
+def cmd_fit(args):
+    import torch
+    from .fitting import fit
+    if args.model.startswith("diffusers:"):
+        raise CLIError("fit does not take diffusers pipelines yet; use 'gt', 'train' and 'eval' "
+                       "with --model diffusers:DIR")
+    autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    try:
+        result = fit(args.model, nfe=args.nfe, solver=args.solver, out=args.out,
+                     num_train=args.num_train, num_heldout=args.num_heldout, seed=args.seed,
+                     heldout_seed=args.heldout_seed, storage_dtype=args.storage_dtype,
+                     adaptive_knots=args.adaptive_knots, max_disk=args.max_disk,
+                     budget_seconds=args.budget_seconds, device=_device(args.device),
+                     iters=args.iters, finetune_iters=args.finetune_iters,
+                     batch_size=args.batch_size, micro_batch=args.micro_batch,
+                     activation_checkpointing=args.checkpoint_activations, autocast=autocast,
+                     progress=not args.quiet, log=log, plan_only=args.plan)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        raise CLIError(str(e)) from e
+    if args.json:
+        print(json.dumps(result if args.plan else result.report, indent=1, default=str))
+
+
 # ----------------------------------------------------------------------------- parser
 def _common(p, model=True, gt=False):
     if model:
         p.add_argument("--model", default="digits-fmot",
                        help="bundled model name (gmm-64, digits-exact, digits-fmot, digits-vcs, "
-                            "digits-eps), package.module:factory, or diffusers:LOCAL_PIPELINE_DIR "
+                            "digits-eps), package.module:factory (factory() returns (model, "
+                            "shape[, data_range]), a dict with those keys or a ZooModel), or "
+                            "diffusers:LOCAL_PIPELINE_DIR "
                             "(default: %(default)s)")
     if gt:
         p.add_argument("--gt", required=True, type=Path, help="GT directory made by 'bespoke-fast gt'")
@@ -276,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--nfe", type=int, default=10, help="network evaluations (even; default %(default)s)")
     p.add_argument("--num-gt", type=int, default=1280, help="GT trajectories (default %(default)s)")
-    p.add_argument("--num-val", type=int, default=256, help="held-out GT trajectories (default %(default)s)")
+    p.add_argument("--num-val", type=int, default=256, help="held-out GT trajectories (separate seed; evaluation only) (default %(default)s)")
     p.add_argument("--iters", type=int, default=None, help="bound-phase iterations (default: the trainer's)")
     p.add_argument("--finetune-iters", type=int, default=None,
                    help="fine-tune iterations (default: the trainer's)")
@@ -284,6 +327,45 @@ def build_parser() -> argparse.ArgumentParser:
     # the bundled models are tiny: one thread avoids OpenMP overhead and contention
     # (measured on 2 cores: demo 91 s with 1 thread vs 271 s with 2, same result)
     p.set_defaults(func=cmd_demo, threads=1)
+
+    from .zoo import FACTORY_CONTRACT
+    p = sub.add_parser("fit", help="the whole job: GT, held-out GT, training, held-out report",
+                       description="Fit a solver to a model in one command: GT for training and a "
+                                   "disjoint held-out set (separate seeds), training, evaluation on "
+                                   "the held-out set only, report (JSON, Markdown, plots) and the "
+                                   "solver file in --out. Prints the plan (trajectories, disk, model "
+                                   "evaluations, ETA from a timed probe) first. Rerunning the same "
+                                   "command resumes at the stage it stopped.",
+                       epilog=FACTORY_CONTRACT)
+    _common(p)
+    p.add_argument("--nfe", type=int, default=10, help="network evaluations (default %(default)s)")
+    p.add_argument("--solver", choices=("bespoke", "bns"), default="bespoke",
+                   help="bespoke (RK2 scale-time) or bns (non-stationary) (default %(default)s)")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--num-train", type=int, default=None,
+                   help="training GT trajectories (default 1280 bespoke, 776 bns)")
+    p.add_argument("--num-heldout", type=int, default=1024, help="held-out GT trajectories (separate seed; evaluation only) (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="training noise seed (default %(default)s)")
+    p.add_argument("--heldout-seed", type=int, default=None, help="held-out noise seed (default seed + 1)")
+    p.add_argument("--storage-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="dtype of the stored GT knots; float16 about halves the disk, refused if its "
+                        "measured error exceeds 0.1x the RK2 local error at this NFE")
+    p.add_argument("--adaptive-knots", action="store_true",
+                   help="keep per trajectory only the knots its interpolation needs (same budget)")
+    p.add_argument("--max-disk", type=_size, default=None, help="e.g. 20GB: scale down or refuse beyond it")
+    p.add_argument("--budget-seconds", type=float, default=None,
+                   help="scale down (fewer trajectories, then iterations) to fit the ETA, or refuse")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the trainer's)")
+    p.add_argument("--finetune-iters", type=int, default=None, help="fine-tune iterations (bespoke)")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch (default: the trainer's)")
+    p.add_argument("--micro-batch", type=int, default=None,
+                   help="gradient accumulation over chunks of this many trajectories (bespoke)")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute each model call's activations in the backward (less memory)")
+    p.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
+                   help="run the model under autocast while training (solver maths stays float32)")
+    p.add_argument("--plan", action="store_true", help="print the plan and stop")
+    p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("gt", help="generate ground-truth trajectories (adaptive RK45)",
                        description="Integrate N noises with adaptive Dormand-Prince and store the "

@@ -42,12 +42,14 @@ _SCALES = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.02, 0.01)
 @dataclass
 class FitResult:
     """What :func:`fit` returns: the trained ``solver``, the ``report`` dict (also in
-    ``out/report.json``), the ``solver_path`` and the output directory ``out``."""
+    ``out/report.json``), the ``solver_path``, the output directory ``out`` and the resolved
+    ``model`` (a :class:`~bespoke_fast.zoo.ZooModel`)."""
 
     solver: object
     report: dict
     solver_path: Path
     out: Path
+    model: object = None
 
 
 def baselines(nfe: int) -> list:
@@ -442,7 +444,7 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
     for line in _table(rows):
         log(line)
     log(f"report: {out / 'report.md'}; solver file: {solver_path}")
-    return FitResult(solver, report, solver_path, out)
+    return FitResult(solver, report, solver_path, out, zm)
 
 
 def _safe(name):

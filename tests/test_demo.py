@@ -29,7 +29,7 @@ def test_demo_runs_end_to_end_small(tmp_path, capsys):
     assert all(r["n"] == 32 for r in summary["results"])
     solver = load_solver(summary["solver_file"])
     assert solver.nfe == 4 and solver.meta["model"]["name"] == "digits-fmot"
-    for name in ("samples", "transform", "psnr_vs_nfe"):
+    for name in ("error_maps", "transform", "psnr_vs_nfe"):
         assert (out / f"{name}.png").stat().st_size > 1000
     assert json.loads((out / "summary.json").read_text())["gt"]["num"] == 96
     assert torch.get_num_threads() == 1  # the demo's default

@@ -32,7 +32,13 @@ import torch
 
 from .._checks import InvalidArgumentError, MissingDependencyError
 
-__all__ = ["ZooModel", "load", "NAMES", "resolve_model"]
+__all__ = ["ZooModel", "load", "NAMES", "resolve_model", "FACTORY_CONTRACT"]
+
+FACTORY_CONTRACT = (
+    "--model package.module:factory: factory() (no arguments) must return a ZooModel, a dict "
+    "{'model': m, 'shape': (C, H, W), 'data_range': R}, or a tuple (m, shape[, data_range]); m(x, "
+    "t[B]) -> u shaped like x (noise at t = 0, data at t = 1); data_range R is the data's "
+    "max - min for PSNR (default 2.0, data in [-1, 1], with a notice).")
 
 EXACT_NAMES = ("gmm-64", "digits-exact")
 TRAINED_NAMES = ("digits-fmot", "digits-vcs", "digits-eps")
@@ -91,10 +97,11 @@ def load(name: str, device="cpu") -> ZooModel:
                      f"(or give 'package.module:factory' for your own)")
 
 
-def resolve_model(spec: str, device="cpu") -> ZooModel:
+def resolve_model(spec: str, device="cpu", notice=None) -> ZooModel:
     """A bundled name, or ``package.module:factory`` where ``factory()`` returns a
     :class:`ZooModel`, a ``(model, shape)`` / ``(model, shape, data_range)`` tuple, or a dict
-    with keys model, shape and optionally data_range, extras."""
+    with keys model, shape and optionally data_range, extras (:data:`FACTORY_CONTRACT`).
+    Without a data range, 2.0 is assumed and ``notice`` (default: print to stderr) says so."""
     if ":" not in spec:
         return load(spec, device)
     module_name, _, attr = spec.partition(":")
@@ -105,16 +112,27 @@ def resolve_model(spec: str, device="cpu") -> ZooModel:
     if not callable(factory):
         raise InvalidArgumentError(f"model factory {spec!r} is not callable")
     made = factory()
+    assumed = False
     if isinstance(made, ZooModel):
         zm = made
     elif isinstance(made, dict) and "model" in made and "shape" in made:
         zm = ZooModel(spec, made["model"], tuple(made["shape"]), float(made.get("data_range", 2.0)),
                       extras=made.get("extras", {}))
+        assumed = "data_range" not in made
     elif isinstance(made, (tuple, list)) and len(made) in (2, 3):
         zm = ZooModel(spec, made[0], tuple(made[1]), float(made[2]) if len(made) == 3 else 2.0)
+        assumed = len(made) == 2
     else:
         raise InvalidArgumentError(f"model factory {spec!r} must return a ZooModel, a dict with 'model' and "
                          f"'shape', or a (model, shape[, data_range]) tuple; got {type(made).__name__}")
+    if assumed:
+        (notice or _stderr)(f"note: model factory {spec!r} gave no data_range; assuming 2.0 (data in "
+                            f"[-1, 1]) for PSNR; return data_range to change it")
     if isinstance(zm.model, torch.nn.Module):
         zm.model.to(device)
     return zm
+
+
+def _stderr(line):
+    import sys
+    print(line, file=sys.stderr)
