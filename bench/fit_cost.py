@@ -2,15 +2,25 @@
 online GT (method.md section 5). CPU is fine; writes JSON + Markdown.
 
     python bench/fit_cost.py --out bench/results/2026-11-27-cpu [--models gmm-64 digits-exact]
+    python bench/fit_cost.py --unet --out bench/results/2026-12-01-cpu
 
 For each model: GT generation (trajectories, model evaluations, wall time), a default cached fit
 (bound phase + fine-tune), and a short bound-only fit in both GT modes with the same settings,
 so the per-iteration cost of online GT (an RK45 solve per iteration) is compared at equal work.
+
+``--unet``: the 35.7M-parameter UNet of ``bench/models.py`` (random weights: the ODE is still
+well defined) at tiny counts: a few GT trajectories, then, each configuration in its own process
+(so peak RSS is its own), training iterations of both phases at micro-batch sizes with and
+without activation checkpointing: peak RSS and seconds per iteration, and the trend (memory
+linear in the micro-batch, time linear in the batch) extrapolated to a full default fit.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -82,6 +92,120 @@ def markdown(records, machine):
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- the 35M UNet
+def _rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+
+
+def unet_child(cfg):
+    """One configuration in a fresh process: peak RSS and seconds per iteration (stdout JSON)."""
+    from bench.models import make_model
+    from bespoke_fast.solvers.bespoke import BespokeSolver
+    from bespoke_fast.trainer import loss_backward, model_for_loss
+    torch.set_num_threads(1)
+    net, _, _ = make_model("unet-35m")
+    gt = bf.load_trajectories(cfg["gt"], stream=True)
+    batch = gt.subset(list(range(cfg["batch"])))
+    solver = BespokeSolver("rk2", cfg["nfe"] // 2)
+    loss_model = model_for_loss(net, cfg["checkpointing"], getattr(torch, cfg["autocast"]) if cfg["autocast"] else None)
+    rss_before = _rss_mb()
+    out = {**cfg, "rss_before_mb": rss_before}
+    for phase, reps in (("bound", cfg["reps"]), ("finetune", 1)):
+        times = []
+        for _ in range(reps):
+            solver.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            loss_backward(solver, net, batch, phase, micro_batch=cfg["micro_batch"], loss_model=loss_model)
+            times.append(time.perf_counter() - t0)
+        out[f"{phase}_seconds_per_iter"] = min(times)
+        out[f"{phase}_peak_rss_mb"] = _rss_mb()
+    print(json.dumps(out))
+
+
+def unet_cost(args, work):
+    from bench.models import make_model
+    torch.set_num_threads(1)
+    net, shape, _ = make_model("unet-35m")
+    gt_dir = Path(work) / "unet_gt"
+    t0 = time.perf_counter()
+    manifest = bf.generate_trajectories(net, args.unet_batch, shape, gt_dir, rtol=1e-3, atol=1e-3,
+                                        knots=11, measure_interpolation=0, progress=False,
+                                        model_name="unet-35m")
+    gt_seconds = time.perf_counter() - t0
+    del net
+    configs = [{"micro_batch": mb, "checkpointing": ck, "autocast": None}
+               for mb in sorted({args.unet_batch, 1}, reverse=True) for ck in (False, True)]
+    rows = []
+    for cfg in configs:
+        cfg = {**cfg, "gt": str(gt_dir), "batch": args.unet_batch, "nfe": 10, "reps": 2}
+        print(f"unet-35m: {cfg}", flush=True)
+        res = subprocess.run([sys.executable, __file__, "--unet-child", json.dumps(cfg)],
+                             capture_output=True, text=True, check=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    return {"model": "unet-35m", "parameters": 35_746_307, "shape": list(shape), "nfe": 10,
+            "batch": args.unet_batch, "gt": {"num": manifest["num"], "seconds": gt_seconds,
+                                             "rtol": 1e-3, "nfe": manifest["nfe"]},
+            "rows": rows, "extrapolation": _extrapolate(rows, manifest, gt_seconds, args.unet_batch)}
+
+
+def _extrapolate(rows, manifest, gt_seconds, batch, full_batch=128, iters=200, finetune=800,
+                 num_gt=1280 + 1024):
+    """Memory linear in the micro-batch (per configuration of checkpointing), time linear in the
+    batch: a full default fit (batch 128, 200 bound + 800 fine-tune iterations, 1280 + 1024 GT
+    trajectories at this GT's model evaluations per trajectory)."""
+    out = {}
+    for ck in (False, True):
+        pts = sorted((r["micro_batch"], r["bound_peak_rss_mb"], r["finetune_peak_rss_mb"])
+                     for r in rows if r["checkpointing"] == ck)
+        (m1, b1, f1), (m2, b2, f2) = pts[0], pts[-1]
+        slope = max(b2 - b1, f2 - f1) / max(m2 - m1, 1)
+        base = max(b1, f1) - slope * m1
+        per_sample = {p: sum(r[f"{p}_seconds_per_iter"] for r in rows if r["checkpointing"] == ck)
+                      / sum(1 for r in rows if r["checkpointing"] == ck) / batch
+                      for p in ("bound", "finetune")}
+        out["checkpointing" if ck else "plain"] = {
+            "rss_mb_per_micro_batch_sample": slope, "rss_mb_base": base,
+            "peak_rss_gb_at": {str(mb): (base + slope * mb) / 1024 for mb in (1, 8, 32, full_batch)},
+            "train_hours_full_fit": (per_sample["bound"] * iters + per_sample["finetune"] * finetune)
+            * full_batch / 3600}
+    out["gt_hours_full_fit"] = gt_seconds / manifest["num"] * num_gt / 3600
+    out["assumes"] = {"batch": full_batch, "iters": iters, "finetune_iters": finetune, "num_gt": num_gt}
+    return out
+
+
+def unet_markdown(rec, machine):
+    e = rec["extrapolation"]
+    lines = [f"# Fit cost of the 35.7M-parameter UNet (random weights), CPU ({machine['cpu']}, torch "
+             f"{machine['torch']}, 1 thread, load average {machine.get('loadavg_1min_at_start', 0):.1f})", "",
+             f"bespoke-rk2 at NFE 10, batch {rec['batch']} trajectories of 3x32x32; GT: "
+             f"{rec['gt']['num']} trajectories (rtol 1e-3, 11 knots) in {rec['gt']['seconds']:.0f} s "
+             f"({rec['gt']['nfe']['per_trajectory']:.0f} model evaluations each). Each row is its own "
+             "process; RSS is the process peak (includes torch and the model, about "
+             f"{min(r['rss_before_mb'] for r in rec['rows']):.0f} MB before the first iteration).", "",
+             "| micro-batch | checkpointing | bound s/iter | bound peak RSS MB | fine-tune s/iter | "
+             "fine-tune peak RSS MB |", "|---|---|---|---|---|---|"]
+    for r in rec["rows"]:
+        lines.append(f"| {r['micro_batch']} | {'yes' if r['checkpointing'] else 'no'} | "
+                     f"{r['bound_seconds_per_iter']:.1f} | {r['bound_peak_rss_mb']:.0f} | "
+                     f"{r['finetune_seconds_per_iter']:.1f} | {r['finetune_peak_rss_mb']:.0f} |")
+    a = e["assumes"]
+    lines += ["", f"Extrapolated to a full default fit (batch {a['batch']}, {a['iters']} + "
+              f"{a['finetune_iters']} iterations, {a['num_gt']} GT trajectories), 1 CPU thread:", "",
+              "| | MB per micro-batch sample | peak RSS GB at micro-batch 1 / 8 / 32 / 128 | training hours |",
+              "|---|---|---|---|"]
+    for k in ("plain", "checkpointing"):
+        x = e[k]
+        lines.append(f"| {k} | {x['rss_mb_per_micro_batch_sample']:.0f} | "
+                     + " / ".join(f"{v:.1f}" for v in x["peak_rss_gb_at"].values())
+                     + f" | {x['train_hours_full_fit']:.0f} |")
+    lines += ["", f"GT for the full fit at this tolerance: about {e['gt_hours_full_fit']:.1f} h on this "
+              "CPU thread. Memory is linear in the micro-batch; time per iteration does not depend "
+              "on it (checkpointing adds one forward per model call)."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,11 +214,25 @@ def main(argv=None):
     p.add_argument("--compare-iters", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("bench/results/local"))
+    p.add_argument("--unet", action="store_true",
+                   help="the 35M UNet: peak RSS and time per iteration vs micro-batch/checkpointing")
+    p.add_argument("--unet-batch", type=int, default=2, help="batch (and GT trajectories) for --unet")
+    p.add_argument("--unet-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.unet_child:
+        return unet_child(json.loads(args.unet_child))
     torch.set_num_threads(args.threads)
     machine = machine_info()
     machine["threads"] = args.threads
     machine["loadavg_1min_at_start"] = os.getloadavg()[0]  # shared machines: say how busy
+    if args.unet:
+        machine["threads"] = 1
+        with tempfile.TemporaryDirectory() as work:
+            rec = {"machine": machine, **unet_cost(args, work)}
+        md = unet_markdown(rec, machine)
+        print(md)
+        write_results(args.out, "fit_cost_unet", [rec], md)
+        return
     with tempfile.TemporaryDirectory() as work:
         records = []
         for name in args.models:
