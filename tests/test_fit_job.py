@@ -1,0 +1,135 @@
+"""`bespoke-fast fit` / `bf.fit`: the whole job on every bundled model and on a module:factory
+model, held-out evaluation only, the plan and its limits, resuming after an interruption."""
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import bespoke_fast as bf
+from bespoke_fast.cli import main
+from bespoke_fast.io import load_solver
+
+SMALL = dict(nfe=4, num_train=40, num_heldout=16, iters=3, finetune_iters=2, batch_size=8,
+             progress=False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", bf.zoo.NAMES)
+def test_fit_runs_end_to_end_on_every_bundled_model(model, tmp_path):
+    lines = []
+    r = bf.fit(model, out=tmp_path / "fit", plots=model == "digits-fmot", log=lines.append, **SMALL)
+    assert lines[0].startswith(f"plan: bespoke solver at NFE 4 for {model}")
+    assert any("ETA: about" in x for x in lines) and any("disk:" in x for x in lines)
+    rep = r.report
+    assert [x["solver"] for x in rep["heldout"]][:2] == ["bespoke-rk2@4", "euler@4"]
+    assert all(x["n"] == 16 for x in rep["heldout"])              # the held-out set only
+    g = rep["gt"]
+    assert (g["train"]["seed"], g["heldout"]["seed"]) == (0, 1)
+    assert (g["train"]["num"], g["heldout"]["num"]) == (40, 16)
+    assert load_solver(r.solver_path).nfe == 4
+    assert json.loads((tmp_path / "fit" / "report.json").read_text())["heldout"] == rep["heldout"]
+    assert "| bespoke-rk2@4 | 4 |" in (tmp_path / "fit" / "report.md").read_text()
+    if model == "digits-fmot":
+        for name in ("error_maps", "transform"):
+            assert (tmp_path / "fit" / f"{name}.png").stat().st_size > 5000
+
+
+def test_fit_a_module_factory_model_from_the_cli_with_a_data_range_notice(tmp_path, capsys,
+                                                                         monkeypatch):
+    (tmp_path / "my_models.py").write_text(textwrap.dedent("""
+        import torch
+
+        class Field(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a = torch.nn.Parameter(torch.tensor(0.7))
+
+            def forward(self, x, t):
+                return (self.a * torch.tanh(x) - x) * (1 + t[:, None])
+
+        def make():
+            return Field(), (6,)
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "fit"
+    argv = ["fit", "--model", "my_models:make", "--nfe", "4", "--out", str(out), "--num-train", "40",
+            "--num-heldout", "16", "--iters", "3", "--finetune-iters", "2", "--batch-size", "8",
+            "--device", "cpu", "--quiet", "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert "assuming 2.0" in captured.err and captured.err.count("note:") == 1
+    assert report["model"] == "my_models:make" and report["heldout"][0]["n"] == 16
+    assert "plan: bespoke solver" in captured.err                  # --json: the plan on stderr
+    sys.modules.pop("my_models", None)
+
+
+def test_fit_bns_trains_on_endpoint_pairs(tmp_path):
+    r = bf.fit("gmm-64", solver="bns", out=tmp_path / "bns", nfe=4, num_train=40, num_heldout=16,
+               iters=2, plots=False, progress=False, log=lambda *a: None)
+    assert r.report["heldout"][0]["solver"] == "bns@4"
+    assert r.report["gt"]["train"]["knots"] == 2                  # no knots: pairs only
+
+
+def test_an_interrupted_fit_resumes_to_the_uninterrupted_result(tmp_path):
+    kw = dict(SMALL, iters=4, finetune_iters=2, plots=False, log=lambda *a: None)
+    ref = bf.fit("gmm-64", out=tmp_path / "ref", **kw).solver
+
+    def stop(iteration, record):
+        if iteration == 3:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "fit"
+    with pytest.raises(KeyboardInterrupt):
+        bf.fit("gmm-64", out=out, train_kwargs={"val_every": 1, "checkpoint_every": 1,
+                                                 "callback": stop}, **kw)
+    assert (out / "train.ckpt").is_file() and not (out / "report.json").exists()
+    shards = {p: p.stat().st_mtime_ns for p in out.glob("gt_*/shard_*.safetensors")}
+    lines = []
+    again = bf.fit("gmm-64", out=out, train_kwargs={"val_every": 1, "checkpoint_every": 1},
+                   **dict(kw, log=lines.append))
+    assert any("resuming" in x for x in lines)
+    assert {p: p.stat().st_mtime_ns for p in shards} == shards   # GT kept, not recomputed
+    for a, b in zip(ref.parameters(), again.solver.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="holds a fit with other settings"):
+        bf.fit("gmm-64", out=out, **dict(kw, num_heldout=20))
+
+
+def test_the_plan_scales_down_or_refuses_under_disk_and_time_limits(tmp_path):
+    lines = []
+    full = bf.fit("gmm-64", out=tmp_path / "p", plan_only=True, log=lines.append)
+    assert full["trajectories"]["train"] == 1280 and full["trajectories"]["heldout"] == 1024
+    assert full["model_evaluations"]["total"] > 0 and full["eta_seconds"] > 0
+    assert not (tmp_path / "p").exists()                          # a plan writes nothing
+    lines.clear()
+    half = bf.fit("gmm-64", out=tmp_path / "p", plan_only=True, max_disk=full["disk_bytes"] / 2,
+                  log=lines.append)
+    assert half["disk_bytes"] <= full["disk_bytes"] / 2
+    assert half["trajectories"]["train"] < 1280 and lines[0].startswith("scaled down to fit max disk")
+    with pytest.raises(ValueError, match="refusing to start: .* exceeds max disk"):
+        bf.fit("gmm-64", out=tmp_path / "p", plan_only=True, max_disk=1000, log=lambda *a: None)
+    with pytest.raises(ValueError, match="refusing to start: .* exceeds budget"):
+        bf.fit("gmm-64", out=tmp_path / "p", plan_only=True, budget_seconds=1e-6, log=lambda *a: None)
+    with pytest.raises(ValueError, match="heldout_seed must differ"):
+        bf.fit("gmm-64", out=tmp_path / "p", heldout_seed=0)
+    with pytest.raises(ValueError, match="nfe must be even"):
+        bf.fit("gmm-64", out=tmp_path / "p", nfe=5)
+
+
+def test_fit_cli_plan_and_errors(tmp_path, capsys):
+    assert main(["fit", "--model", "gmm-64", "--out", str(tmp_path / "x"), "--plan",
+                 "--max-disk", "1KB", "--device", "cpu"]) == 2
+    assert "refusing to start" in capsys.readouterr().err
+    assert main(["fit", "--model", "gmm-64", "--out", str(tmp_path / "x"), "--plan", "--json",
+                 "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["trajectories"]["train"] == 1280
