@@ -108,17 +108,15 @@ def unet_child(cfg):
     batch = gt.subset(list(range(cfg["batch"])))
     solver = BespokeSolver("rk2", cfg["nfe"] // 2)
     loss_model = model_for_loss(net, cfg["checkpointing"], getattr(torch, cfg["autocast"]) if cfg["autocast"] else None)
-    rss_before = _rss_mb()
-    out = {**cfg, "rss_before_mb": rss_before}
-    for phase, reps in (("bound", cfg["reps"]), ("finetune", 1)):
-        times = []
-        for _ in range(reps):
-            solver.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            loss_backward(solver, net, batch, phase, micro_batch=cfg["micro_batch"], loss_model=loss_model)
-            times.append(time.perf_counter() - t0)
-        out[f"{phase}_seconds_per_iter"] = min(times)
-        out[f"{phase}_peak_rss_mb"] = _rss_mb()
+    out = {"rss_before_mb": _rss_mb()}
+    times = []
+    for _ in range(cfg["reps"]):
+        solver.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss_backward(solver, net, batch, cfg["phase"], micro_batch=cfg["micro_batch"],
+                      loss_model=loss_model)
+        times.append(time.perf_counter() - t0)
+    out.update(seconds_per_iter=min(times), peak_rss_mb=_rss_mb())
     print(json.dumps(out))
 
 
@@ -135,14 +133,19 @@ def unet_cost(args, work):
     del net
     configs = [{"micro_batch": mb, "checkpointing": ck, "autocast": None}
                for mb in sorted({args.unet_batch, 1}, reverse=True) for ck in (False, True)]
+    configs.append({"micro_batch": 1, "checkpointing": False, "autocast": "bfloat16"})
     rows = []
     for cfg in configs:
-        cfg = {**cfg, "gt": str(gt_dir), "batch": args.unet_batch, "nfe": 10, "reps": 2}
+        cfg = {**cfg, "gt": str(gt_dir), "batch": args.unet_batch, "nfe": 10}
         print(f"unet-35m: {cfg}", flush=True)
-        res = subprocess.run([sys.executable, __file__, "--unet-child", json.dumps(cfg)],
-                             capture_output=True, text=True, check=True,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        for phase, reps in (("bound", 2), ("finetune", 1)):   # one process per phase: own peak RSS
+            res = subprocess.run([sys.executable, __file__, "--unet-child",
+                                  json.dumps({**cfg, "phase": phase, "reps": reps})],
+                                 capture_output=True, text=True, check=True,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+            got = json.loads(res.stdout.strip().splitlines()[-1])
+            cfg.update({f"{phase}_{k}": v for k, v in got.items()})
+        rows.append(cfg)
         print(rows[-1], flush=True)
     return {"model": "unet-35m", "parameters": 35_746_307, "shape": list(shape), "nfe": 10,
             "batch": args.unet_batch, "gt": {"num": manifest["num"], "seconds": gt_seconds,
@@ -156,18 +159,26 @@ def _extrapolate(rows, manifest, gt_seconds, batch, full_batch=128, iters=200, f
     batch: a full default fit (batch 128, 200 bound + 800 fine-tune iterations, 1280 + 1024 GT
     trajectories at this GT's model evaluations per trajectory)."""
     out = {}
+    rows = [r for r in rows if not r["autocast"]]
     for ck in (False, True):
-        pts = sorted((r["micro_batch"], r["bound_peak_rss_mb"], r["finetune_peak_rss_mb"])
-                     for r in rows if r["checkpointing"] == ck)
-        (m1, b1, f1), (m2, b2, f2) = pts[0], pts[-1]
-        slope = max(b2 - b1, f2 - f1) / max(m2 - m1, 1)
-        base = max(b1, f1) - slope * m1
+        pts = sorted((r["micro_batch"], r) for r in rows if r["checkpointing"] == ck)
+        (m1, r1), (m2, r2) = pts[0], pts[-1]
+        line = {}   # per phase: peak RSS = base + slope x micro-batch
+        for ph in ("bound", "finetune"):
+            slope_ph = (r2[f"{ph}_peak_rss_mb"] - r1[f"{ph}_peak_rss_mb"]) / max(m2 - m1, 1)
+            line[ph] = (r1[f"{ph}_peak_rss_mb"] - slope_ph * m1, slope_ph)
+
+        def peak(mb):
+            return max(b0 + sl * mb for b0, sl in line.values())
+        slope = max(sl for _, sl in line.values())
+        base = peak(0)
         per_sample = {p: sum(r[f"{p}_seconds_per_iter"] for r in rows if r["checkpointing"] == ck)
                       / sum(1 for r in rows if r["checkpointing"] == ck) / batch
                       for p in ("bound", "finetune")}
         out["checkpointing" if ck else "plain"] = {
             "rss_mb_per_micro_batch_sample": slope, "rss_mb_base": base,
-            "peak_rss_gb_at": {str(mb): (base + slope * mb) / 1024 for mb in (1, 8, 32, full_batch)},
+            "per_phase_mb": {ph: {"base": b0, "per_sample": sl} for ph, (b0, sl) in line.items()},
+            "peak_rss_gb_at": {str(mb): peak(mb) / 1024 for mb in (1, 8, 32, full_batch)},
             "train_hours_full_fit": (per_sample["bound"] * iters + per_sample["finetune"] * finetune)
             * full_batch / 3600}
     out["gt_hours_full_fit"] = gt_seconds / manifest["num"] * num_gt / 3600
@@ -183,11 +194,12 @@ def unet_markdown(rec, machine):
              f"{rec['gt']['num']} trajectories (rtol 1e-3, 11 knots) in {rec['gt']['seconds']:.0f} s "
              f"({rec['gt']['nfe']['per_trajectory']:.0f} model evaluations each). Each row is its own "
              "process; RSS is the process peak (includes torch and the model, about "
-             f"{min(r['rss_before_mb'] for r in rec['rows']):.0f} MB before the first iteration).", "",
-             "| micro-batch | checkpointing | bound s/iter | bound peak RSS MB | fine-tune s/iter | "
-             "fine-tune peak RSS MB |", "|---|---|---|---|---|---|"]
+             f"{min(r['bound_rss_before_mb'] for r in rec['rows']):.0f} MB before the first iteration).", "",
+             "| micro-batch | checkpointing | model autocast | bound s/iter | bound peak RSS MB | "
+             "fine-tune s/iter | fine-tune peak RSS MB |", "|---|---|---|---|---|---|---|"]
     for r in rec["rows"]:
         lines.append(f"| {r['micro_batch']} | {'yes' if r['checkpointing'] else 'no'} | "
+                     f"{r['autocast'] or 'no (float32)'} | "
                      f"{r['bound_seconds_per_iter']:.1f} | {r['bound_peak_rss_mb']:.0f} | "
                      f"{r['finetune_seconds_per_iter']:.1f} | {r['finetune_peak_rss_mb']:.0f} |")
     a = e["assumes"]
@@ -201,8 +213,12 @@ def unet_markdown(rec, machine):
                      + " / ".join(f"{v:.1f}" for v in x["peak_rss_gb_at"].values())
                      + f" | {x['train_hours_full_fit']:.0f} |")
     lines += ["", f"GT for the full fit at this tolerance: about {e['gt_hours_full_fit']:.1f} h on this "
-              "CPU thread. Memory is linear in the micro-batch; time per iteration does not depend "
-              "on it (checkpointing adds one forward per model call)."]
+              "CPU thread. Memory grows linearly with the micro-batch and time per iteration does not "
+              "depend on it; checkpointing adds one forward per model call. The bound phase "
+              "evaluates all n steps of a chunk in one model call of n x micro-batch samples, so "
+              "checkpointing there only drops the other RK2 stage's activations; in the "
+              "fine-tune phase (n sequential calls) it keeps one call's. bf16 autocast on this "
+              "CPU is a correctness check, not a speed-up (CPUs without bf16 units emulate it)."]
     return "\n".join(lines) + "\n"
 
 
