@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ._checks import call_model
+from ._checks import call_model, check_int
 
 __all__ = ["STORAGE_DTYPES", "GT_ERROR_FRACTION", "StorageOptions", "decode_knots",
            "mmap_safetensors", "StreamedTrajectories", "bytes_per_trajectory", "knot_strides"]
@@ -69,6 +69,14 @@ def knot_strides(K: int) -> list:
         out.append(s)
         s *= 2
     return out
+
+
+def split_point(n: int, num_val: int) -> int:
+    """Where a set of ``n`` trajectories splits when the last ``num_val`` are held out."""
+    num_val = check_int("num_val", num_val, 1)
+    if num_val >= n:
+        raise ValueError(f"cannot hold out {num_val} of {n} trajectories for validation")
+    return n - num_val
 
 
 def _hermite(*args, **kw):
@@ -276,12 +284,8 @@ class StreamedTrajectories:
 
     def split(self, num_val: int):
         """(train, val): the last ``num_val`` rows held out; val is loaded into memory."""
-        from ._checks import check_int
-        num_val = check_int("num_val", num_val, 1)
-        if num_val >= len(self):
-            raise ValueError(f"cannot hold out {num_val} of {len(self)} trajectories for validation")
-        n = len(self)
-        return self._view(range(n - num_val)), self.subset(range(n - num_val, n))
+        cut = split_point(len(self), num_val)
+        return self._view(range(cut)), self.subset(range(cut, len(self)))
 
     def _gather(self, rows, with_knots=True):
         from .gt import TrajectorySet

@@ -133,3 +133,33 @@ def test_fit_cli_plan_and_errors(tmp_path, capsys):
     assert main(["fit", "--model", "gmm-64", "--out", str(tmp_path / "x"), "--plan", "--json",
                  "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["trajectories"]["train"] == 1280
+
+
+@pytest.mark.slow
+def test_fit_killed_twice_resumes_to_the_uninterrupted_solver(tmp_path):
+    """SIGKILL the CLI as soon as its plan is written (probe or GT) and again once the held-out GT
+    is done (training), then rerun: the solver equals an uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import time
+    settings = dict(nfe=4, num_train=96, num_heldout=16, iters=55, finetune_iters=5, batch_size=8)
+    ref = bf.fit("gmm-64", out=tmp_path / "ref", plots=False, progress=False, log=lambda *a: None,
+                 device="cpu", **settings)
+    out = tmp_path / "fit"
+    argv = [sys.executable, "-m", "bespoke_fast.cli", "fit", "--model", "gmm-64", "--out", str(out),
+            "--device", "cpu", "--quiet"]
+    for k, v in settings.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for marker in (out / "plan.json", out / "gt_heldout" / "manifest.json"):
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and not marker.exists():
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (out / "report.json").exists()
+    subprocess.run(argv, env=env, check=True, capture_output=True)
+    resumed = load_solver(next(out.glob("*_nfe4.json")))
+    assert all(torch.equal(a, b) for a, b in zip(ref.solver.parameters(), resumed.parameters()))
+    assert json.loads((out / "report.json").read_text())["heldout"] == ref.report["heldout"]
