@@ -8,6 +8,10 @@ For each model: GT generation (trajectories, model evaluations, wall time), a de
 (bound phase + fine-tune), and a short bound-only fit in both GT modes with the same settings,
 so the per-iteration cost of online GT (an RK45 solve per iteration) is compared at equal work.
 
+``--storage``: the same fit (``bf.fit``, same seeds) with GT knots stored in float32, float16
+and float16 + adaptive knots: disk per trajectory, the recorded extra interpolation error and the
+held-out PSNR of the trained solver (the accuracy cost of the smaller GT).
+
 ``--unet``: the 35.7M-parameter UNet of ``bench/models.py`` (random weights: the ODE is still
 well defined) at tiny counts: a few GT trajectories, then, each configuration in its own process
 (so peak RSS is its own), training iterations of both phases at micro-batch sizes with and
@@ -222,6 +226,50 @@ def unet_markdown(rec, machine):
     return "\n".join(lines) + "\n"
 
 
+def storage_cost(name, num_gt, iters, finetune_iters, work):
+    rows = []
+    for label, kw in (("float32", {}), ("float16", {"storage_dtype": "float16"}),
+                      ("float16 + adaptive knots", {"storage_dtype": "float16", "adaptive_knots": True})):
+        t0 = time.perf_counter()
+        r = bf.fit(name, nfe=10, out=Path(work) / f"{name}-{len(rows)}", num_train=num_gt,
+                   num_heldout=1024, iters=iters, finetune_iters=finetune_iters, plots=False,
+                   progress=False, log=lambda *a: None, **kw)
+        st = r.report["gt"]["train"]["storage"]
+        rows.append({"model": name, "storage": label, "num_gt": num_gt, "iters": iters,
+                     "finetune_iters": finetune_iters, "seconds": time.perf_counter() - t0,
+                     "bytes_per_trajectory": st["bytes_per_trajectory"],
+                     "extra_rmse_mean": st.get("extra_rmse_mean", 0.0),
+                     "error_limit": st.get("error_limit"), "knots_mean": st.get("knots_mean", 41),
+                     "interpolation_rmse_mean": r.report["gt"]["train"]["interpolation"]["rmse_mean"],
+                     "heldout": {x["solver"]: {"psnr": x["psnr"], "psnr_set": x["psnr_set"]}
+                                 for x in r.report["heldout"]}})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def storage_markdown(rows, machine):
+    lines = [f"# GT storage: disk vs accuracy ({machine['cpu']}, torch {machine['torch']}, "
+             f"{machine.get('threads', '?')} threads)", "",
+             f"`bf.fit` of bespoke-rk2 at NFE 10, {rows[0]['num_gt']} training GT trajectories, "
+             f"{rows[0]['iters']} + {rows[0]['finetune_iters']} iterations, the same seeds; "
+             "held-out PSNR on 1024 trajectories (seed 1). Extra RMSE: the stored GT's Hermite "
+             "interpolant vs the float32, every-knot one (measured while writing, recorded in the "
+             "manifest); limit: 0.1 x the RK2 local error at NFE 10.", "",
+             "| model | knots stored as | bytes / trajectory | vs float32 | mean knots | extra RMSE "
+             "| limit | interpolation RMSE vs direct solves | held-out PSNR / set (dB) | midpoint@10 |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r["bytes_per_trajectory"]
+        ours = next(v for k, v in r["heldout"].items() if k.startswith("bespoke"))
+        mid = r["heldout"]["midpoint@10"]
+        lines.append(f"| {r['model']} | {r['storage']} | {b['stored']:.0f} | "
+                     f"{b['stored'] / b['float32_all_knots']:.2f} | {r['knots_mean']:.1f} | "
+                     f"{r['extra_rmse_mean']:.1e} | {r['error_limit'] or float('nan'):.1e} | "
+                     f"{r['interpolation_rmse_mean']:.1e} | {ours['psnr']:.2f} / {ours['psnr_set']:.2f} | "
+                     f"{mid['psnr']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -230,6 +278,10 @@ def main(argv=None):
     p.add_argument("--compare-iters", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("bench/results/local"))
+    p.add_argument("--storage", action="store_true",
+                   help="float32 vs float16 (vs adaptive) GT knots: disk and held-out accuracy")
+    p.add_argument("--iters", type=int, default=100, help="--storage: bound-phase iterations")
+    p.add_argument("--finetune-iters", type=int, default=300, help="--storage: fine-tune iterations")
     p.add_argument("--unet", action="store_true",
                    help="the 35M UNet: peak RSS and time per iteration vs micro-batch/checkpointing")
     p.add_argument("--unet-batch", type=int, default=2, help="batch (and GT trajectories) for --unet")
@@ -241,6 +293,14 @@ def main(argv=None):
     machine = machine_info()
     machine["threads"] = args.threads
     machine["loadavg_1min_at_start"] = os.getloadavg()[0]  # shared machines: say how busy
+    if args.storage:
+        with tempfile.TemporaryDirectory() as work:
+            rows = [r for name in args.models
+                    for r in storage_cost(name, args.num_gt, args.iters, args.finetune_iters, work)]
+        md = storage_markdown(rows, machine)
+        print(md)
+        write_results(args.out, "gt_storage", [{"machine": machine, **r} for r in rows], md)
+        return
     if args.unet:
         machine["threads"] = 1
         with tempfile.TemporaryDirectory() as work:

@@ -122,8 +122,8 @@ def model_for_loss(model, activation_checkpointing: bool = False, autocast=None)
     ``torch.autocast`` with float32 inputs, and its output is cast back to the input's dtype, so
     the solver maths (states, coefficients, errors) stays float64/float32.
     ``activation_checkpointing``: each call's activations are dropped after the forward and
-    recomputed in the backward (``torch.utils.checkpoint``): the memory of a batch through n
-    steps is then one model call's activations plus the states, at about 1.3x the time.
+    recomputed in the backward (``torch.utils.checkpoint``): memory holds one model call's
+    activations plus the states, for one more forward per call.
     """
     if autocast is not None and autocast not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast must be torch.bfloat16 or torch.float16, got {autocast!r}")
@@ -323,10 +323,11 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
             :func:`model_for_loss`): gradient accumulation over chunks of ``micro_batch``
             trajectories (same result up to rounding), per-model-call activation
             checkpointing (same result), the model under bf16/fp16 autocast (solver maths
-            in the GT's dtype). Peak memory of a bound-phase iteration is about
-            ``base + activations(one model call) x stages x n x micro_batch`` without
-            checkpointing and ``base + activations(one model call) x micro_batch`` with it
-            (measured on a 35M-parameter UNet: ``bench/fit_cost.py --unet``).
+            in the GT's dtype). Peak memory grows linearly with ``micro_batch`` (the whole
+            batch without it): the bound phase calls the model on all n steps of a chunk at
+            once (n x micro_batch samples per call, one call per RK stage), the fine-tune
+            phase n times in sequence; checkpointing keeps one call's activations instead of
+            all of them. Measured on a 35M-parameter UNet: ``bench/fit_cost.py --unet``.
 
     Returns: ``(solver, report)``; the report holds the curve (iteration, loss, validation
     RMSE/PSNR), the best validation figures, model evaluations spent (``nfe``: GT, training,
