@@ -221,8 +221,10 @@ def unet_markdown(rec, machine):
               "depend on it; checkpointing adds one forward per model call. The bound phase "
               "evaluates all n steps of a chunk in one model call of n x micro-batch samples, so "
               "checkpointing there only drops the other RK2 stage's activations; in the "
-              "fine-tune phase (n sequential calls) it keeps one call's. bf16 autocast on this "
-              "CPU is a correctness check, not a speed-up (CPUs without bf16 units emulate it)."]
+              "fine-tune phase (n sequential calls) it keeps one call's. Peak RSS is reliable; "
+              "the times are not better than 2x: the machine was shared (load average "
+              f"{machine.get('loadavg_1min_at_start', 0):.1f} at the start). bf16 autocast speed "
+              "depends on the CPU's bf16 support."]
     return "\n".join(lines) + "\n"
 
 
