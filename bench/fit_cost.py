@@ -149,7 +149,7 @@ def unet_cost(args, work):
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
             got = json.loads(res.stdout.strip().splitlines()[-1])
             cfg.update({f"{phase}_{k}": v for k, v in got.items()})
-        rows.append(cfg)
+        rows.append({k: v for k, v in cfg.items() if k != "gt"})   # no machine paths in results
         print(rows[-1], flush=True)
     return {"model": "unet-35m", "parameters": 35_746_307, "shape": list(shape), "nfe": 10,
             "batch": args.unet_batch, "gt": {"num": manifest["num"], "seconds": gt_seconds,
