@@ -249,7 +249,8 @@ def cmd_fit(args):
                      iters=args.iters, finetune_iters=args.finetune_iters,
                      batch_size=args.batch_size, micro_batch=args.micro_batch,
                      activation_checkpointing=args.checkpoint_activations, autocast=autocast,
-                     progress=not args.quiet, log=log, plan_only=args.plan)
+                     progress=not args.quiet, log=log, plan_only=args.plan,
+                     overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, TypeError) as e:
         raise CLIError(str(e)) from e
     if args.json:
@@ -365,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
                    help="run the model under autocast while training (solver maths stays float32)")
     p.add_argument("--plan", action="store_true", help="print the plan and stop")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a fit made with other settings in --out (default: refuse)")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("gt", help="generate ground-truth trajectories (adaptive RK45)",

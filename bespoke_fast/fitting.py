@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ._checks import check_choice, check_int
+from ._checks import InvalidArgumentError, MismatchError, check_choice, check_int
 from .gt_storage import bytes_per_trajectory
 from .io import atomic_write_text
 
@@ -78,7 +78,7 @@ def _resolve(model, shape, data_range, device, log):
             zm.model.to(device)
     else:
         if shape is None:
-            raise ValueError("shape is required for a plain model, e.g. fit(net, shape=(3, 32, 32))")
+            raise InvalidArgumentError("shape is required for a plain model, e.g. fit(net, shape=(3, 32, 32))")
         if data_range is None:
             log("note: no data_range given; assuming 2.0 (data in [-1, 1]) for PSNR")
         name = getattr(model, "name", "") or type(model).__name__
@@ -86,7 +86,7 @@ def _resolve(model, shape, data_range, device, log):
         if isinstance(model, torch.nn.Module):
             model.to(device)
     if shape is not None and tuple(shape) != tuple(zm.shape):
-        raise ValueError(f"shape {tuple(shape)} does not match the model's shape {tuple(zm.shape)}")
+        raise InvalidArgumentError(f"shape {tuple(shape)} does not match the model's shape {tuple(zm.shape)}")
     if data_range is not None:
         zm.data_range = float(data_range)
     return zm, torch.device(device)
@@ -176,7 +176,7 @@ def _fit_plan(settings, probe, max_disk, budget_seconds, log):
                     f"{settings['iters']}+{settings['finetune_iters']} -> "
                     f"{s['iters']}+{s['finetune_iters']} iterations")
             return s, p
-    raise ValueError(f"refusing to start: the full plan needs {_gb(plan['disk_bytes'])} and about "
+    raise InvalidArgumentError(f"refusing to start: the full plan needs {_gb(plan['disk_bytes'])} and about "
                      f"{_duration(plan['eta_seconds'])}, and even the smallest one ("
                      f"{s['num_train']} trajectories, {_gb(p['disk_bytes'])}, "
                      f"{_duration(p['eta_seconds'])}) exceeds {_limits(max_disk, budget_seconds)}")
@@ -291,7 +291,8 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
         iters: int | None = None, finetune_iters: int | None = None, batch_size: int | None = None,
         micro_batch: int | None = None, activation_checkpointing: bool = False, autocast=None,
         stream: bool = True, plots: bool = True, progress: bool = True, log=print,
-        plan_only: bool = False, train_kwargs: dict | None = None) -> FitResult | dict:
+        plan_only: bool = False, train_kwargs: dict | None = None,
+        overwrite: bool = False) -> FitResult | dict:
     """Fit a solver to ``model`` end to end: GT, held-out GT, training, held-out evaluation,
     report and solver file in ``out``. Rerunning the same call resumes where it stopped.
 
@@ -314,6 +315,8 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
             (:func:`~bespoke_fast.train`). stream: read training GT shard rows on demand.
         plan_only: print and return the plan, do nothing else.
         train_kwargs: further keyword arguments for the trainer (e.g. ``val_every``).
+        overwrite: replace a fit made with other settings in ``out`` (default: refuse with a
+            ``MismatchError``); the same settings always resume.
 
     Returns: a :class:`FitResult` (``solver``, ``report``, ``solver_path``, ``out``), or the
     plan dict with ``plan_only``.
@@ -326,13 +329,13 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
     check_choice("solver", solver, SOLVERS)
     nfe = check_int("nfe", nfe)
     if solver == "bespoke" and nfe % 2:
-        raise ValueError(f"nfe must be even for a bespoke RK2 solver (2 evaluations per step), got {nfe}")
+        raise InvalidArgumentError(f"nfe must be even for a bespoke RK2 solver (2 evaluations per step), got {nfe}")
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     if heldout_seed == seed:
-        raise ValueError("heldout_seed must differ from seed (the held-out noises must be disjoint)")
+        raise InvalidArgumentError("heldout_seed must differ from seed (the held-out noises must be disjoint)")
     for name, v in (("max_disk", max_disk), ("budget_seconds", budget_seconds)):
         if v is not None and not (v > 0 and math.isfinite(v)):
-            raise ValueError(f"{name} must be a positive number, got {v}")
+            raise InvalidArgumentError(f"{name} must be a positive number, got {v}")
     out = Path(out)
     zm, device = _resolve(model, shape, data_range, device, log)
     settings = _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol, atol,
@@ -342,11 +345,14 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
     if plan_file.is_file():
         saved = json.loads(plan_file.read_text())
         if saved["requested"] != json.loads(json.dumps(requested)):
-            raise ValueError(f"{out} holds a fit with other settings; use another --out or "
-                             f"remove {plan_file}")
-        settings, plan = saved["settings"], saved["plan"]
-        log(f"resuming the fit in {out} (plan from {plan_file})")
-    else:
+            if not overwrite:
+                raise MismatchError(f"{out} holds a fit with other settings; use another --out, or "
+                                    f"overwrite=True (--overwrite) to replace it")
+            _remove_fit(out)
+        else:
+            settings, plan = saved["settings"], saved["plan"]
+            log(f"resuming the fit in {out} (plan from {plan_file})")
+    if not plan_file.is_file():
         per_eval, gt_per_traj = _probe(zm, device, min(settings["batch_size"], 16), rtol, atol,
                                        len(settings["knots_t"]))
         probe = {"seconds_per_eval": per_eval, "gt_evals_per_trajectory": gt_per_traj,
@@ -361,7 +367,15 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
     if plan_only:
         return plan
     return _run(zm, device, settings, plan, out, micro_batch, activation_checkpointing, autocast,
-                stream, plots, progress, log, train_kwargs or {})
+                stream, plots, progress, log, train_kwargs or {}, overwrite)
+
+
+def _remove_fit(out: Path):
+    """Delete what a fit wrote in ``out`` except the GT folders (the GT itself replaces those)."""
+    for pattern in ("plan.json", "train.ckpt", "train_report.json", "report.json", "report.md",
+                    "error_maps.png", "transform.png", "*_nfe*.json"):
+        for f in out.glob(pattern):
+            f.unlink()
 
 
 def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol, atol, knots,
@@ -380,13 +394,20 @@ def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol,
     iters = iters if iters is not None else (defaults["iters"] or 300)
     finetune_iters = finetune_iters if finetune_iters is not None else defaults.get("finetune_iters", 0)
     batch_size = check_int("batch_size", batch_size if batch_size is not None else defaults["batch_size"])
+    num_select = max(1, min(256, num_train // 5))     # the last ones pick the checkpoint
+    if solver == "bns":
+        from .bns_train import MIN_TRAIN_PAIRS, MIN_VAL_PAIRS
+        num_select = max(num_select, MIN_VAL_PAIRS)
+        if num_train < num_select + MIN_TRAIN_PAIRS:
+            raise InvalidArgumentError(f"num_train must be >= {num_select + MIN_TRAIN_PAIRS} for BNS "
+                                       f"({MIN_TRAIN_PAIRS} training + {num_select} selection pairs)")
     storage_dtype = str(storage_dtype_of(storage_dtype) or torch.float32).replace("torch.", "")
     # BNS trains on endpoint pairs only: no knots needed
     knots_t = (list(_ENDPOINT_KNOTS) if solver == "bns" else
                default_knots(check_int("knots", knots if knots is not None else DEFAULT_KNOTS, 2)).tolist())
     return {"model": zm.name, "shape": list(zm.shape), "data_range": zm.data_range, "nfe": nfe,
             "solver": solver, "num_train": num_train, "num_heldout": check_int("num_heldout", num_heldout),
-            "num_select": max(1, min(256, num_train // 5)), "seed": seed, "heldout_seed": heldout_seed,
+            "num_select": num_select, "seed": seed, "heldout_seed": heldout_seed,
             "rtol": rtol, "atol": atol, "knots_t": knots_t, "storage_dtype": storage_dtype,
             "adaptive_knots": bool(adaptive_knots) and solver == "bespoke",
             "iters": check_int("iters", iters, 0), "finetune_iters": check_int("finetune_iters", finetune_iters, 0),
@@ -394,12 +415,12 @@ def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol,
 
 
 def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autocast, stream, plots,
-         progress, log, train_kwargs):
+         progress, log, train_kwargs, overwrite=False):
     from .evaluation import evaluate
     from .gt import generate_trajectories, load_trajectories
     started = time.perf_counter()
     gt_kwargs = dict(rtol=s["rtol"], atol=s["atol"], model_name=zm.name, data_range=zm.data_range,
-                     progress=progress)
+                     progress=progress, overwrite=overwrite)
     log(f"[1/4] GT for training: {s['num_train']} trajectories (seed {s['seed']}) -> {out / 'gt_train'}")
     gt_manifest = generate_trajectories(
         zm.model, s["num_train"], zm.shape, out / "gt_train", seed=s["seed"],

@@ -10,6 +10,7 @@ On disk, a directory::
     run.json                 the run identity (model name + hash, num, shape, seed, tolerances,
                              knots, batch size, dtype, ...), written first
     shard_00000.safetensors  index [S], x0, x1 [S, *shape], knots_x, knots_u [S, K, *shape]
+                             (or the adaptive-knot layout, see ``bespoke_fast.gt_storage``)
     shard_00000.json         sidecar: count, run identity hash, sha256 of the shard (written
                              after the shard)
     manifest.json            the run identity, shards, measured interpolation error, model
@@ -39,6 +40,8 @@ from ._checks import (InvalidArgumentError, InvalidFileError, MissingFileError, 
 from .io import (MANIFEST_MAX_BYTES, atomic_write, atomic_write_text, check_shard_plan,
                  claim_run_dir, identity_hash, model_fingerprint, model_identity,
                  read_json_bounded, remove_stale_temp_files, seal, sha256_file, unseal)
+from .gt_storage import (StorageOptions, StreamedTrajectories, bytes_per_trajectory, decode_knots,
+                         split_point)
 from .noise import noise_for_indices
 from .solvers.adaptive import default_knots, solve_adaptive
 
@@ -61,7 +64,7 @@ def _dist():
 
 # ----------------------------------------------------------------------------- interpolation
 def hermite(knots_t: torch.Tensor, knots_x: torch.Tensor, knots_u: torch.Tensor,
-            t: torch.Tensor) -> torch.Tensor:
+            t: torch.Tensor, derivative: bool = False) -> torch.Tensor:
     """Cubic Hermite interpolation of trajectories, differentiable in ``t``.
 
     Args:
@@ -69,14 +72,14 @@ def hermite(knots_t: torch.Tensor, knots_x: torch.Tensor, knots_u: torch.Tensor,
         knots_x, knots_u: ``[B, K, ...]`` states and velocities at the knots.
         t: ``[m]`` query times in ``[knots_t[0], knots_t[-1]]`` (may require grad).
     Returns: ``[m, B, ...]`` states ``x(t)``; ``d/dt`` of it is the cubic's derivative (it equals
-    ``u`` at the knots).
+    ``u`` at the knots); ``derivative=True`` returns that derivative instead.
 
     With ``s = (t - t_k) / dt_k`` on the interval ``[t_k, t_{k+1}]``::
 
         x(t) = h00 x_k + h10 dt u_k + h01 x_{k+1} + h11 dt u_{k+1}
         h00 = 2s^3 - 3s^2 + 1, h10 = s^3 - 2s^2 + s, h01 = -2s^3 + 3s^2, h11 = s^3 - s^2
     """
-    kt = knots_t.to(device=knots_x.device, dtype=torch.float64)
+    kt = knots_t.to(device=knots_x.device, dtype=torch.float64).contiguous()
     tt = t.to(device=knots_x.device)
     idx = torch.searchsorted(kt, tt.detach().to(torch.float64).contiguous(), right=True) - 1
     idx = idx.clamp(0, kt.numel() - 2)
@@ -85,8 +88,13 @@ def hermite(knots_t: torch.Tensor, knots_x: torch.Tensor, knots_u: torch.Tensor,
     shape = (-1, 1) + (1,) * (knots_x.dim() - 2)
     s = s.reshape(shape)
     s2, s3 = s * s, s * s * s
-    h00, h10, h01, h11 = 2 * s3 - 3 * s2 + 1, s3 - 2 * s2 + s, -2 * s3 + 3 * s2, s3 - s2
     dt = dt.reshape(shape)
+    if derivative:   # d/dt = (d/ds) / dt
+        h00, h10 = (6 * s2 - 6 * s) / dt, 3 * s2 - 4 * s + 1
+        h01, h11 = (-6 * s2 + 6 * s) / dt, 3 * s2 - 2 * s
+        dt = torch.ones_like(dt)
+    else:
+        h00, h10, h01, h11 = 2 * s3 - 3 * s2 + 1, s3 - 2 * s2 + s, -2 * s3 + 3 * s2, s3 - s2
     xk, xk1 = knots_x[:, idx].movedim(1, 0), knots_x[:, idx + 1].movedim(1, 0)
     uk, uk1 = knots_u[:, idx].movedim(1, 0), knots_u[:, idx + 1].movedim(1, 0)
     dtype = knots_x.dtype
@@ -135,12 +143,8 @@ class TrajectorySet:
 
     def split(self, num_val: int):
         """(train, val): the last ``num_val`` trajectories are held out for validation."""
-        num_val = check_int("num_val", num_val, 1)
-        if num_val >= len(self):
-            raise InvalidArgumentError(f"cannot hold out {num_val} of {len(self)} trajectories for "
-                                       f"validation (at least one must be left for training)")
-        n = len(self)
-        return self.subset(range(n - num_val)), self.subset(range(n - num_val, n))
+        cut = split_point(len(self), num_val)
+        return self.subset(range(cut)), self.subset(range(cut, len(self)))
 
     def fingerprint(self) -> str:
         """sha256 (first 16 hex digits) of the sample indices and the pairs ``(x0, x1)``: tells
@@ -151,11 +155,16 @@ class TrajectorySet:
             h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
 
+    @property
+    def device(self) -> torch.device:
+        return self.x0.device
+
     def at(self, t: torch.Tensor, rows=None) -> torch.Tensor:
-        """``x(t)`` by Hermite interpolation, ``[m, N or len(rows), *shape]``."""
+        """``x(t)`` by Hermite interpolation, ``[m, N or len(rows), *shape]``, in x0's dtype
+        (knots stored in float16/bfloat16 are cast first)."""
         kx = self.knots_x if rows is None else self.knots_x[rows]
         ku = self.knots_u if rows is None else self.knots_u[rows]
-        return hermite(self.knots_t, kx, ku, t)
+        return hermite(self.knots_t, kx.to(self.x0.dtype), ku.to(self.x0.dtype), t)
 
     def to(self, device) -> "TrajectorySet":
         return TrajectorySet(self.x0.to(device), self.x1.to(device), self.knots_t.to(device),
@@ -241,7 +250,9 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
                           atol: float = 1e-5, knots=DEFAULT_KNOTS, batch_size: int = 256,
                           extras_fn=None, model_name: str = "", data_range: float = 2.0,
                           device=None, dtype=torch.float32, progress: bool = True,
-                          measure_interpolation: int = 16, overwrite: bool = False) -> dict:
+                          measure_interpolation: int = 16, overwrite: bool = False,
+                          storage_dtype=None, adaptive_knots: bool = False,
+                          error_fraction: float = 0.1, reference_nfe: int = 10) -> dict:
     """Integrate ``num`` noises to t = 1 and store them as a sharded GT set in directory ``out``.
 
     Args:
@@ -263,6 +274,12 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
         data_range: the data range R used for PSNR, recorded in the manifest.
         measure_interpolation: trajectories used to measure the Hermite interpolation error
             against direct tight solves at random times (0 to skip).
+        storage_dtype: dtype the knots are stored in (``"float16"``, ``"bfloat16"``; default:
+            ``dtype``), about halving the disk. adaptive_knots: keep per trajectory only the
+            knots its interpolation needs. Both are measured against an error budget of
+            ``error_fraction`` x the local error of RK2 at ``reference_nfe`` (recorded in the
+            manifest's ``storage``; an ``InvalidArgumentError`` when exceeded): see
+            ``bespoke_fast.gt_storage``.
 
     A model that returns NaN/Inf stops the run with a ``NonFiniteError`` naming the sample
     index and the time; the shard is not written. Absurd sizes fail before any work (more than
@@ -290,6 +307,9 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
     rank, world, distributed = _dist()
     identity = run_identity(model, num, shape, seed, rtol, atol, knots_t, batch_size, model_name,
                             data_range, dtype, extras_fn)
+    storage = StorageOptions(storage_dtype, adaptive_knots, error_fraction, reference_nfe)
+    if storage.active(dtype):        # part of the run: a rerun with other storage is refused
+        identity["storage"] = storage.describe(dtype)
     run = identity_hash(identity)
     item = torch.empty((), dtype=dtype).element_size() * math.prod(shape)
     existing = sum(f.stat().st_size for f in out.glob("shard_*.safetensors"))
@@ -328,23 +348,23 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
                 if not str(e).startswith("solve_adaptive:"):
                     raise
                 raise InvalidArgumentError(f"GT shard {k} (samples {lo}..{hi - 1}): {e}") from e
-            tensors = {
-                "index": index, "x0": x0.cpu(), "x1": stats["knots_x"][-1].cpu().clone(),
-                "knots_x": stats["knots_x"].movedim(0, 1).contiguous().cpu(),
-                "knots_u": stats["knots_u"].movedim(0, 1).contiguous().cpu(),
-            }
-            bad = _first_non_finite(index, tensors["knots_x"])
+            kx, ku = stats["knots_x"].movedim(0, 1), stats["knots_u"].movedim(0, 1)
+            bad = _first_non_finite(index, kx)
             if bad is not None:
                 raise NonFiniteError(f"GT sample {bad[0]} is NaN/Inf at knot {bad[1]} (t="
                                      f"{float(knots_t[bad[1]]):.6g}; the integration diverged); nothing "
                                      f"was written for shard {k}")
+            knot_tensors, storage_info = storage.encode(model, knots_t, kx, ku, extras)
+            tensors = {"index": index, "x0": x0.cpu(), "x1": stats["knots_x"][-1].cpu().clone(),
+                       **knot_tensors}
             for name, value in extras.items():
                 if isinstance(value, torch.Tensor):
                     tensors[f"extra.{name}"] = value.contiguous().cpu()
             _write_shard(out, k, tensors, {"count": hi - lo, "start": lo, "run": run,
                                             "nfe": stats["nfe"] * (hi - lo),
                                             "nfe_knots": stats["nfe_knots"] * (hi - lo),
-                                            "steps": stats["n_accepted"], "rejected": stats["n_rejected"]})
+                                            "steps": stats["n_accepted"], "rejected": stats["n_rejected"],
+                                            **({"storage": storage_info} if storage_info else {})})
             bar.update(hi - lo)
     finally:
         bar.close()
@@ -355,7 +375,7 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
         manifest = _reusable_manifest(out, identity, run, n_shards)
         if manifest is None:
             manifest = _write_manifest(out, model, identity, run, n_shards, seed, rtol, atol,
-                                       measure_interpolation, time.perf_counter() - start)
+                                       measure_interpolation, time.perf_counter() - start, storage)
     if distributed:
         torch.distributed.barrier()
         if rank != 0:
@@ -442,7 +462,8 @@ def _reusable_manifest(out, identity, run, n_shards):
     return manifest
 
 
-def _write_manifest(out, model, identity, run, n_shards, seed, rtol, atol, measure, wall):
+def _write_manifest(out, model, identity, run, n_shards, seed, rtol, atol, measure, wall,
+                    storage=None):
     """Build the manifest from the verified shards (measuring the interpolation error first),
     then write it once, atomically and sealed: a kill before leaves no manifest, after a
     complete one."""
@@ -467,12 +488,34 @@ def _write_manifest(out, model, identity, run, n_shards, seed, rtol, atol, measu
                 "per_trajectory": (nfe + nfe_knots) / num},
         "wall_seconds_last_run": wall,
     }
+    if storage is not None:
+        manifest["storage"] = _storage_summary(out, manifest, storage, getattr(torch, identity["dtype"]))
     if measure:
         gt = _assemble(out, manifest)
         manifest["interpolation"] = measure_interpolation_error(
             model, gt, min(measure, len(gt)), rtol=rtol * 1e-2, atol=atol * 1e-2, seed=seed)
     atomic_write_text(out / "manifest.json", json.dumps(seal(manifest), indent=1) + "\n")
     return seal(manifest)
+
+
+def _storage_summary(out: Path, manifest: dict, storage: StorageOptions, dtype) -> dict:
+    """The manifest's ``storage`` entry: knot dtype, adaptive knots, the measured extra error
+    (worst shard) and bytes per trajectory as stored vs float32 with every knot."""
+    shards = manifest["shards"]
+    measured = [s["storage"] for s in shards if "storage" in s]
+    stored = sum((out / s["file"]).stat().st_size for s in shards)
+    K = len(manifest["knots_t"])
+    summary = {**storage.describe(dtype),
+               "bytes_per_trajectory": {"float32_all_knots": bytes_per_trajectory(manifest["shape"], K),
+                                        "stored": stored / manifest["num"]}}
+    if measured:
+        summary.update(reference_local_error=measured[0]["reference_local_error"],
+                       error_limit=measured[0]["error_limit"],
+                       extra_rmse_mean=max(m["extra_rmse_mean"] for m in measured),
+                       extra_rmse_max=max(m["extra_rmse_max"] for m in measured),
+                       knots_mean=sum(m["knots_mean"] * s["count"] for m, s in zip(measured, shards))
+                       / sum(s["count"] for s in shards))
+    return summary
 
 
 def measure_interpolation_error(model, gt: TrajectorySet, num: int = 16, times_per_traj: int = 8,
@@ -526,6 +569,11 @@ def _assemble(path: Path, manifest: dict) -> TrajectorySet:
             raise InvalidFileError(f"{f}: not a GT shard ({e})") from None
         if part.get("x0") is None or part["x0"].shape[0] != shard["count"]:
             raise InvalidFileError(f"{f}: holds another number of trajectories than the manifest")
+        if "knot_stride" in part:   # adaptive layout: restore every knot (exactly, from the cubic)
+            part["knots_x"], part["knots_u"] = decode_knots(
+                part, range(shard["count"]), torch.tensor(manifest["knots_t"], dtype=torch.float64),
+                part["x0"].dtype)
+            del part["knots_x_flat"], part["knots_u_flat"], part["knot_stride"]
         parts.append(part)
     cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     return TrajectorySet(cat["x0"], cat["x1"], torch.tensor(manifest["knots_t"], dtype=torch.float64),
@@ -533,14 +581,29 @@ def _assemble(path: Path, manifest: dict) -> TrajectorySet:
                          {k[len("extra."):]: v for k, v in cat.items() if k.startswith("extra.")})
 
 
-def load_trajectories(path, device="cpu") -> TrajectorySet:
+def load_trajectories(path, device="cpu", stream: bool = False) -> TrajectorySet:
     """Load a GT directory written by :func:`generate_trajectories` (safe format, verified: the
     manifest's seal and schema, then every shard's sha256).
+
+    ``stream=True`` returns a :class:`~bespoke_fast.gt_storage.StreamedTrajectories`: shards are
+    verified and memory-mapped, and only the rows of each batch are read (for sets larger than
+    memory; ``train`` accepts it).
 
     Raises ``FileNotFoundError`` / ``InvalidFileError`` (a ``ValueError``) naming what is missing
     or wrong; a damaged manifest is rebuilt from the verified shards by rerunning the same
     ``gt`` command.
     """
     path = Path(path)
+    if stream:
+        manifest = read_manifest(path)
+        for shard in manifest["shards"]:
+            f = path / shard["file"]
+            if not f.is_file():
+                raise MissingFileError(f"{path}: shard {shard['file']} is missing; rerun the same "
+                                       f"'bespoke-fast gt' command to recompute it")
+            if sha256_file(f) != shard["sha256"]:
+                raise InvalidFileError(f"{f}: checksum mismatch (corrupt or partial); delete it and "
+                                       f"rerun the same 'bespoke-fast gt' command")
+        return StreamedTrajectories(path, manifest, device)
     gt = _assemble(path, read_manifest(path))
     return gt.to(device) if str(device) != "cpu" else gt

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ._checks import call_model, check_int
+from ._checks import InvalidArgumentError, call_model, check_int
 
 __all__ = ["STORAGE_DTYPES", "GT_ERROR_FRACTION", "StorageOptions", "decode_knots",
            "mmap_safetensors", "StreamedTrajectories", "bytes_per_trajectory", "knot_strides"]
@@ -47,10 +47,10 @@ def storage_dtype_of(value) -> torch.dtype | None:
     """``None`` / a torch dtype / a name in :data:`STORAGE_DTYPES` -> dtype (or None)."""
     if value is None or isinstance(value, torch.dtype):
         if value is not None and value not in STORAGE_DTYPES.values():
-            raise ValueError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {value}")
+            raise InvalidArgumentError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {value}")
         return value
     if value not in STORAGE_DTYPES:
-        raise ValueError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {value!r}")
+        raise InvalidArgumentError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {value!r}")
     return STORAGE_DTYPES[value]
 
 
@@ -75,7 +75,8 @@ def split_point(n: int, num_val: int) -> int:
     """Where a set of ``n`` trajectories splits when the last ``num_val`` are held out."""
     num_val = check_int("num_val", num_val, 1)
     if num_val >= n:
-        raise ValueError(f"cannot hold out {num_val} of {n} trajectories for validation")
+        raise InvalidArgumentError(f"cannot hold out {num_val} of {n} trajectories for validation "
+                                   f"(at least one must be left for training)")
     return n - num_val
 
 
@@ -130,7 +131,7 @@ class StorageOptions:
         self.dtype = storage_dtype_of(storage_dtype)
         self.adaptive = bool(adaptive_knots)
         if not (0 < error_fraction and math.isfinite(error_fraction)):
-            raise ValueError(f"error_fraction must be a positive number, got {error_fraction}")
+            raise InvalidArgumentError(f"error_fraction must be a positive number, got {error_fraction}")
         self.fraction = float(error_fraction)
         self.reference_nfe = int(reference_nfe)
         self.reference = None
@@ -175,7 +176,7 @@ class StorageOptions:
                 "extra_rmse_mean": float(err.mean()), "extra_rmse_max": float(err.max()),
                 "knots_mean": float(((kx.shape[1] - 1) / strides + 1).mean())}
         if info["extra_rmse_mean"] > limit:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"storing GT knots in {_dtype_name(store)} adds an interpolation error of "
                 f"{info['extra_rmse_mean']:.2e} (RMSE), above {self.fraction:g} x the reference "
                 f"local error {self.reference:.2e} of RK2 at NFE {self.reference_nfe}; use "
