@@ -50,8 +50,8 @@ from _common import (command_line, machine_info, markdown_table, timeit_cpu,  # 
                      timeit_cuda, write_results)
 
 from bespoke_fast import ops  # noqa: E402
-from bespoke_fast import table as T  # noqa: E402
-from bespoke_fast.ops_bns import bns_step_ref  # noqa: E402
+from bespoke_fast.ops import table as T  # noqa: E402
+from bespoke_fast.ops.bns import bns_step_ref  # noqa: E402
 
 MB = 2 ** 20
 OPS = ["rk1_step", "rk1_step+cfg", "rk2_stage1", "rk2_stage1+cfg", "rk2_stage2", "rk2_stage2+cfg",
@@ -302,7 +302,7 @@ def render(machine, records, args) -> str:
              f"* command: `{command_line()}`",
              "* bytes: minimal traffic, each tensor read/written once in its dtype (formula in "
              "`minimal_bytes`); copy: device copy moving the same bytes, same run; "
-             "eager: the torch reference op (`bespoke_fast.ops.*_ref`, `ops_bns.bns_step_ref`); "
+             "eager: the torch reference op (`bespoke_fast.ops.*_ref`, `ops.bns.bns_step_ref`); "
              "in place with model_in written, as the engine calls them",
              f"* targets: >= {TARGET_PCT_COPY:.0f}% of copy bandwidth at >= {TARGET_MIN_MB} MB "
              f"working set, and a speed-up over eager of min({TARGET_SPEEDUP:.0f}x, "

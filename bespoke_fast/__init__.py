@@ -7,6 +7,13 @@ Data flows one way: model -> GT trajectories -> trainer -> solver file -> engine
     >>> model = bf.zoo.load("gmm-64").model            # any model(x, t[B]) -> u
     >>> x1 = bf.solve(model, torch.randn(4, 64), method="midpoint", n_steps=10)
 
+Layout (the README's "Layout" section has the tree): ``solvers/`` (the one solver interface
+``solvers/base.py``, the solver files ``solvers/files.py``, fixed / adaptive / bespoke / BNS
+solvers), ``ops/`` (each reference op beside the dispatch to its Triton twin; the table layouts
+in ``ops/table.py``), ``engine/`` (``FastSampler`` and one program per solver kind), and the
+Triton kernels, which live in the repository's top-level ``kernels/`` folder and install as
+``bespoke_fast.kernels``.
+
 Importing this package is cheap: it loads submodules on first use, needs neither triton nor a
 GPU, and queries no GPU.
 """
@@ -21,7 +28,7 @@ _LAZY = {
     # solvers
     "solve": "solvers.fixed", "solve_adaptive": "solvers.adaptive",
     "BespokeSolver": "solvers.bespoke", "NonStationarySolver": "solvers.bns",
-    "load_solver": "io",
+    "load_solver": "solvers.files",
     # fit
     "generate_trajectories": "gt", "load_trajectories": "gt", "train": "trainer",
     "evaluate": "evaluation", "fit": "fitting",
@@ -35,7 +42,7 @@ _LAZY = {
         "SolverFileError", "MissingFileError", "MismatchError", "ModelContractError",
         "NonFiniteError", "OutputError", "MissingDependencyError")},
 }
-_SUBMODULES = ("models", "solvers", "io", "ops", "table", "gt", "gt_storage", "trainer", "evaluation",
+_SUBMODULES = ("models", "solvers", "io", "ops", "gt", "gt_storage", "trainer", "evaluation",
                "fitting", "engine", "metrics", "telemetry", "zoo", "cli", "capture")
 
 __all__ = sorted(_LAZY) + ["__version__"]

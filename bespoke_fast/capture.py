@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .solvers.base import Solver
+
 __all__ = ["check_capturable", "CaptureReport", "HostSyncDetector", "HostSyncError"]
 
 aten = torch.ops.aten
@@ -66,8 +68,8 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 # the sampler's machinery: a problem is never reported at these frames, but at the user code
 # they call (models in bespoke_fast, e.g. models.py and the zoo, ARE reported)
-_MACHINERY = {os.path.join(_PKG_DIR, f) for f in ("capture.py", "engine.py", "_checks.py",
-                                                   "ops.py", "ops_bns.py")}
+_MACHINERY = {os.path.join(_PKG_DIR, f) for f in ("capture.py", "_checks.py")}
+_MACHINERY_DIRS = tuple(os.path.join(_PKG_DIR, d) + os.sep for d in ("engine", "ops"))
 # the kernels: bespoke_fast/kernels when installed, the repository's kernels/ when editable
 _KERNEL_DIRS = tuple(os.path.join(d, "kernels") + os.sep
                      for d in (_PKG_DIR, os.path.dirname(_PKG_DIR)))
@@ -79,7 +81,8 @@ class HostSyncError(RuntimeError):
 
 def _is_machinery(filename: str) -> bool:
     f = os.path.abspath(filename)
-    return (f.startswith(_TORCH_DIR + os.sep) or f in _MACHINERY or f.startswith(_KERNEL_DIRS)
+    return (f.startswith(_TORCH_DIR + os.sep) or f in _MACHINERY
+            or f.startswith(_MACHINERY_DIRS + _KERNEL_DIRS)
             or f.endswith(os.sep + "contextlib.py"))
 
 
@@ -266,9 +269,8 @@ def check_capturable(model, solver, shape, *, batch_size: int = 2,
     from .engine import FastSampler
 
     device = torch.device("meta")
-    config = {"solver": getattr(solver, "kind", type(solver).__name__)
-              + (f"/{solver.base}" if getattr(solver, "base", None) else "")
-              + f" n={getattr(solver, 'n_steps', '?')}",
+    config = {"solver": (f"{solver.kind}/{solver.header} n={solver.n_steps}"
+                         if isinstance(solver, Solver) else type(solver).__name__),
               "batch_size": batch_size, "model_dtype": str(model_dtype).replace("torch.", ""),
               "guided": guidance is not None}
     detector = HostSyncDetector(device_types={"meta"})

@@ -168,10 +168,10 @@ def cmd_eval(args):
 
 def cmd_sample(args):
     import torch
-    from .io import load_solver
+    from .solvers.files import load_solver
     from .sampling import sample_to_dir
     if args.backend == "triton":
-        from .ops import triton_available
+        from .ops.backend import triton_available
         if not triton_available():
             raise MissingDependencyError("--backend triton needs the 'triton' package: pip install "
                                          "\"bespoke_fast[triton]\" (or use --backend reference)")
@@ -190,7 +190,7 @@ def cmd_doctor(args):
     """Exit 0 when the sampling loop can be captured in one CUDA graph, 1 with the problems."""
     import torch
     from .capture import check_capturable
-    from .io import load_solver
+    from .solvers.files import load_solver
     from .solvers.bespoke import BespokeSolver
     zm = _model(args)
     try:

@@ -36,7 +36,7 @@ def parse_solver_spec(spec):
                              f"multiple of {per}")
         return spec, (lambda model, x0, **ex: solve(model, x0, method, n_steps=nfe // per, **ex)), nfe
     if Path(spec).is_file():
-        from .io import load_solver
+        from .solvers.files import load_solver
         solver = load_solver(spec)
         return Path(spec).name, solver.sample, solver.nfe
     raise InvalidArgumentError(f"solver {spec!r} is neither a solver file nor 'method@NFE' "

@@ -1,41 +1,20 @@
-"""Solver files: small, versioned JSON documents. Loading never executes code, is bounded before
-anything is allocated, and validates everything: every problem raises
-:class:`~bespoke_fast._checks.SolverFileError` (a ``ValueError``) whose message starts with the
-file's path; a missing file raises ``FileNotFoundError``.
+"""General file utilities: atomic writes, sha256 of files, the bounded JSON reader, model
+identity, and the run-folder claim shared by GT sets and sample folders. (Solver files live in
+``bespoke_fast.solvers.files``.)
 
-Limits, checked in this order before a solver is built: the file is at most ``MAX_BYTES``
-(1 MiB); JSON nesting at most ``MAX_DEPTH`` (32) levels; integers at most ``MAX_INT_DIGITS``
-(20) digits; no duplicate keys, no NaN/Infinity literals; ``format_version``, ``n_steps`` and
-``nfe`` are JSON integers (``true`` and ``10.0`` are errors); ``1 <= n_steps <= MAX_STEPS``
-(1024); every array has exactly the length ``n_steps`` implies. Then the parameters are loaded
-and the tables are derived: they must be finite, ``t`` must run strictly from 0 to 1, ``s > 0``,
-and the packed table the sampler uses must be finite in float32 (a ``theta_s`` of -95 is finite
-in float64 but overflows a float32 coefficient).
+Bounded JSON (:func:`read_json_bounded`): the file is at most ``MAX_BYTES`` (1 MiB, unless the
+caller allows more); JSON nesting at most ``MAX_DEPTH`` (32) levels; integers at most
+``MAX_INT_DIGITS`` (20) digits; no duplicate keys, no NaN/Infinity literals.
 
 Model identity: ``model_fingerprint`` is the sha256 of a module's parameters and buffers; a
 model without any (a plain function, a stateless module) is identified by its import path,
 ``"callable:<module>.<qualname>"`` (so two lambdas of one module look alike).
-
-Layout (format version 1)::
-
-    {
-      "format": "bespoke_fast.solver", "format_version": 1,
-      "kind": "bespoke" | "bns",
-      "base": "rk1" | "rk2",               (bespoke)   "init": "euler" | "midpoint"  (bns)
-      "n_steps": n, "nfe": NFE,
-      "parameters": {name: [floats], ...},  the raw (unconstrained) parameters: the source of truth
-      "tables": {name: [floats], ...},      derived, for people and other tools; checked on load
-      "model": {"name": ..., "hash": ...},  what it was fitted to (may be empty)
-      "training": {...}, "validation": {...},
-      "package_version": "x.y.z"
-    }
 """
 from __future__ import annotations
 
 import errno as _errno
 import hashlib
 import json
-import math
 import os
 import re
 import tempfile
@@ -43,21 +22,16 @@ from pathlib import Path
 
 import torch
 
-from ._checks import (InvalidArgumentError, InvalidFileError, MismatchError, MissingFileError,
-                      OutputError, SolverFileError)
+from ._checks import InvalidArgumentError, InvalidFileError, MismatchError, OutputError
 
-FORMAT = "bespoke_fast.solver"
-FORMAT_VERSION = 1
 MAX_BYTES = 1 << 20
 MAX_DEPTH = 32
 MAX_INT_DIGITS = 20
-MAX_STEPS = 1024
 
-__all__ = ["save_solver", "load_solver", "solver_document", "solver_from_document",
-           "model_fingerprint", "model_identity",
-           "check_model_identity", "solver_fingerprint", "sha256_file", "atomic_write",
-           "atomic_write_text", "check_writable", "FORMAT_VERSION", "MAX_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS",
-           "MAX_STEPS"]
+__all__ = ["model_fingerprint", "model_identity", "check_model_identity", "sha256_file",
+           "atomic_write", "atomic_write_text", "check_writable", "read_json_bounded",
+           "claim_run_dir", "check_shard_plan", "seal", "unseal", "identity_hash",
+           "remove_stale_temp_files", "MAX_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS"]
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -153,54 +127,9 @@ def check_model_identity(recorded, model, model_name: str = "", what: str = "the
             f"pass --allow-model-mismatch (allow_model_mismatch=True) to use it anyway")
 
 
-def solver_fingerprint(solver) -> str:
-    """sha256 of a solver's kind, header, ``n_steps`` and raw parameters (any solver kind)."""
-    doc = {"kind": solver.kind, **solver.file_header(), "n_steps": int(solver.n_steps),
-           "parameters": solver.raw_parameters()}
-    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
-
-
-# ----------------------------------------------------------------------------- saving
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _jsonable(obj.detach().cpu().tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def solver_document(solver) -> dict:
-    """The JSON-ready document of a solver file (what :func:`save_solver` writes)."""
-    from . import __version__
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": solver.kind,
-        **solver.file_header(),
-        "n_steps": solver.n_steps, "nfe": solver.nfe,
-        "parameters": solver.raw_parameters(),
-        "tables": {k: v.detach().cpu().tolist() for k, v in solver.tables().items()},
-        "model": _jsonable(solver.meta.get("model", {})),
-        "training": _jsonable(solver.meta.get("training", {})),
-        "validation": _jsonable(solver.meta.get("validation", {})),
-        "package_version": __version__,
-    }
-
-
-def save_solver(solver, path) -> None:
-    """Write ``solver`` (a BespokeSolver or NonStationarySolver) to ``path`` as JSON, atomically."""
-    atomic_write_text(path, json.dumps(solver_document(solver), indent=1) + "\n")
-
-
-# ----------------------------------------------------------------------------- loading
-def _fail(path, msg):
-    raise SolverFileError(f"{path}: invalid solver file: {msg}")
-
-
+# ----------------------------------------------------------------------------- bounded JSON
 class _Reject(Exception):
-    """Raised inside the JSON hooks; turned into a SolverFileError naming the file."""
+    """Raised inside the JSON hooks; turned into the caller's error naming the file."""
 
 
 _TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
@@ -226,7 +155,7 @@ def _pairs_hook(pairs):
 
 
 def read_json_bounded(path, what: str = "JSON file", max_bytes: int = MAX_BYTES,
-                      error=SolverFileError):
+                      error=InvalidFileError):
     """Parse a small JSON file with the limits above (size, nesting depth, integer digits, no
     duplicate keys or NaN); every problem raises ``error`` with a message starting with ``path``."""
     path = Path(path)
@@ -257,150 +186,6 @@ def read_json_bounded(path, what: str = "JSON file", max_bytes: int = MAX_BYTES,
         raise error(f"{path}: not a valid {what}: {e}") from None
     except ValueError as e:  # JSONDecodeError
         raise error(f"{path}: not a {what}: not JSON ({e})") from None
-
-
-def _is_int(v) -> bool:
-    return type(v) is int  # noqa: E721 -- bool and float are errors
-
-
-def _expected_sizes(path, kind, header, n):
-    """Parameter and table sizes a solver of this kind / header / n has (no allocation)."""
-    if kind == "bespoke":
-        m = n if header == "rk1" else 2 * n
-        return ({"theta_t": m, "theta_tdot": m, "theta_s": m, "theta_sdot": m},
-                {"t": m + 1, "tdot": m, "s": m + 1, "sdot": m})
-    tri = n * (n + 1) // 2
-    return {"theta_t": n, "theta_a": n, "theta_b": tri}, {"t": n + 1, "a": n, "b": tri}
-
-
-def _number_list(path, section, where, name, size):
-    values = section[name]
-    if not isinstance(values, list):
-        _fail(path, f"{where} {name!r} must be a list of numbers")
-    if len(values) != size:
-        _fail(path, f"{where} {name!r} has {len(values)} entries, expected {size}")
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        _fail(path, f"{where} {name!r} must be a list of numbers")
-    try:
-        out = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    except OverflowError:
-        _fail(path, f"{where} {name!r} holds a number too large for a float")
-    if not torch.isfinite(out).all():
-        _fail(path, f"{where} {name!r} contains a non-finite number")
-    return out
-
-
-def load_solver(path):
-    """Read a solver file written by ``save`` and return the solver (BespokeSolver or
-    NonStationarySolver). The file is bounded and validated (see the module docstring) before
-    and after the solver is built; problems raise ``SolverFileError`` (a ``ValueError``) naming
-    the file, a missing file ``FileNotFoundError``.
-
-    Example::
-
-        >>> solver = bespoke_fast.load_solver("digits_rk2_nfe10.json")
-    """
-    path = Path(path)
-    if not path.is_file():
-        if path.exists():
-            _fail(path, "not a regular file")
-        raise MissingFileError(f"solver file not found: {path}")
-    return solver_from_document(read_json_bounded(path, "solver file"), path)
-
-
-def solver_from_document(doc, path="<solver document>"):
-    """Validate a solver document (see :func:`solver_document`; the checks of
-    :func:`load_solver` after parsing) and build the solver; ``path`` names the source in errors."""
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        _fail(path, f"'format' must be {FORMAT!r}")
-    version = doc.get("format_version")
-    if not _is_int(version) or version != FORMAT_VERSION:
-        _fail(path, f"unknown format_version {version!r} (this version of bespoke_fast reads "
-                    f"the integer {FORMAT_VERSION})")
-    kind = doc.get("kind")
-    if kind == "bespoke":
-        from .solvers.bespoke import BASES as choices
-        key = "base"
-    elif kind == "bns":
-        from .solvers.bns import INITS as choices
-        key = "init"
-    else:
-        _fail(path, f"unknown kind {kind!r}; expected 'bespoke' or 'bns'")
-    header = doc.get(key)
-    if not isinstance(header, str) or header not in choices:
-        _fail(path, f"unknown {key} {header!r}; expected one of {choices}")
-    n = doc.get("n_steps")
-    if not _is_int(n) or not 1 <= n <= MAX_STEPS:
-        _fail(path, f"'n_steps' must be an int >= 1 and <= MAX_STEPS ({MAX_STEPS}), got {n!r}")
-    if kind == "bns" and header == "midpoint" and n % 2:
-        _fail(path, f"init 'midpoint' needs an even number of steps, got n_steps={n}")
-    nfe = n if kind == "bns" or header == "rk1" else 2 * n
-    if not _is_int(doc.get("nfe")) or doc["nfe"] != nfe:
-        _fail(path, f"'nfe' is {doc.get('nfe')!r} but a {kind} solver with n_steps={n} has NFE "
-                    f"{nfe} (an integer)")
-    param_sizes, table_sizes = _expected_sizes(path, kind, header, n)
-    params, stored = doc.get("parameters"), doc.get("tables")
-    for where, section, sizes in (("parameter", params, param_sizes), ("table", stored, table_sizes)):
-        if not isinstance(section, dict) or set(section) != set(sizes):
-            _fail(path, f"'{where}s' must hold exactly {sorted(sizes)}, got "
-                        f"{sorted(map(str, section)) if isinstance(section, dict) else type(section).__name__}")
-    params = {k: _number_list(path, params, "parameter", k, v) for k, v in param_sizes.items()}
-    stored = {k: _number_list(path, stored, "table", k, v) for k, v in table_sizes.items()}
-    for key in ("model", "training", "validation"):
-        if not isinstance(doc.get(key, {}), dict):
-            _fail(path, f"{key!r} must be an object")
-    model = doc.get("model", {})
-    if not all(isinstance(model.get(k, ""), str) for k in ("name", "hash")):
-        _fail(path, "'model' name and hash must be strings")
-    if kind == "bespoke":
-        from .solvers.bespoke import BespokeSolver
-        solver = BespokeSolver(header, n)
-    else:
-        from .solvers.bns import NonStationarySolver
-        solver = NonStationarySolver(n, init=header)
-    with torch.no_grad():
-        for name, value in params.items():
-            getattr(solver, name).copy_(value)
-    _check_tables(path, solver, stored)
-    for key in ("model", "training", "validation"):
-        solver.meta[key] = doc.get(key, {})
-    return solver
-
-
-def sampler_tables(solver) -> dict:
-    """The float32 coefficients the samplers use, by name (bespoke: the packed table; BNS:
-    t, a, b), computed as the engine computes them (float64, then cast)."""
-    with torch.no_grad():
-        if solver.kind == "bns":
-            return dict(zip(("t", "a", "b"), solver.coefficient_tables(dtype=torch.float32)))
-        return {"table": solver.coefficient_table(dtype=torch.float32)}
-
-
-def _check_tables(path, solver, stored):
-    """Check the tables derived from the parameters (what sampling uses) and the stored ones
-    (what a person edits): finite, t from 0 to 1 strictly increasing, s > 0 also in float32,
-    the float32 sampler coefficients finite, and stored == derived."""
-    with torch.no_grad():
-        derived = solver.tables()
-    for source, tables in (("derived from the parameters", derived), ("stored", stored)):
-        for name, value in tables.items():
-            if not torch.isfinite(value).all():
-                _fail(path, f"table {name!r} ({source}) is not finite")
-        t = tables["t"]
-        if t[0] != 0 or abs(t[-1].item() - 1) > 1e-12:
-            _fail(path, f"t ({source}) must start at 0 and end at 1, got [{t[0].item():.6g}, "
-                        f"{t[-1].item():.6g}]")
-        if (t.diff() <= 0).any():
-            _fail(path, f"t ({source}) must be strictly increasing (non-monotone t)")
-        if "s" in tables and not (tables["s"].to(torch.float32) > 0).all():
-            _fail(path, f"s ({source}) must be > 0 (also in float32)")
-    for name, value in sampler_tables(solver).items():
-        if not torch.isfinite(value).all():
-            _fail(path, f"the sampler's float32 coefficients ({name}) overflow: the parameters "
-                        f"are too extreme")
-    for name, value in derived.items():
-        if not torch.allclose(stored[name], value, rtol=1e-9, atol=1e-12):
-            _fail(path, f"table {name!r} does not match the parameters (edited by hand?)")
 
 
 # ----------------------------------------------------------------------------- run directories

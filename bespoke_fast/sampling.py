@@ -41,7 +41,7 @@ from ._checks import (InvalidArgumentError, InvalidFileError, MissingFileError, 
 from .io import (MANIFEST_MAX_BYTES, atomic_write, atomic_write_text, check_model_identity,
                  check_shard_plan, claim_run_dir, identity_hash, model_identity,
                  read_json_bounded, remove_stale_temp_files, seal, sha256_file,
-                 solver_fingerprint, unseal)
+                 unseal)
 from .noise import noise_for_indices
 
 __all__ = ["sample_to_dir", "load_samples", "shard_name"]
@@ -69,7 +69,7 @@ def _read_json(path: Path):
 def _solver_info(solver) -> dict:
     """What identifies a solver in a run (any kind: bespoke rk1 / rk2, BNS)."""
     return {"kind": solver.kind, **solver.file_header(), "n_steps": int(solver.n_steps),
-            "nfe": int(solver.nfe), "sha256": solver_fingerprint(solver)}
+            "nfe": int(solver.nfe), "sha256": solver.fingerprint()}
 
 
 def _extras_identity(extras: dict) -> dict:

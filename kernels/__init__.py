@@ -1,7 +1,10 @@
 """Fused Triton kernels for the solver updates (installed as ``bespoke_fast.kernels``).
 
-Each op matches a torch reference importable without Triton (``bespoke_fast.ops`` and
-``bespoke_fast.ops_bns``) and reads its scalars from a device table by step index.
+The kernels live in the repository's top-level ``kernels/`` folder and install as this
+subpackage (setup.py ``package_dir``). Each op matches a torch reference importable without
+Triton (``bespoke_fast.ops.rk`` and ``bespoke_fast.ops.bns``, which also dispatch to it) and
+reads its scalars from a device table by step index (``bespoke_fast.ops.table``). ``launch``
+holds what the launchers share; ``aot`` compiles the engine's launch plans ahead of time.
 Importing this package queries no GPU. On a CPU-only machine set ``TRITON_INTERPRET=1`` before
 importing it to run the kernels through Triton's interpreter.
 """

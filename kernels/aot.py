@@ -19,7 +19,6 @@ Needs the kernels compiled for real: run it with ``TRITON_INTERPRET`` unset.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -30,7 +29,7 @@ import time
 
 import torch
 
-from . import bespoke_rk
+from .launch import INTERPRETED, record_launches
 
 __all__ = ["record_launches", "engine_plans", "compile_plan", "inspect_cubin", "compile_all",
            "markdown", "IMAGE_CASE"]
@@ -39,18 +38,6 @@ __all__ = ["record_launches", "engine_plans", "compile_plan", "inspect_cubin", "
 IMAGE_CASE = (64, (3, 32, 32))
 # One small, unaligned state per block size the rule can choose (128 ... 4096 elements).
 BLOCK_SWEEP = (1, 3, 7, 15, 31, 63)  # batch sizes of a (1, 8, 8) state (64 elements each)
-
-
-@contextlib.contextmanager
-def record_launches():
-    """Within the block, the kernel launchers append their :class:`LaunchPlan` to the yielded
-    list instead of launching (meta tensors are accepted)."""
-    plans: list = []
-    saved, bespoke_rk._RECORDER = bespoke_rk._RECORDER, plans
-    try:
-        yield plans
-    finally:
-        bespoke_rk._RECORDER = saved
 
 
 class _Probe(torch.nn.Module):
@@ -216,7 +203,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="write the records as JSON here")
     p.add_argument("--md", default=None, help="write a Markdown table here")
     args = p.parse_args(argv)
-    if bespoke_rk._INTERPRETED:
+    if INTERPRETED:
         print("aot: TRITON_INTERPRET=1 is set: the kernels are interpreted, not compiled; "
               "unset it and rerun", file=sys.stderr)
         return 2

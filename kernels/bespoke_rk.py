@@ -5,7 +5,7 @@ model's dtype), reads its scalars from the device coefficient table at row ``ste
 the host, so a CUDA graph can replay it with another solver copied into the table), writes the
 new float32 state and, in the same pass, the model's next input in the model's dtype.
 
-Maths (fp32 throughout; see ``bespoke_fast.ops`` for the torch references they must match)::
+Maths (fp32 throughout; see ``bespoke_fast.ops.rk`` for the torch references they must match)::
 
     guidance:    u  = u_unc + w (u_cond - u_unc)          u = [u_cond; u_unc], w = table[step, W]
     rk1_step:    x' = a x + b u                           a, b = table[step, A], table[step, B]
@@ -17,21 +17,16 @@ public functions.
 """
 from __future__ import annotations
 
-import os
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from bespoke_fast import table as T
+from bespoke_fast.ops import table as T
+
+from .launch import (MODEL_DTYPES, LaunchPlan, check_index, check_model_in, check_out, check_state,
+                     check_tensor, launch, launch_config, model_in_flags)
 
 __all__ = ["rk1_step", "rk2_stage1", "rk2_stage2"]
-
-# Decided once, when the kernels are defined (Triton reads TRITON_INTERPRET at decoration time).
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-_MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ============================================================================ kernels
@@ -103,119 +98,23 @@ def _rk2_stage2_kernel(x_ptr, xm_ptr, u_ptr, table_ptr, out_ptr, mi_ptr, step, N
                  HAS_MODEL_IN, MODEL_IN_TWICE)
 
 
-# ============================================================================ launchers
-_MAX_BLOCK = 4096  # big blocks: memory-bound streaming on GPU, few programs under the interpreter
-
-
-def _launch_config(n: int):
-    """Block size and warps by a fixed rule (no autotune: it must be safe inside a graph capture
-    and the interpreter cannot autotune)."""
-    block = min(_MAX_BLOCK, max(128, triton.next_power_of_2(n)))
-    return block, (8 if block >= 2048 else 4)
-
-
-def _check_tensor(name, t, *, shape=None, dtypes=None, device=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dtypes is not None and t.dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        raise ValueError(f"{name} must have dtype {names}; got {str(t.dtype).replace('torch.', '')}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device} but x is on {device}; all tensors must share a device")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (got strides {tuple(t.stride())} for shape "
-                         f"{tuple(t.shape)}); call .contiguous() first")
-    return t
-
-
-def _check_state(name, x):
-    _check_tensor(name, x, dtypes=(torch.float32,))
-    if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"{name} must have shape [B, ...] with B >= 1, got {tuple(x.shape)}")
-    if x.device.type != "cuda" and not _INTERPRETED and not (_RECORDER is not None
-                                                               and x.device.type == "meta"):
-        raise ValueError(f"{name} is on {x.device}: the Triton kernels need CUDA tensors, or "
-                         f"TRITON_INTERPRET=1 set before bespoke_fast.kernels is imported")
-    return x
-
-
+# ============================================================================ launchers (shared machinery: launch.py)
 def _check_table(table, step, device, ncols=T.NUM_COLS):
-    _check_tensor("table", table, dtypes=(torch.float32,), device=device)
+    check_tensor("table", table, dtypes=(torch.float32,), device=device)
     if table.dim() != 2 or table.shape[1] != ncols or table.shape[0] == 0:
         raise ValueError(f"table must have shape [n, {ncols}] with n >= 1, got {tuple(table.shape)}")
-    return _check_index("step", step, table.shape[0])
-
-
-def _check_index(name, i, n):
-    """Python int in [-n, n) (negative counts from the end, like table[step]) -> [0, n)."""
-    if isinstance(i, bool) or not isinstance(i, int):
-        if isinstance(i, torch.Tensor):
-            raise TypeError(f"{name} must be a Python int (a tensor would need a device->host read)")
-        raise TypeError(f"{name} must be a Python int, got {type(i).__name__}")
-    if not -n <= i < n:
-        raise ValueError(f"{name}={i} is out of range for a table with {n} rows")
-    return i % n
+    return check_index("step", step, table.shape[0])
 
 
 def _velocity_shape(x, guidance):
     return ((2 * x.shape[0],) + tuple(x.shape[1:])) if guidance else tuple(x.shape)
 
 
-def _check_out(out, x):
-    if out is None:
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
-    return _check_tensor("out", out, shape=x.shape, dtypes=(torch.float32,), device=x.device)
-
-
-def _check_model_in(model_in, x):
-    """Returns (HAS_MODEL_IN, MODEL_IN_TWICE). Like the reference, a ``[2B, ...]`` buffer gets
-    the state in both halves (the guidance batch), a ``[B, ...]`` one gets it once."""
-    if model_in is None:
-        return False, False
-    _check_tensor("model_in", model_in, dtypes=_MODEL_DTYPES, device=x.device)
-    twice = (2 * x.shape[0],) + tuple(x.shape[1:])
-    if tuple(model_in.shape) not in (tuple(x.shape), twice):
-        raise ValueError(f"model_in must have shape {tuple(x.shape)} or {twice} (guidance batch), "
-                         f"got {tuple(model_in.shape)}")
-    return True, tuple(model_in.shape) == twice
-
-
-class LaunchPlan(NamedTuple):
-    """One kernel launch, fully decided: ``kernel[grid](*args, **meta)``. The launchers build
-    it (:func:`plan_one_state`, :func:`plan_rk2_stage2`, ``bns.plan_bns_step``) and then launch
-    it; the ahead-of-time compile (``bespoke_fast.kernels.aot``) compiles the same plans, so
-    the constexprs, block size and warps it checks are the ones launched."""
-    kernel: object
-    grid: tuple
-    args: tuple
-    meta: dict
-
-
-# Set by bespoke_fast.kernels.aot.record_launches(): launches are recorded, not run.
-_RECORDER = None
-
-
-def _launch(plan: LaunchPlan):
-    if _RECORDER is not None:
-        _RECORDER.append(plan)
-        return
-    plan.kernel[plan.grid](*plan.args, **plan.meta)
-
-
-def _model_in_flags(model_in, x):
-    """(HAS_MODEL_IN, MODEL_IN_TWICE) from the buffer's shape (``[2B, ...]``: twice)."""
-    if model_in is None:
-        return False, False
-    return True, model_in.shape[0] == 2 * x.shape[0]
-
-
 def plan_one_state(kernel, x, u, table, step, model_in, guidance, out, cols) -> LaunchPlan:
     """The launch of an ``x' = p x + q u`` kernel (rk1_step, rk2_stage1) on checked tensors."""
-    has_mi, mi_twice = _model_in_flags(model_in, x)
+    has_mi, mi_twice = model_in_flags(model_in, x)
     n = x.numel()
-    block, warps = _launch_config(n)
+    block, warps = launch_config(n)
     return LaunchPlan(kernel, (triton.cdiv(n, block),),
                       (x, u, table, out, model_in if has_mi else out, step, n),
                       dict(NUM_COLS=T.NUM_COLS, COL_A=cols[0], COL_B=cols[1], COL_W=T.W,
@@ -225,9 +124,9 @@ def plan_one_state(kernel, x, u, table, step, model_in, guidance, out, cols) -> 
 
 def plan_rk2_stage2(x, x_mid, u2, table, step, model_in, guidance, out) -> LaunchPlan:
     """The launch of the RK2 stage-2 kernel on checked tensors."""
-    has_mi, mi_twice = _model_in_flags(model_in, x)
+    has_mi, mi_twice = model_in_flags(model_in, x)
     n = x.numel()
-    block, warps = _launch_config(n)
+    block, warps = launch_config(n)
     return LaunchPlan(_rk2_stage2_kernel, (triton.cdiv(n, block),),
                       (x, x_mid, u2, table, out, model_in if has_mi else out, step, n),
                       dict(NUM_COLS=T.NUM_COLS, COL_C=T.C, COL_D=T.D, COL_E=T.E, COL_W=T.W,
@@ -237,25 +136,25 @@ def plan_rk2_stage2(x, x_mid, u2, table, step, model_in, guidance, out) -> Launc
 
 def _launch_one_state(kernel, x, u, table, step, model_in, guidance, out, cols, u_name):
     """Shared launcher of the x' = p x + q u kernels (rk1_step, rk2_stage1)."""
-    _check_state("x", x)
-    _check_tensor(u_name, u, shape=_velocity_shape(x, guidance), dtypes=_MODEL_DTYPES, device=x.device)
+    check_state("x", x)
+    check_tensor(u_name, u, shape=_velocity_shape(x, guidance), dtypes=MODEL_DTYPES, device=x.device)
     step = _check_table(table, step, x.device)
-    out = _check_out(out, x)
-    _check_model_in(model_in, x)
+    out = check_out(out, x)
+    check_model_in(model_in, x)
     if x.numel():
-        _launch(plan_one_state(kernel, x, u, table, step, model_in, guidance, out, cols))
+        launch(plan_one_state(kernel, x, u, table, step, model_in, guidance, out, cols))
     return out
 
 
 def _launch_rk2_stage2(x, x_mid, u2, table, step, model_in, guidance, out):
-    _check_state("x", x)
-    _check_tensor("x_mid", x_mid, shape=x.shape, dtypes=(torch.float32,), device=x.device)
-    _check_tensor("u2", u2, shape=_velocity_shape(x, guidance), dtypes=_MODEL_DTYPES, device=x.device)
+    check_state("x", x)
+    check_tensor("x_mid", x_mid, shape=x.shape, dtypes=(torch.float32,), device=x.device)
+    check_tensor("u2", u2, shape=_velocity_shape(x, guidance), dtypes=MODEL_DTYPES, device=x.device)
     step = _check_table(table, step, x.device)
-    out = _check_out(out, x)
-    _check_model_in(model_in, x)
+    out = check_out(out, x)
+    check_model_in(model_in, x)
     if x.numel():
-        _launch(plan_rk2_stage2(x, x_mid, u2, table, step, model_in, guidance, out))
+        launch(plan_rk2_stage2(x, x_mid, u2, table, step, model_in, guidance, out))
     return out
 
 

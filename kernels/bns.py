@@ -5,7 +5,7 @@
 ``us`` ``[n, B, ...]`` holds the velocities of every step so far (rows ``0..i`` are read), in
 float32 or the model's dtype; ``a = table_a`` ``[n]`` and ``b = table_b`` ``[n, n]``
 (lower-triangular) are float32 device tensors, read inside the kernel at row ``i``. The sum runs
-over ``j`` ascending in fp32, the same order as the reference ``bespoke_fast.ops_bns.bns_step_ref``.
+over ``j`` ascending in fp32, the same order as the reference ``bespoke_fast.ops.bns.bns_step_ref``.
 One pass: reads x0 and ``i + 1`` velocity rows, writes ``out`` (float32) and optionally
 ``model_in`` (model dtype, the next model input).
 """
@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .bespoke_rk import (_MODEL_DTYPES, LaunchPlan, _check_index, _check_model_in, _check_out,
-                         _check_state, _check_tensor, _launch, _launch_config, _model_in_flags)
+from .launch import (MODEL_DTYPES, LaunchPlan, check_index, check_model_in, check_out, check_state,
+                     check_tensor, launch, launch_config, model_in_flags)
 
 __all__ = ["bns_step"]
 
@@ -47,29 +47,29 @@ def _bns_step_kernel(x0_ptr, us_ptr, ta_ptr, tb_ptr, out_ptr, mi_ptr, i, n_rows,
 
 # ============================================================================ launcher
 def _launch_bns_step(x0, us, i, table_a, table_b, out, model_in):
-    _check_state("x0", x0)
-    _check_tensor("table_a", table_a, dtypes=(torch.float32,), device=x0.device)
+    check_state("x0", x0)
+    check_tensor("table_a", table_a, dtypes=(torch.float32,), device=x0.device)
     if table_a.dim() != 1 or table_a.shape[0] == 0:
         raise ValueError(f"table_a must have shape [n] with n >= 1, got {tuple(table_a.shape)}")
     n = table_a.shape[0]
-    _check_tensor("table_b", table_b, shape=(n, n), dtypes=(torch.float32,), device=x0.device)
-    i = _check_index("i", i, n)
-    _check_tensor("us", us, dtypes=_MODEL_DTYPES, device=x0.device)
+    check_tensor("table_b", table_b, shape=(n, n), dtypes=(torch.float32,), device=x0.device)
+    i = check_index("i", i, n)
+    check_tensor("us", us, dtypes=MODEL_DTYPES, device=x0.device)
     if us.dim() != x0.dim() + 1 or tuple(us.shape[1:]) != tuple(x0.shape) or us.shape[0] <= i:
         raise ValueError(f"us must have shape [m, {', '.join(map(str, x0.shape))}] with m > i={i} "
                          f"(velocities of steps 0..i), got {tuple(us.shape)}")
-    out = _check_out(out, x0)
-    _check_model_in(model_in, x0)
+    out = check_out(out, x0)
+    check_model_in(model_in, x0)
     if x0.numel():
-        _launch(plan_bns_step(x0, us, i, table_a, table_b, out, model_in))
+        launch(plan_bns_step(x0, us, i, table_a, table_b, out, model_in))
     return out
 
 
 def plan_bns_step(x0, us, i, table_a, table_b, out, model_in) -> LaunchPlan:
     """The launch of the BNS kernel on checked tensors (``i`` already in ``[0, n)``)."""
-    has_mi, mi_twice = _model_in_flags(model_in, x0)
+    has_mi, mi_twice = model_in_flags(model_in, x0)
     N = x0.numel()
-    block, warps = _launch_config(N)
+    block, warps = launch_config(N)
     return LaunchPlan(_bns_step_kernel, (triton.cdiv(N, block),),
                       (x0, us, table_a, table_b, out, model_in if has_mi else out, i,
                        table_a.shape[0], N),

@@ -63,8 +63,8 @@ def test_every_engine_variant_compiles_to_a_cubin_for_both_archs(records):
 
 
 def test_every_block_size_of_the_launch_rule_is_compiled(records):
-    from bespoke_fast.kernels.bespoke_rk import _launch_config
-    rule = {_launch_config(2 ** k) for k in range(0, 32)}
+    from bespoke_fast.kernels.launch import launch_config
+    rule = {launch_config(2 ** k) for k in range(0, 32)}
     compiled = {(r["constexprs"]["BLOCK"], r["num_warps"]) for r in records}
     assert rule == compiled, (rule, compiled)
 

@@ -116,7 +116,7 @@ CLI_CASES = [
      None, "is not a device"),
     ("backend triton without triton", ["sample", *MODEL, "--solver", "SOLVER", "--num", "8",
                                        "--backend", "triton", "--out", "OUT"],
-     lambda b, t, m: m.setattr("bespoke_fast.ops.triton_available", lambda: False),
+     lambda b, t, m: m.setattr("bespoke_fast.ops.backend.triton_available", lambda: False),
      "needs the 'triton' package"),
     ("digits-exact without scikit-learn", ["gt", "--model", "digits-exact", "--device", "cpu",
                                            "--num", "8", "--out", "OUT"],

@@ -7,7 +7,7 @@ import torch
 import bespoke_fast as bf
 import bespoke_fast.solvers.bns as bns_module
 from bespoke_fast.bns_train import end_to_end_loss, train_bns
-from bespoke_fast.ops_bns import bns_step_ref
+from bespoke_fast.ops.bns import bns_step_ref
 from bespoke_fast.solvers.bns import INITS, NonStationarySolver, init_coefficients
 from tests.helpers import noise, smooth_gmm
 

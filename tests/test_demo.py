@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bespoke_fast.cli import main
-from bespoke_fast.io import load_solver
+from bespoke_fast.solvers.files import load_solver
 
 pytest.importorskip("matplotlib")
 

@@ -1,6 +1,7 @@
-"""FastSampler (bespoke_fast.engine): the reference path against BespokeSolver.sample, batch
-handling, solver swaps, dtypes, guidance, the Triton backend under the interpreter, errors, and
-(on a GPU) the CUDA-graph runner."""
+"""FastSampler (bespoke_fast.engine): the reference path against the solver's own ``sample``,
+batch handling, solver swaps, dtypes, guidance, the Triton backend under the interpreter, errors,
+and (on a GPU) the CUDA-graph runner. Tests that hold for every solver kind are parametrized over
+``KINDS`` (bespoke rk1 / rk2, BNS); what only one kind has is tested for that kind."""
 from __future__ import annotations
 
 import os
@@ -15,6 +16,7 @@ from bespoke_fast.engine import FastSampler
 from bespoke_fast.models import GaussianMixtureFlow, cfg
 from bespoke_fast.noise import noise_for_indices
 from bespoke_fast.solvers.bespoke import BespokeSolver
+from bespoke_fast.solvers.bns import NonStationarySolver
 from tests.helpers import GPU_RUN, require_kernels
 
 SHAPE = (2, 3)
@@ -69,9 +71,17 @@ def test_batch_invariant_gmm_is_the_gmm_flow():
     torch.testing.assert_close(BatchInvariantGMM()(x, t), gmm()(x, t), rtol=1e-5, atol=1e-5)
 
 
-def perturbed(base, n, seed=0, scale=0.15):
-    """A NON-identity solver (identity would hide coefficient mix-ups)."""
-    solver = BespokeSolver(base, n)
+KINDS = ["rk1", "rk2", "bns"]   # bespoke on an RK1 / RK2 base; non-stationary (BNS)
+
+
+def identity(kind, n):
+    """The untrained solver of a kind: plain Euler / midpoint (BNS: Euler written in BNS form)."""
+    return NonStationarySolver(n, init="euler") if kind == "bns" else BespokeSolver(kind, n)
+
+
+def perturbed(kind, n, seed=0, scale=0.15):
+    """A NON-identity solver (identity would hide coefficient mix-ups): ``kind`` in ``KINDS``."""
+    solver = identity(kind, n)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in solver.parameters():
@@ -102,16 +112,25 @@ class CondFlow(nn.Module):
 
 
 # ----------------------------------------------------------------------------- reference path
-@pytest.mark.parametrize("base", ["rk1", "rk2"])
-def test_reference_backend_is_bitwise_solver_sample(base):
-    model, solver = gmm(), perturbed(base, 4)
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_backend_is_bitwise_solver_sample(kind):
+    # The same float32 tables (float64 -> float32 casts of the same coefficients), the same
+    # model inputs and the same reference ops (BNS: j ascending): bit for bit.
+    model, solver = gmm(), perturbed(kind, 4)
     x0 = noise(8)
     sampler = FastSampler(model, solver, SHAPE, batch_size=8, backend="reference")
     out = sampler(x0)
     assert out.dtype == torch.float32 and out.shape == (8, *SHAPE)
     assert torch.equal(out, reference(solver, model, x0))
     # and the identity solver is not what we compared against
-    assert not torch.equal(out, reference(BespokeSolver(base, 4), model, x0))
+    assert not torch.equal(out, reference(identity(kind, 4), model, x0))
+    # padding (3 rows run at 8) and determinism
+    assert torch.equal(sampler(x0[2:5]), reference(solver, model, x0[2:5]))
+    assert torch.equal(sampler(x0), out)
+    s = sampler.stats()
+    assert (s["kind"], s["base"], s["nfe"], s["cached_keys"]) == (
+        solver.kind, getattr(solver, "base", None), solver.nfe, 1)
+    assert solver.kind in repr(sampler)
 
 
 def test_returns_a_copy_not_the_static_buffer():
@@ -157,24 +176,42 @@ def test_x0_none_uses_generator():
     assert a.shape == (5, *SHAPE) and torch.equal(a, b)
 
 
-def test_load_solver_swaps_coefficients_in_place():
-    model, first, second = gmm(), perturbed("rk2", 3, seed=1), perturbed("rk2", 3, seed=2)
+@pytest.mark.parametrize("kind", ["rk2", "bns"])
+def test_load_solver_swaps_coefficients_in_place(kind):
+    model, first, second = gmm(), perturbed(kind, 4, seed=1), perturbed(kind, 4, seed=2)
     x0 = noise(6)
     sampler = FastSampler(model, first, SHAPE, batch_size=6, backend="reference")
     assert torch.equal(sampler(x0), reference(first, model, x0))
-    ptr = sampler.table.data_ptr()
+    # the table and every view of it the program reads (BNS: t, a, b) keep their storage
+    tables = {k: v.data_ptr() for k, v in vars(sampler.program).items() if isinstance(v, torch.Tensor)}
     sampler.load_solver(second)
-    assert sampler.table.data_ptr() == ptr                   # copied into the same table
+    assert tables == {k: v.data_ptr() for k, v in vars(sampler.program).items()
+                      if isinstance(v, torch.Tensor)}
     assert torch.equal(sampler(x0), reference(second, model, x0))
-    with pytest.raises(ValueError, match="n_steps mismatch"):
-        sampler.load_solver(BespokeSolver("rk2", 4))
-    with pytest.raises(ValueError, match="base mismatch"):
-        sampler.load_solver(BespokeSolver("rk1", 3))
+    assert sampler.solver is second and sampler.stats()["cached_keys"] == 1
+    with pytest.raises(ValueError, match="n_steps mismatch.*n_steps=4.*n_steps=3"):
+        sampler.load_solver(perturbed(kind, 3))
+    other = "bns" if kind == "rk2" else "rk2"
+    with pytest.raises(ValueError, match=f"kind mismatch.*'{solver_kind(kind)}'.*'{solver_kind(other)}'"):
+        sampler.load_solver(perturbed(other, 4))
+    if kind == "rk2":
+        with pytest.raises(ValueError, match="base mismatch"):
+            sampler.load_solver(BespokeSolver("rk1", 4))
 
-    class FakeBNS:
-        kind, base, n_steps = "bns", "rk2", 3
-    with pytest.raises(ValueError, match="kind mismatch"):
-        sampler.load_solver(FakeBNS())
+        class FakeBNS:
+            kind, base, n_steps = "bns", "rk2", 4
+        with pytest.raises(ValueError, match="kind mismatch"):
+            sampler.load_solver(FakeBNS())
+    else:  # BNS solvers have no base: another init with the same n swaps in
+        midpoint = perturbed_bns(4, seed=3, init="midpoint")
+        sampler.load_solver(midpoint)
+        assert torch.equal(sampler(x0), reference(midpoint, model, x0))
+        sampler.load_solver(second)
+    assert torch.equal(sampler(x0), reference(second, model, x0))  # failed swaps change nothing
+
+
+def solver_kind(kind):
+    return "bns" if kind == "bns" else "bespoke"
 
 
 class DtypeRecorder(nn.Module):
@@ -207,25 +244,28 @@ def test_bf16_model_dtype_runs_and_is_close_to_fp32(base):
     assert 0 < err < BF16_ATOL, err
 
 
-def test_model_returning_its_input_is_not_clobbered():
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_returning_its_input_is_not_clobbered(kind):
     class Linear(nn.Module):  # u = x: the returned tensor IS the state buffer (fp32 alias mode)
         def forward(self, x, t):
             return x
 
-    solver = perturbed("rk1", 3)
+    solver = perturbed(kind, 2 if kind == "rk2" else 3)
     x0 = noise(4)
     sampler = FastSampler(Linear(), solver, SHAPE, batch_size=4, backend="reference")
     assert torch.equal(sampler(x0), reference(solver, Linear(), x0))
 
 
 # ----------------------------------------------------------------------------- guidance
-def test_cfg_matches_solver_sample_on_guided_model():
+@pytest.mark.parametrize("kind", ["rk2", "bns"])
+def test_cfg_matches_solver_sample_on_guided_model(kind):
     guided = cfg(CondFlow(), scale=2.5, cond_key="y", null=3)
-    solver = perturbed("rk2", 3)
+    solver = perturbed(kind, 3 if kind == "rk2" else 4)
     x0, y = noise(6), torch.tensor([0, 1, 2, 0, 1, 2])
     want = reference(solver, guided, x0, y=y)
     sampler = FastSampler(guided, solver, SHAPE, batch_size=6, backend="reference")
-    # fp32: the op combines u_unc + w (u_cond - u_unc) with addcmul (one rounding fewer)
+    # fp32: the op (BNS: guidance_combine_ref) combines u_unc + w (u_cond - u_unc) with addcmul
+    # where the GuidedModel does mul + add: one rounding apart per step, so allclose
     torch.testing.assert_close(sampler(x0, y=y), want, rtol=1e-5, atol=1e-5)
     # padding: 4 rows (and their labels) padded to 6
     torch.testing.assert_close(sampler(x0[2:], y=y[2:]), want[2:], rtol=1e-5, atol=1e-5)
@@ -235,6 +275,10 @@ def test_cfg_matches_solver_sample_on_guided_model():
     torch.testing.assert_close(other(x0, y=y), plain, rtol=1e-5, atol=1e-5)
     other.set_guidance_scale(2.5)
     torch.testing.assert_close(other(x0, y=y), want, rtol=1e-5, atol=1e-5)
+    st = next(iter(other._states.values()))
+    assert st.model_in.shape == (12, *SHAPE)                   # the [2Bp] guidance batch
+    if kind == "bns":
+        assert st.us.shape == (4, 6, *SHAPE)                   # halves combined before storing
     with pytest.raises(KeyError, match="'y'"):
         sampler(x0)
 
@@ -261,27 +305,36 @@ def test_tensor_and_value_extras_are_keyed():
 
 
 # ----------------------------------------------------------------------------- triton backend
+# Tolerances of the Triton backend against the reference ops under the interpreter, by the
+# model dtype, with the reason:
+INTERPRETER_TOL = {
+    # same fp32 maths and order (BNS: the same j order); FMA contraction / interpreter rounding
+    # may move ~1 ulp per step
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    # the interpreter truncates bf16 stores of model_in (1 ulp of bf16 ~ 8e-3 relative) where
+    # torch rounds
+    torch.bfloat16: dict(rtol=0, atol=BF16_ATOL),
+}
+
+
 @needs_interpreter
-@pytest.mark.parametrize("base", ["rk1", "rk2"])
-def test_triton_backend_matches_reference_under_interpreter(base):
-    model, solver = gmm(), perturbed(base, 3)
-    x0 = noise(5)
-    ref = FastSampler(model, solver, SHAPE, batch_size=5, backend="reference")(x0)
-    tri = FastSampler(model, solver, SHAPE, batch_size=5, backend="triton", cuda_graph=False)
-    # same fp32 maths and order; FMA contraction / interpreter rounding may move ~1 ulp per step
-    torch.testing.assert_close(tri(x0), ref, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("kind,model_dtype,guided", [
+    ("rk1", torch.float32, False), ("rk2", torch.float32, False), ("bns", torch.float32, False),
+    ("bns", torch.bfloat16, False), ("rk2", torch.bfloat16, True), ("bns", torch.float32, True)])
+def test_triton_backend_matches_reference_under_interpreter(kind, model_dtype, guided):
+    solver = perturbed(kind, 2 if guided else 3)
+    model = cfg(CondFlow(), 2.0, "y", 3) if guided else gmm()
+    # unguided: 5 rows padded to 6. Guided bf16 is chaotic enough here that a 1-ulp model_in
+    # difference (interpreter truncation) grows to ~0.1 in one row of other batches (measured,
+    # the same before the engine was split into programs), so it runs the batch of 4 it was
+    # measured on (max difference 8.4e-3).
+    x0 = noise(4 if guided else 5)
+    extras = {"y": torch.tensor([2, 1, 0, 1])} if guided else {}
+    kw = dict(shape=SHAPE, batch_size=4 if guided else 6, model_dtype=model_dtype)
+    ref = FastSampler(model, solver, backend="reference", **kw)(x0, **extras)
+    tri = FastSampler(model, solver, backend="triton", cuda_graph=False, **kw)
+    torch.testing.assert_close(tri(x0, **extras), ref, **INTERPRETER_TOL[model_dtype])
     assert tri.stats()["backend"] == "triton"
-
-
-@needs_interpreter
-def test_triton_backend_bf16_and_guidance_under_interpreter():
-    guided, solver = cfg(CondFlow(), 2.0, "y", 3), perturbed("rk2", 2)
-    x0, y = noise(4), torch.tensor([2, 1, 0, 1])
-    kw = dict(shape=SHAPE, batch_size=4, model_dtype=torch.bfloat16)
-    ref = FastSampler(guided, solver, backend="reference", **kw)(x0, y=y)
-    tri = FastSampler(guided, solver, backend="triton", cuda_graph=False, **kw)(x0, y=y)
-    # the interpreter truncates bf16 stores (1 ulp of bf16 ~ 8e-3 relative) where torch rounds
-    torch.testing.assert_close(tri, ref, rtol=0, atol=BF16_ATOL)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -317,9 +370,11 @@ def test_reference_path_reuses_the_same_buffers_every_step(monkeypatch, base, mo
     """Every op call must write into preallocated buffers (``out=``, ``model_in=``) that are the
     same storage at every step and across calls, and the model must always read the same input
     buffers and the same ``t`` buffer."""
+    from bespoke_fast.engine import rk as program
+
     calls = []
     for name in ("rk1_step", "rk2_stage1", "rk2_stage2"):
-        real = getattr(ops, name)
+        real = getattr(program, name)
 
         def spy(*args, _real=real, _name=name, **kwargs):
             out, mi = kwargs.get("out"), kwargs.get("model_in")
@@ -330,7 +385,7 @@ def test_reference_path_reuses_the_same_buffers_every_step(monkeypatch, base, mo
             calls.append((_name, out.data_ptr(), None if mi is None else mi.data_ptr(),
                           table.data_ptr()))
             return result
-        monkeypatch.setattr(ops, name, spy)
+        monkeypatch.setattr(program, name, spy)
 
     seen_inputs = []
 
@@ -429,9 +484,10 @@ class CaptureSensitive(nn.Module):
         return self.flow(x, t)
 
 
-def test_graph_control_flow_capture_then_replay(monkeypatch):
+@pytest.mark.parametrize("kind", ["rk2", "bns"])
+def test_graph_control_flow_capture_then_replay(monkeypatch, kind):
     fake = _FakeCuda(monkeypatch)
-    model, solver = CaptureSensitive(fake, fail=False), perturbed("rk2", 2)
+    model, solver = CaptureSensitive(fake, fail=False), perturbed(kind, 2 if kind == "rk2" else 3)
     sampler = fake.attach(FastSampler(model, solver, SHAPE, 4, backend="reference", warmup=2))
     x0 = noise(4)
     want = reference(solver, model.flow, x0)
@@ -580,12 +636,10 @@ def test_gpu_uncapturable_model_falls_back_with_one_warning():
     assert ok.stats()["captures"] == 1
 
 
-# ----------------------------------------------------------------------------- BNS solvers
-from bespoke_fast.solvers.bns import NonStationarySolver  # noqa: E402
-
-
+# ----------------------------------------------------------------------------- BNS only
 def perturbed_bns(n, seed=0, scale=0.15, init="euler"):
-    """A NON-identity BNS solver: non-uniform times, a != 1, b off the Euler pattern."""
+    """A NON-identity BNS solver with the given init: non-uniform times, a != 1, b off the
+    base pattern."""
     solver = NonStationarySolver(n, init=init)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -594,30 +648,12 @@ def perturbed_bns(n, seed=0, scale=0.15, init="euler"):
     return solver
 
 
-def test_bns_reference_backend_is_bitwise_solver_sample():
-    # The same float32 tables (float64 -> float32 casts of the same coefficients), the same
-    # model inputs and the same op (ops_bns.bns_step_ref, j ascending): bit for bit.
-    model, solver = gmm(), perturbed_bns(4)
-    x0 = noise(8)
-    sampler = FastSampler(model, solver, SHAPE, batch_size=8, backend="reference")
-    out = sampler(x0)
-    assert out.dtype == torch.float32 and out.shape == (8, *SHAPE)
-    assert torch.equal(out, reference(solver, model, x0))
-    assert not torch.equal(out, reference(NonStationarySolver(4, init="euler"), model, x0))
-    # padding (3 rows run at 8) and determinism
-    assert torch.equal(sampler(x0[2:5]), reference(solver, model, x0[2:5]))
-    assert torch.equal(sampler(x0), out)
-    s = sampler.stats()
-    assert s["kind"] == "bns" and s["base"] is None and s["nfe"] == 4 and s["cached_keys"] == 1
-    assert "bns" in repr(sampler)
-
-
 def test_bns_bf16_model_dtype_is_the_bf16_loop():
     # NonStationarySolver.sample(model_dtype=bf16) also rounds the model TIMES to bf16; the
     # engine (like the bespoke kinds) passes float32 times. So the oracle here is the plain loop
     # with fp32 t, bf16 model input and bns_step_ref: us holds the same bf16 velocities (the
     # reference upcasts them exactly) and model_in the same rounding of x: bitwise.
-    from bespoke_fast.ops_bns import bns_step_ref
+    from bespoke_fast.ops.bns import bns_step_ref
 
     model, solver = DtypeRecorder(gmm()), perturbed_bns(3, seed=4)
     x0 = noise(6)
@@ -639,55 +675,9 @@ def test_bns_bf16_model_dtype_is_the_bf16_loop():
     assert st.us.dtype == torch.bfloat16 and st.us.shape == (3, 6, *SHAPE)
 
 
-def test_bns_model_returning_its_input_is_not_clobbered():
-    class Identity(nn.Module):
-        def forward(self, x, t):
-            return x
+def test_bns_reuses_the_same_buffers_every_step(monkeypatch):
+    from bespoke_fast.engine import bns as program
 
-    solver = perturbed_bns(3)
-    x0 = noise(4)
-    out = FastSampler(Identity(), solver, SHAPE, batch_size=4, backend="reference")(x0)
-    assert torch.equal(out, reference(solver, Identity(), x0))
-
-
-def test_bns_load_solver_swaps_tables_in_place():
-    model, first, second = gmm(), perturbed_bns(3, seed=1), perturbed_bns(3, seed=2)
-    x0 = noise(6)
-    sampler = FastSampler(model, first, SHAPE, batch_size=6, backend="reference")
-    assert torch.equal(sampler(x0), reference(first, model, x0))
-    ptrs = [t.data_ptr() for t in (sampler.table, sampler._t_model, sampler._a, sampler._b)]
-    sampler.load_solver(second)
-    assert [t.data_ptr() for t in (sampler.table, sampler._t_model, sampler._a,
-                                   sampler._b)] == ptrs
-    assert torch.equal(sampler(x0), reference(second, model, x0))
-    assert sampler.solver is second and sampler.stats()["cached_keys"] == 1
-    with pytest.raises(ValueError, match="n_steps mismatch.*n_steps=3.*n_steps=4"):
-        sampler.load_solver(perturbed_bns(4))
-    with pytest.raises(ValueError, match="kind mismatch.*'bns'.*'bespoke'"):
-        sampler.load_solver(perturbed("rk2", 3))
-    assert torch.equal(sampler(x0), reference(second, model, x0))  # failed swaps change nothing
-
-
-def test_bns_cfg_matches_solver_sample_on_guided_model():
-    guided = cfg(CondFlow(), scale=2.5, cond_key="y", null=3)
-    solver = perturbed_bns(3)
-    x0, y = noise(6), torch.tensor([0, 1, 2, 0, 1, 2])
-    want = reference(solver, guided, x0, y=y)
-    sampler = FastSampler(guided, solver, SHAPE, batch_size=6, backend="reference")
-    # fp32: the halves are combined with addcmul (guidance_combine_ref) where the GuidedModel
-    # does mul + add: one rounding apart per step, so allclose rather than bitwise
-    torch.testing.assert_close(sampler(x0, y=y), want, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(sampler(x0[2:], y=y[2:]), want[2:], rtol=1e-5, atol=1e-5)
-    other = FastSampler(guided, solver, SHAPE, batch_size=6, backend="reference", guidance=1.0)
-    plain = reference(solver, cfg(CondFlow(), 1.0, "y", 3), x0, y=y)
-    torch.testing.assert_close(other(x0, y=y), plain, rtol=1e-5, atol=1e-5)
-    other.set_guidance_scale(2.5)
-    torch.testing.assert_close(other(x0, y=y), want, rtol=1e-5, atol=1e-5)
-    st = next(iter(other._states.values()))
-    assert st.us.shape == (3, 6, *SHAPE) and st.model_in.shape == (12, *SHAPE)
-
-
-def test_bns_reuses_the_same_buffers_every_step():
     seen = []
 
     class Recorder(nn.Module):
@@ -702,15 +692,15 @@ def test_bns_reuses_the_same_buffers_every_step():
     solver = perturbed_bns(3)
     sampler = FastSampler(Recorder(), solver, SHAPE, batch_size=4, backend="reference",
                           model_dtype=torch.bfloat16)
-    real = sampler._bns_op
+    real = program.bns_step
 
-    def spy(x0, us, i, a, b, out, model_in=None):
+    def spy(x0, us, i, a, b, out, model_in=None, backend="auto"):
         seen.append(("op", x0.data_ptr(), us.data_ptr(), a.data_ptr(), b.data_ptr(),
                      out.data_ptr(), None if model_in is None else model_in.data_ptr(), i))
-        result = real(x0, us, i, a, b, out, model_in=model_in)
+        result = real(x0, us, i, a, b, out, model_in=model_in, backend=backend)
         assert result.data_ptr() == out.data_ptr()
         return result
-    sampler._bns_op = spy
+    monkeypatch.setattr(program, "bns_step", spy)
     for seed in (1, 2):
         sampler(noise(4, seed=seed))
     ops_ = [r for r in seen if r[0] == "op"]
@@ -721,44 +711,6 @@ def test_bns_reuses_the_same_buffers_every_step():
     assert [r[6] is None for r in ops_] == [False, False, True] * 2  # last step: no next input
     assert len({r[1:3] for r in models}) == 1                       # one input, one t buffer
     assert {r[6] for r in ops_ if r[6] is not None} == {models[0][1]}
-
-
-def test_bns_graph_control_flow_capture_then_replay(monkeypatch):
-    fake = _FakeCuda(monkeypatch)
-    model, solver = CaptureSensitive(fake, fail=False), perturbed_bns(3)
-    sampler = fake.attach(FastSampler(model, solver, SHAPE, 4, backend="reference", warmup=2))
-    x0 = noise(4)
-    assert torch.equal(sampler(x0), reference(solver, model.flow, x0))
-    assert model.calls == 4 * solver.nfe and fake.replays == 1
-    x1 = noise(3, seed=4)
-    assert torch.equal(sampler(x1), reference(solver, model.flow, x1))
-    s = sampler.stats()
-    assert (s["captures"], s["replays"], s["eager_runs"]) == (1, 2, 0)
-
-
-@needs_interpreter
-@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
-def test_bns_triton_backend_matches_reference_under_interpreter(model_dtype):
-    model, solver = gmm(), perturbed_bns(3)
-    x0 = noise(5)
-    kw = dict(shape=SHAPE, batch_size=6, model_dtype=model_dtype)
-    ref = FastSampler(model, solver, backend="reference", **kw)(x0)
-    tri = FastSampler(model, solver, backend="triton", cuda_graph=False, **kw)
-    # same fp32 maths, same j order; FMA contraction may move ~1 ulp per step (fp32), and the
-    # interpreter truncates bf16 stores of model_in where torch rounds (bf16)
-    tol = dict(rtol=1e-5, atol=1e-5) if model_dtype == torch.float32 else dict(rtol=0, atol=BF16_ATOL)
-    torch.testing.assert_close(tri(x0), ref, **tol)
-    assert tri.stats()["backend"] == "triton"
-
-
-@needs_interpreter
-def test_bns_triton_backend_guidance_under_interpreter():
-    guided, solver = cfg(CondFlow(), 2.0, "y", 3), perturbed_bns(2)
-    x0, y = noise(4), torch.tensor([2, 1, 0, 1])
-    kw = dict(shape=SHAPE, batch_size=4)
-    ref = FastSampler(guided, solver, backend="reference", **kw)(x0, y=y)
-    tri = FastSampler(guided, solver, backend="triton", cuda_graph=False, **kw)(x0, y=y)
-    torch.testing.assert_close(tri, ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu

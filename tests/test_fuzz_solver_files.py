@@ -10,7 +10,7 @@ import torch
 
 import bespoke_fast as bf
 from bespoke_fast._checks import SolverFileError
-from bespoke_fast.io import sampler_tables
+from bespoke_fast.solvers.files import MAX_STEPS
 
 CASES = 3000
 EXTREMES = [0.0, -0.0, 1.0, -1.0, -95.0, 95.0, 88.8, -88.8, 700.0, -745.0, 1e308, -1e308, 1e-320,
@@ -105,7 +105,7 @@ def _mutate_text(text, rng):
     return "\ufeff" + text if rng.random() < 0.5 else text + "\x00"
 
 
-MAX = bf.io.MAX_STEPS
+MAX = MAX_STEPS
 REASONS = ("not JSON", "not UTF-8", "nested deeper", "digits", "duplicate key", "NaN or Inf",
            "'n_steps'", "'nfe'", "format_version", "'format'", "unknown kind", "unknown base",
            "unknown init", "even number of steps", "entries, expected", "must hold exactly",
@@ -145,7 +145,7 @@ def fuzz(cases=CASES, seed=0, tmp_path=None):
             failures.append((case, type(e).__name__, str(e)[:200]))
             continue
         accepted += 1
-        for name, value in sampler_tables(loaded).items():
+        for name, value in loaded.sampler_tables().items():
             if not torch.isfinite(value).all():
                 failures.append((case, "accepted with non-finite float32 coefficients", name))
     return accepted, reasons, failures

@@ -18,8 +18,8 @@ from tests.helpers import require_kernels  # noqa: E402
 K = require_kernels()  # a skip on CPU without triton, an error on a GPU run
 
 from bespoke_fast import ops  # noqa: E402
-from bespoke_fast import table as T  # noqa: E402
-from bespoke_fast.ops_bns import bns_step_ref  # noqa: E402
+from bespoke_fast.ops import table as T  # noqa: E402
+from bespoke_fast.ops.bns import bns_step_ref  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interp = pytest.mark.skipif(

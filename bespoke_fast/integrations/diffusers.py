@@ -45,11 +45,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("bespoke_fast.integrations.diffusers needs diffusers and transformers: "
                       "pip install bespoke_fast[diffusers]") from e
 
-from .. import ops
-from .. import table as T
-from ..io import load_solver, solver_document, solver_from_document
 from ..models import GaussianPath, GuidedModel, as_velocity, cfg
-from ..ops_bns import bns_step_ref
+from ..ops import table as T
+from ..ops.bns import bns_step_ref
+from ..ops.rk import rk1_step_ref, rk2_stage1_ref, rk2_stage2_ref
+from ..solvers.base import Solver
+from ..solvers.files import load_solver
 
 __all__ = ["velocity_model", "DiffusersVelocity", "conversion_from_config", "BespokeScheduler",
            "BNSScheduler", "fast_pipeline", "FastPipeline", "condition_extras",
@@ -369,12 +370,12 @@ class _FittedScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, solver: dict, prediction_type: str = "flow", num_train_timesteps: int = 1000,
                  beta_schedule: str = "linear", beta_start: float = 0.0001, beta_end: float = 0.02):
-        solver = solver_from_document(solver, "scheduler config 'solver'")
+        solver = Solver.from_document(solver, "scheduler config 'solver'")
         if solver.kind != self.kind:
             other = "BNSScheduler" if solver.kind == "bns" else "BespokeScheduler"
             raise ValueError(f"{type(self).__name__} needs a {self.kind} solver, got kind "
                              f"{solver.kind!r}; use {other}")
-        self.order = 2 if getattr(solver, "base", None) == "rk2" else 1
+        self.order = solver.nfe // solver.n_steps  # model calls per step: 2 for an RK2 base
         self.solver = solver
         self._conv = conversion_from_config(dict(self.config), prediction_type)
         self._given = _Given(negate=self._conv["prediction_type"] == "flow")
@@ -474,7 +475,7 @@ class _FittedScheduler(SchedulerMixin, ConfigMixin):
         """From a solver object or solver file. ``like``: a scheduler (or its config) whose
         prediction type and training schedule to adopt (default: flow matching)."""
         s = load_solver(solver) if isinstance(solver, (str, Path)) else solver
-        return cls(solver=solver_document(s), **cls._config_from(like, config))
+        return cls(solver=s.to_document(), **cls._config_from(like, config))
 
     @classmethod
     def _config_from(cls, like, overrides):
@@ -497,7 +498,7 @@ class BespokeScheduler(_FittedScheduler):
     ``x_{i+1}``. diffusers pipelines advance their progress bar every ``order`` calls, so it ends
     at ``n_steps`` of a total of ``num_inference_steps`` (which is ignored).
 
-    Args (the config): ``solver`` (the solver document, ``bespoke_fast.io.solver_document``),
+    Args (the config): ``solver`` (the solver document, ``Solver.to_document()``),
     ``prediction_type`` (``"flow"``, ``"epsilon"``, ``"v_prediction"``, ``"sample"``),
     ``num_train_timesteps``, ``beta_schedule``, ``beta_start``, ``beta_end`` (the DDPM path for
     non-flow predictions).
@@ -524,13 +525,13 @@ class BespokeScheduler(_FittedScheduler):
             x = self._x = self._state(sample, self._x).to(torch.float32)
             u = self._velocity(model_output, x, k)
             if self.order == 1:
-                self._x = ops.rk1_step_ref(x, u, self._table, i)
+                self._x = rk1_step_ref(x, u, self._table, i)
                 return self._x
-            self._x_mid = ops.rk2_stage1_ref(x, u, self._table, i)
+            self._x_mid = rk2_stage1_ref(x, u, self._table, i)
             return self._x_mid
         x_mid = self._state(sample, self._x_mid).to(torch.float32)
         u = self._velocity(model_output, x_mid, k)
-        self._x = ops.rk2_stage2_ref(self._x, x_mid, u, self._table, i)
+        self._x = rk2_stage2_ref(self._x, x_mid, u, self._table, i)
         return self._x
 
 

@@ -29,16 +29,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
-from .. import table as T
 from .._checks import call_model, check_choice, check_int, check_state
+from ..ops import table as T
+from ..ops.rk import rk1_step_ref, rk2_stage1_ref, rk2_stage2_ref
+from .base import Solver
 
 __all__ = ["BespokeSolver", "BASES"]
 
 BASES = ("rk1", "rk2")
 
 
-class BespokeSolver(nn.Module):
+class BespokeSolver(Solver):
     """A learned scale-time solver on an RK1 (Euler) or RK2 (midpoint) base.
 
     Args:
@@ -60,6 +61,9 @@ class BespokeSolver(nn.Module):
     """
 
     kind = "bespoke"
+    header_key = "base"
+    headers = BASES
+    parameter_names = ("theta_t", "theta_tdot", "theta_s", "theta_sdot")
 
     def __init__(self, base: str = "rk2", n_steps: int = 10):
         super().__init__()
@@ -79,9 +83,19 @@ class BespokeSolver(nn.Module):
         """Grid points in r (including both ends): n + 1 (RK1) or 2n + 1 (RK2)."""
         return self.n_steps + 1 if self.base == "rk1" else 2 * self.n_steps + 1
 
-    @property
-    def nfe(self) -> int:
-        return self.n_steps if self.base == "rk1" else 2 * self.n_steps
+    @classmethod
+    def nfe_for(cls, header: str, n_steps: int) -> int:
+        return n_steps if header == "rk1" else 2 * n_steps
+
+    @classmethod
+    def file_sizes(cls, header: str, n_steps: int) -> tuple:
+        m = cls.nfe_for(header, n_steps)  # grid intervals: n (RK1) or 2n (RK2)
+        return ({"theta_t": m, "theta_tdot": m, "theta_s": m, "theta_sdot": m},
+                {"t": m + 1, "tdot": m, "s": m + 1, "sdot": m})
+
+    @classmethod
+    def from_header(cls, header: str, n_steps: int) -> "BespokeSolver":
+        return cls(header, n_steps)
 
     @property
     def num_parameters(self) -> int:
@@ -124,7 +138,7 @@ class BespokeSolver(nn.Module):
 
     def coefficient_table(self, guidance_scale: float = 1.0, dtype=torch.float32,
                           device=None) -> torch.Tensor:
-        """The packed ``[n, NUM_COLS]`` table the ops, kernels and engine read (``bespoke_fast.table``).
+        """The packed ``[n, NUM_COLS]`` table the ops, kernels and engine read (``bespoke_fast.ops.table``).
 
         Differentiable when ``dtype`` is float64 (used by ``sample`` and the trainer)."""
         c = self.coefficients()
@@ -135,6 +149,10 @@ class BespokeSolver(nn.Module):
                              torch.stack([c[name] for name in cols.values()], 1))
         tab[:, T.W] = float(guidance_scale)
         return tab.to(dtype=dtype, device=device)
+
+    def sampler_tables(self) -> dict:
+        """``{"table": coefficient_table(dtype=float32)}``: what the engine and schedulers read."""
+        return {"table": self.coefficient_table(dtype=torch.float32)}
 
     def lipschitz(self, L_tau: float = 1.0) -> torch.Tensor:
         """Per-step Lipschitz constants ``[n]`` (method.md section 5)::
@@ -166,9 +184,9 @@ class BespokeSolver(nn.Module):
             return call_model(model, y, row[col].expand(y.shape[0]), extras, check_finite)
 
         if self.base == "rk1":
-            return ops.rk1_step_ref(x, u(x, T.T0), table, i)
-        x_mid = ops.rk2_stage1_ref(x, u(x, T.T0), table, i)
-        return ops.rk2_stage2_ref(x, x_mid, u(x_mid, T.TM), table, i)
+            return rk1_step_ref(x, u(x, T.T0), table, i)
+        x_mid = rk2_stage1_ref(x, u(x, T.T0), table, i)
+        return rk2_stage2_ref(x, x_mid, u(x_mid, T.TM), table, i)
 
     def sample(self, model, x0: torch.Tensor, check_finite: bool = False,
                return_trajectory: bool = False, **extras) -> torch.Tensor:
@@ -214,26 +232,4 @@ class BespokeSolver(nn.Module):
             solver.theta_tdot.copy_(tdot.log())
             solver.theta_s.copy_(s[1:].log())
             solver.theta_sdot.copy_(sdot)
-        return solver
-
-    def file_header(self) -> dict:
-        return {"base": self.base}
-
-    def raw_parameters(self) -> dict:
-        return {name: getattr(self, name).detach().cpu().tolist()
-                for name in ("theta_t", "theta_tdot", "theta_s", "theta_sdot")}
-
-    def save(self, path) -> None:
-        """Write the versioned JSON solver file (see ``bespoke_fast.io``)."""
-        from ..io import save_solver
-        save_solver(self, path)
-
-    @classmethod
-    def load(cls, path) -> "BespokeSolver":
-        """Read and validate a solver file; ``ValueError`` names what is wrong."""
-        from ..io import load_solver
-        solver = load_solver(path)
-        if not isinstance(solver, cls):
-            raise ValueError(f"{path}: holds a {solver.kind!r} solver, not a bespoke one; "
-                             f"use bespoke_fast.load_solver")
         return solver

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from .._checks import call_model, check_choice, check_int, check_state
-from ..ops_bns import bns_step_ref
+from ..ops.bns import bns_step_ref
+from .base import Solver
 
 __all__ = ["NonStationarySolver", "INITS", "init_coefficients"]
 
@@ -66,7 +67,7 @@ def init_coefficients(n_steps: int, init: str = "midpoint"):
     return a, b
 
 
-class NonStationarySolver(nn.Module):
+class NonStationarySolver(Solver):
     """A learned non-stationary (BNS) solver: NFE = ``n_steps``.
 
     Args:
@@ -87,6 +88,9 @@ class NonStationarySolver(nn.Module):
     """
 
     kind = "bns"
+    header_key = "init"
+    headers = INITS
+    parameter_names = ("theta_t", "theta_a", "theta_b")
 
     def __init__(self, n_steps: int = 8, init: str = "midpoint"):
         super().__init__()
@@ -100,9 +104,24 @@ class NonStationarySolver(nn.Module):
         self.meta: dict = {}
 
     # ------------------------------------------------------------------ sizes
-    @property
-    def nfe(self) -> int:
-        return self.n_steps
+    @classmethod
+    def nfe_for(cls, header: str, n_steps: int) -> int:
+        return n_steps
+
+    @classmethod
+    def file_sizes(cls, header: str, n_steps: int) -> tuple:
+        n, tri = n_steps, n_steps * (n_steps + 1) // 2
+        return {"theta_t": n, "theta_a": n, "theta_b": tri}, {"t": n + 1, "a": n, "b": tri}
+
+    @classmethod
+    def header_problem(cls, header: str, n_steps: int):
+        if header == "midpoint" and n_steps % 2:
+            return f"init 'midpoint' needs an even number of steps, got n_steps={n_steps}"
+        return None
+
+    @classmethod
+    def from_header(cls, header: str, n_steps: int) -> "NonStationarySolver":
+        return cls(n_steps, init=header)
 
     @property
     def num_parameters(self) -> int:
@@ -138,10 +157,15 @@ class NonStationarySolver(nn.Module):
 
     def coefficient_tables(self, dtype=torch.float32, device=None):
         """``(t [n], a [n], b [n, n])`` device tensors for the ops, kernels and engine
-        (``bespoke_fast.ops_bns.bns_step_ref`` / ``kernels.bns_step`` read ``a`` and ``b``).
+        (``bespoke_fast.ops.bns.bns_step_ref`` / ``kernels.bns_step`` read ``a`` and ``b``).
         Differentiable (not detached); contiguous."""
         c = self.coefficients()
         return tuple(c[k].to(dtype=dtype, device=device).contiguous() for k in ("t", "a", "b"))
+
+    def sampler_tables(self) -> dict:
+        """``{"t", "a", "b"}`` of ``coefficient_tables(dtype=float32)``: what the engine and
+        schedulers read."""
+        return dict(zip(("t", "a", "b"), self.coefficient_tables(dtype=torch.float32)))
 
     # ------------------------------------------------------------------ sampling
     def sample(self, model, x0: torch.Tensor, check_finite: bool = False,
@@ -194,26 +218,3 @@ class NonStationarySolver(nn.Module):
     def forward(self, model, x0: torch.Tensor, **kwargs) -> torch.Tensor:
         """``solver(model, x0)`` is ``solver.sample(model, x0)`` (for ``torch.func`` and wrappers)."""
         return self.sample(model, x0, **kwargs)
-
-    # ------------------------------------------------------------------ files
-    def file_header(self) -> dict:
-        return {"init": self.init}
-
-    def raw_parameters(self) -> dict:
-        return {name: getattr(self, name).detach().cpu().tolist()
-                for name in ("theta_t", "theta_a", "theta_b")}
-
-    def save(self, path) -> None:
-        """Write the versioned JSON solver file (see ``bespoke_fast.io``)."""
-        from ..io import save_solver
-        save_solver(self, path)
-
-    @classmethod
-    def load(cls, path) -> "NonStationarySolver":
-        """Read and validate a solver file; ``ValueError`` names what is wrong."""
-        from ..io import load_solver
-        solver = load_solver(path)
-        if not isinstance(solver, cls):
-            raise ValueError(f"{path}: holds a {solver.kind!r} solver, not a bns one; "
-                             f"use bespoke_fast.load_solver")
-        return solver

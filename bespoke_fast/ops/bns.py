@@ -1,15 +1,19 @@
-"""Reference (pure torch) non-stationary (BNS) solver step: the oracle for
-``bespoke_fast.kernels.bns_step``. Importable without Triton.
+"""Non-stationary (BNS) solver step: the reference (pure torch) op beside the dispatch to its
+Triton twin ``bespoke_fast.kernels.bns.bns_step``. Importable without Triton.
 
     x_{i+1} = a[i] x0 + sum_{j=0..i} b[i, j] us[j]
 
-computed in float32, ``j`` ascending (the kernel sums in the same order).
+computed in float32, ``j`` ascending (the kernel sums in the same order). The tables ``a``
+``[n]`` and ``b`` ``[n, n]`` are views of the engine's flat BNS table (``bespoke_fast.ops.table``).
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["bns_step_ref"]
+from .backend import resolve_backend
+from .rk import write_model_in
+
+__all__ = ["bns_step", "bns_step_ref"]
 
 
 def bns_step_ref(x0, us, i, table_a, table_b, out, model_in=None):
@@ -26,7 +30,7 @@ def bns_step_ref(x0, us, i, table_a, table_b, out, model_in=None):
             own dtype (both halves when ``[2B, ...]``).
     Returns: ``x_{i+1}`` (float32).
 
-    Like :mod:`bespoke_fast.ops`, when autograd is recording the result is a new tensor and
+    Like :mod:`bespoke_fast.ops.rk`, when autograd is recording the result is a new tensor and
     ``out`` is not written (autograd cannot record writes into caller buffers).
     """
     n = table_a.shape[0]
@@ -45,10 +49,15 @@ def bns_step_ref(x0, us, i, table_a, table_b, out, model_in=None):
         acc = torch.mul(x0.float(), a, out=out) if out is not None else x0.float() * a
         for j in range(i + 1):  # j ascending: the kernel's order
             acc.add_(us[j].float() * b[j])
-    if model_in is not None:
-        if model_in.shape[0] == 2 * x0.shape[0]:  # guidance batch: both halves get the state
-            model_in[: x0.shape[0]].copy_(acc)
-            model_in[x0.shape[0]:].copy_(acc)
-        else:
-            model_in.copy_(acc)
+    write_model_in(model_in, acc)
     return acc
+
+
+def bns_step(x0, us, i, table_a, table_b, out, model_in=None, backend="auto"):
+    """Dispatching BNS step (``backend`` as :func:`bespoke_fast.ops.rk.rk1_step`); see
+    :func:`bns_step_ref` for the maths and arguments."""
+    if resolve_backend(backend, x0.device) == "triton":
+        from ..kernels.bns import bns_step as op
+    else:
+        op = bns_step_ref
+    return op(x0, us, i, table_a, table_b, out, model_in=model_in)

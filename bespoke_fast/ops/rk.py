@@ -1,7 +1,8 @@
-"""Reference (pure torch) solver-update ops and the backend dispatch.
+"""Bespoke RK1 / RK2 update ops: each reference (pure torch) op beside the dispatch to its Triton
+twin in ``bespoke_fast.kernels.bespoke_rk``.
 
-These are the correctness oracle for the Triton kernels in ``bespoke_fast.kernels`` and the CPU
-path of every sampler. Each op reads its scalars from the coefficient table (``bespoke_fast.table``)
+The references are the correctness oracle for the kernels and the CPU path of every sampler.
+Each op reads its scalars from the ``[n, NUM_COLS]`` coefficient table (``bespoke_fast.ops.table``)
 at a step index, updates the float32 state and, optionally, writes the model's next input in the
 model's dtype (``model_in``), all without reading anything back to the host.
 
@@ -24,11 +25,11 @@ from __future__ import annotations
 import torch
 
 from . import table as T
+from .backend import resolve_backend
 
 __all__ = [
     "rk1_step", "rk2_stage1", "rk2_stage2",
-    "rk1_step_ref", "rk2_stage1_ref", "rk2_stage2_ref", "guidance_combine_ref",
-    "triton_available",
+    "rk1_step_ref", "rk2_stage1_ref", "rk2_stage2_ref", "guidance_combine_ref", "write_model_in",
 ]
 
 
@@ -51,7 +52,9 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _write_model_in(model_in, x):
+def write_model_in(model_in, x):
+    """Copy the state ``x`` ``[B, ...]`` into the model-input buffer (``None``: nothing), in the
+    buffer's dtype; a ``[2B, ...]`` buffer (the guidance batch) gets it in both halves."""
     if model_in is None:
         return
     if model_in.shape[0] == 2 * x.shape[0]:  # guidance: both halves get the state
@@ -79,7 +82,7 @@ def rk1_step_ref(x, u, table, step, model_in=None, guidance=False, out=None):
     else:
         x_new = torch.mul(x, row[T.A], out=out) if out is not None else x * row[T.A]
         x_new.addcmul_(u, row[T.B])
-    _write_model_in(model_in, x_new)
+    write_model_in(model_in, x_new)
     return x_new
 
 
@@ -92,7 +95,7 @@ def rk2_stage1_ref(x, u1, table, step, model_in=None, guidance=False, out=None):
     else:
         x_mid = torch.mul(x, row[T.A], out=out) if out is not None else x * row[T.A]
         x_mid.addcmul_(u1, row[T.B])
-    _write_model_in(model_in, x_mid)
+    write_model_in(model_in, x_mid)
     return x_mid
 
 
@@ -105,54 +108,35 @@ def rk2_stage2_ref(x, x_mid, u2, table, step, model_in=None, guidance=False, out
     else:
         x_new = torch.mul(x, row[T.C], out=out) if out is not None else x * row[T.C]
         x_new.addcmul_(x_mid, row[T.D]).addcmul_(u2, row[T.E])
-    _write_model_in(model_in, x_new)
+    write_model_in(model_in, x_new)
     return x_new
 
 
 # ----------------------------------------------------------------------------- dispatch
-_BACKENDS = ("auto", "reference", "triton")
-
-
-def triton_available() -> bool:
-    """True when ``bespoke_fast.kernels`` imports (triton installed). Queries no GPU."""
-    try:
-        from . import kernels  # noqa: F401  (installed from kernels/ via package_dir)
-    except Exception:  # ImportError, or triton failing to initialise
-        return False
-    return True
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``"auto"`` -> ``"triton"`` on CUDA when triton imports, else ``"reference"``."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "reference"
-    if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' needs the 'triton' package (pip install bespoke_fast[triton])")
-    return backend
-
-
-def _op(name, backend, device):
-    if resolve_backend(backend, device) == "triton":
-        from . import kernels
-        return getattr(kernels, name)
-    return globals()[name + "_ref"]
-
-
+# ``backend``: "reference", "triton" or "auto" (``bespoke_fast.ops.backend``). The kernels are
+# imported where they are used: triton is optional.
 def rk1_step(x, u, table, step, model_in=None, guidance=False, out=None, backend="auto"):
     """Dispatching RK1 step; see :func:`rk1_step_ref` for the maths and arguments."""
-    return _op("rk1_step", backend, x.device)(x, u, table, step, model_in=model_in,
-                                              guidance=guidance, out=out)
+    if resolve_backend(backend, x.device) == "triton":
+        from ..kernels.bespoke_rk import rk1_step as op
+    else:
+        op = rk1_step_ref
+    return op(x, u, table, step, model_in=model_in, guidance=guidance, out=out)
 
 
 def rk2_stage1(x, u1, table, step, model_in=None, guidance=False, out=None, backend="auto"):
     """Dispatching RK2 stage 1; see :func:`rk2_stage1_ref`."""
-    return _op("rk2_stage1", backend, x.device)(x, u1, table, step, model_in=model_in,
-                                                guidance=guidance, out=out)
+    if resolve_backend(backend, x.device) == "triton":
+        from ..kernels.bespoke_rk import rk2_stage1 as op
+    else:
+        op = rk2_stage1_ref
+    return op(x, u1, table, step, model_in=model_in, guidance=guidance, out=out)
 
 
 def rk2_stage2(x, x_mid, u2, table, step, model_in=None, guidance=False, out=None, backend="auto"):
     """Dispatching RK2 stage 2; see :func:`rk2_stage2_ref`."""
-    return _op("rk2_stage2", backend, x.device)(x, x_mid, u2, table, step, model_in=model_in,
-                                                guidance=guidance, out=out)
+    if resolve_backend(backend, x.device) == "triton":
+        from ..kernels.bespoke_rk import rk2_stage2 as op
+    else:
+        op = rk2_stage2_ref
+    return op(x, x_mid, u2, table, step, model_in=model_in, guidance=guidance, out=out)

@@ -5,35 +5,19 @@ CUDA graph and replayed.
 Anatomy of one call (``B`` = rows asked for, ``Bp`` = the run size, see *Batch sizes*)::
 
     x      float32 [Bp, *shape]   solver state (x0 copied in, padded with zeros; the output)
-    x_mid  float32 [Bp, *shape]   RK2 midpoint state
     model_in  model_dtype [Bp or 2Bp, *shape]   the network's input, written by the update op
     t      float32 [Bp or 2Bp]    model time, copied from the device table (never .item())
     extras   static copies of the tensor extras (padded / doubled for guidance)
-    table  float32 [n, 8] on the device (bespoke_fast.table layout)
-
-    for i in range(n):                         # RK2 shown; RK1 has one stage
-        t <- table[i, T0];  u1 = net(model_in, t, **extras)
-        x_mid = A x + B u1        -> also writes model_in            (ops.rk2_stage1)
-        t <- table[i, TM];  u2 = net(model_in, t, **extras)
-        x = C x + D x_mid + E u2  -> also writes model_in            (ops.rk2_stage2)
-
-When the model runs in float32 without guidance the model input IS the state buffer (``x`` or
-``x_mid``), so no model-input copy is made at all.
-
-Non-stationary (BNS) solvers (``kind == "bns"``, NFE = n) keep the start state and every past
-velocity instead of ``x_mid``::
-
-    x0     float32 [Bp, *shape]          the start state (x0 copied in, padded with zeros)
-    us     model_dtype [n, Bp, *shape]   u_0 .. u_{n-1}, written one row per step
-    x      float32 [Bp, *shape]          x_{i+1} (the output after the last step)
-    table  float32 [n + n + n*n]         t [n] | a [n] | b [n, n] row-major (views of one buffer)
+    + the program's own device table and buffers
 
     for i in range(n):
-        t <- t_table[i];  us[i] <- net(model_in, t, **extras)     (x0 / x themselves in fp32)
-        x = a_i x0 + sum_{j<=i} b_ij us[j]  -> also writes model_in      (ops_bns / kernels.bns_step)
+        program.step(i)            # model call(s), then the fused update op
 
-With guidance the ``[2Bp]`` output's halves are combined (``u_unc + w (u_cond - u_unc)`` in
-float32, ``ops.guidance_combine_ref``) before the row is stored, so ``us`` stays ``[n, Bp]``.
+The program is chosen by the solver's ``kind`` (``PROGRAMS``): :mod:`bespoke_fast.engine.rk`
+(Bespoke RK1 / RK2: ``[n, 8]`` table, ``x_mid``) and :mod:`bespoke_fast.engine.bns`
+(non-stationary: flat ``t | a | b`` table, ``x0`` and the past velocities ``us``); each module
+shows its step. Table layouts: :mod:`bespoke_fast.ops.table`. When the model runs in float32
+without guidance the model input IS the state buffer, so no model-input copy is made at all.
 
 Batch sizes
     A call with ``B <= batch_size`` rows runs at ``Bp = batch_size``: the rows are PADDED with
@@ -77,12 +61,18 @@ from collections import OrderedDict
 
 import torch
 
-from . import ops
-from . import table as T
-from ._checks import call_model, check_int, check_state
-from .models import GuidedModel
+from .._checks import call_model, check_int, check_state
+from ..models import GuidedModel
+from ..noise import noise_for_indices
+from ..ops.backend import resolve_backend
+from ..ops.rk import write_model_in
+from .bns import BNSProgram
+from .rk import RKProgram
 
-__all__ = ["FastSampler"]
+__all__ = ["FastSampler", "PROGRAMS"]
+
+# One engine program per solver kind, keyed by the solver interface's ``kind``.
+PROGRAMS = {RKProgram.kind: RKProgram, BNSProgram.kind: BNSProgram}
 
 
 def _infer_device(model) -> torch.device:
@@ -145,35 +135,30 @@ def _release_graph(graph) -> None:
 
 
 class _State:
-    """Static buffers (and the graph, once captured) for one cache key."""
+    """Static buffers (and the graph, once captured) for one cache key: the common ones, plus
+    the program's own (RK2 ``x_mid``; BNS ``x0``, ``us``) as attributes of the same name."""
 
-    def __init__(self, key, run_b, shape, model_dtype, device, guided, alias, base, extras,
-                 bns_steps=None):
+    def __init__(self, key, run_b, shape, model_dtype, device, guided, alias, program, extras):
         f32 = dict(dtype=torch.float32, device=device)
         self.key = key
         self.run_b = run_b
         rows = 2 * run_b if guided else run_b
         self.x = torch.zeros(run_b, *shape, **f32)
-        self.x_mid = torch.zeros(run_b, *shape, **f32) if base == "rk2" else None
         self.model_in = None if alias else torch.zeros(rows, *shape, dtype=model_dtype, device=device)
         self.t = torch.zeros(rows, **f32)
         self.extras = {k: (torch.empty_like(v, device=device) if isinstance(v, torch.Tensor) else v)
                        for k, v in extras.items()}
-        # BNS: the start state (read by every step) and the past velocities (model dtype;
-        # guidance halves are combined before storing, so always [n, Bp, *shape]).
-        self.x0 = torch.zeros(run_b, *shape, **f32) if bns_steps else None
-        self.us = (torch.zeros(bns_steps, run_b, *shape, dtype=model_dtype, device=device)
-                   if bns_steps else None)
+        vars(self).update(program.buffers(run_b, shape, model_dtype))
+        self.start = program.start(self)
         self.graph = None
         self.failure: str | None = None
         self.capture_tried = False
 
     def load(self, x0: torch.Tensor, extras: dict) -> None:
         b = x0.shape[0]
-        start = self.x0 if self.x0 is not None else self.x  # BNS: the loop reads x0, writes x
-        start[:b].copy_(x0)
+        self.start[:b].copy_(x0)
         if b < self.run_b:
-            start[b:].zero_()
+            self.start[b:].zero_()
         for k, v in extras.items():
             if isinstance(v, torch.Tensor):
                 self.extras[k].copy_(v)
@@ -252,7 +237,7 @@ class FastSampler:
             model.model if isinstance(model, GuidedModel) else model)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.backend = ops.resolve_backend(backend, self.device)
+        self.backend = resolve_backend(backend, self.device)
 
         # ---- guidance: the raw network runs on [2Bp] inputs, the op combines the halves
         if guidance is not None and not isinstance(model, GuidedModel):
@@ -272,14 +257,15 @@ class FastSampler:
 
         self.use_graph = bool(cuda_graph) and self.device.type == "cuda"
         self.solver = solver
-        self._build_program(solver)
-        with torch.no_grad():
-            self.table = self._solver_table(solver)
-        if self.kind == "bns":
-            n = self.n_steps  # contiguous views of the one flat table (load_solver copies into it)
-            self._t_model, self._a = self.table[:n], self.table[n:2 * n]
-            self._b = self.table[2 * n:].view(n, n)
-            self._w = torch.full((), self.guidance_scale, dtype=torch.float32, device=self.device)
+        program = PROGRAMS.get(getattr(solver, "kind", None))
+        if program is None:
+            raise TypeError(f"solver must be a BespokeSolver or a NonStationarySolver (a solver "
+                            f"of kind {' or '.join(map(repr, PROGRAMS))}), got "
+                            f"{type(solver).__name__}")
+        self.program = program(solver, device=self.device, backend=self.backend,
+                               guided=self.guided, guidance_scale=self.guidance_scale,
+                               alias=self._alias)
+        self.kind, self.base, self.n_steps = self.program.kind, self.program.base, self.program.n_steps
 
         self._states: OrderedDict = OrderedDict()
         self.capture_seconds: dict = {}
@@ -289,51 +275,17 @@ class FastSampler:
         self.num_evictions = 0
         self.capture_failures: dict = {}
 
-    # ------------------------------------------------------------------ solver program
-    def _build_program(self, solver) -> None:
-        """Pick the per-step function for the solver's kind: ``"bespoke"`` (RK1 / RK2 steps on
-        the ``[n, 8]`` table) or ``"bns"`` (model -> ``us[i]``, then ``bns_step(x0, us, i, a,
-        b)``; extra buffers ``x0`` / ``us`` in ``_State``, a flat ``t | a | b`` table)."""
-        kind = getattr(solver, "kind", None)
-        if kind == "bespoke":
-            if solver.base not in ("rk1", "rk2"):
-                raise ValueError(f"unsupported bespoke base {solver.base!r}")
-            self.kind, self.base, self.n_steps = kind, solver.base, int(solver.n_steps)
-            self._step = self._step_rk1 if solver.base == "rk1" else self._step_rk2
-        elif kind == "bns":
-            self.kind, self.base, self.n_steps = kind, None, int(solver.n_steps)
-            self._step = self._step_bns
-            if self.backend == "triton":
-                from .kernels import bns_step  # lazy: triton is optional
-            else:
-                from .ops_bns import bns_step_ref as bns_step
-            self._bns_op = bns_step
-        else:
-            raise TypeError(f"solver must be a BespokeSolver or a NonStationarySolver, got "
-                            f"{type(solver).__name__}")
-
-    def _solver_table(self, solver) -> torch.Tensor:
-        if self.kind == "bns":
-            t, a, b = solver.coefficient_tables(dtype=torch.float32, device=self.device)
-            return torch.cat([t.detach(), a.detach(), b.detach().reshape(-1)]).contiguous()
-        tab = solver.coefficient_table(guidance_scale=self.guidance_scale, dtype=torch.float32,
-                                       device=self.device)
-        return tab.detach().contiguous()
+    @property
+    def table(self) -> torch.Tensor:
+        """The program's device table (layout: ``bespoke_fast.ops.table``)."""
+        return self.program.table
 
     def load_solver(self, other) -> None:
         """Swap in another solver of the same kind, base and ``n_steps``: its coefficients are
         copied into the existing device table (``table.copy_``), so captured graphs stay valid
         and the next call uses the new coefficients (no re-capture). ``ValueError`` otherwise
         (BNS solvers have no base: kind and ``n_steps`` must match)."""
-        for attr in ("kind", "base", "n_steps"):
-            if attr == "base" and self.kind == "bns" and getattr(other, "kind", None) == "bns":
-                continue
-            mine, theirs = getattr(self.solver, attr, None), getattr(other, attr, None)
-            if mine != theirs:
-                raise ValueError(f"load_solver: {attr} mismatch: the sampler runs {attr}={mine!r}, "
-                                 f"the new solver has {attr}={theirs!r}; build a new FastSampler")
-        with torch.no_grad():
-            self.table.copy_(self._solver_table(other))
+        self.program.load(other)
         self.solver = other
 
     def set_guidance_scale(self, scale: float) -> None:
@@ -341,63 +293,21 @@ class FastSampler:
         if not self.guided:
             raise ValueError("set_guidance_scale: this sampler was not built with a cfg(...) model")
         self.guidance_scale = float(scale)
-        if self.kind == "bns":
-            self._w.fill_(self.guidance_scale)
-        else:
-            self.table[:, T.W].fill_(self.guidance_scale)
+        self.program.set_guidance_scale(self.guidance_scale)
 
     # ------------------------------------------------------------------ the loop
-    def _eval(self, st: _State, inp: torch.Tensor, i: int, col: int, out: torch.Tensor):
-        st.t.copy_(self.table[i, col].expand(st.t.shape[0]))  # device copy, no host read
-        u = call_model(self._net, inp, st.t, st.extras, expect_dtype=self.model_dtype)
-        if u.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-            u = u.clone()  # a model returning (a view of) its input: the in-place update would clobber it
-        elif self.backend == "triton" and not u.is_contiguous():
-            u = u.contiguous()
-        return u
-
-    def _fill_model_in(self, st: _State) -> None:
-        if st.model_in is None:
-            return
-        start = st.x0 if st.x0 is not None else st.x
-        if self.guided:
-            st.model_in[: st.run_b].copy_(start)
-            st.model_in[st.run_b:].copy_(start)
-        else:
-            st.model_in.copy_(start)
-
-    def _step_rk1(self, st: _State, i: int, last: bool) -> None:
-        mi = None if last else st.model_in
-        u = self._eval(st, st.x if self._alias else st.model_in, i, T.T0, st.x)
-        ops.rk1_step(st.x, u, self.table, i, model_in=mi, guidance=self.guided, out=st.x,
-                     backend=self.backend)
-
-    def _step_rk2(self, st: _State, i: int, last: bool) -> None:
-        u1 = self._eval(st, st.x if self._alias else st.model_in, i, T.T0, st.x_mid)
-        ops.rk2_stage1(st.x, u1, self.table, i, model_in=st.model_in, guidance=self.guided,
-                       out=st.x_mid, backend=self.backend)
-        u2 = self._eval(st, st.x_mid if self._alias else st.model_in, i, T.TM, st.x)
-        ops.rk2_stage2(st.x, st.x_mid, u2, self.table, i, model_in=None if last else st.model_in,
-                       guidance=self.guided, out=st.x, backend=self.backend)
-
-    def _step_bns(self, st: _State, i: int, last: bool) -> None:
-        # fp32 without guidance the model reads the state itself: x0 at step 0, then x.
-        inp = (st.x0 if i == 0 else st.x) if self._alias else st.model_in
-        st.t.copy_(self._t_model[i].expand(st.t.shape[0]))  # device copy, no host read
-        u = call_model(self._net, inp, st.t, st.extras, expect_dtype=self.model_dtype)
-        if self.guided:
-            u = ops.guidance_combine_ref(u, self._w)  # [2Bp] -> [Bp] float32
-        st.us[i].copy_(u)  # before the op overwrites x (a model may return its input)
-        self._bns_op(st.x0, st.us, i, self._a, self._b, out=st.x,
-                     model_in=None if last else st.model_in)
+    def _call(self, st: _State, inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The network on ``inp`` at the 0-d device time ``t`` (copied into ``st.t``: no host read)."""
+        st.t.copy_(t.expand(st.t.shape[0]))
+        return call_model(self._net, inp, st.t, st.extras, expect_dtype=self.model_dtype)
 
     def _loop(self, st: _State) -> None:
         """The whole n-step solve on ``st``'s buffers: no host reads, no Python branching on
         tensor values, no allocation outside what the model (and guidance/low-precision
         upcasts in the reference ops) make -- so it can be captured as it is."""
-        self._fill_model_in(st)
+        write_model_in(st.model_in, st.start)
         for i in range(self.n_steps):
-            self._step(st, i, i == self.n_steps - 1)
+            self.program.step(st, i, i == self.n_steps - 1, self._call)
 
     # ------------------------------------------------------------------ graph capture
     def _capture(self, st: _State) -> None:
@@ -469,8 +379,7 @@ class FastSampler:
             self._states.move_to_end(key)
             return st
         st = _State(key, run_b, self.shape, self.model_dtype, self.device, self.guided,
-                    self._alias, self.base, net_extras,
-                    bns_steps=self.n_steps if self.kind == "bns" else None)
+                    self._alias, self.program, net_extras)
         self._states[key] = st
         while len(self._states) > self.max_graphs:
             old_key, _ = self._states.popitem(last=False)
@@ -541,8 +450,6 @@ class FastSampler:
 
             >>> xs = sampler.sample(1000, batch_size=250, seed=3)
         """
-        from .noise import noise_for_indices
-
         num = check_int("num", num)
         bs = self.batch_size if batch_size is None else check_int("batch_size", batch_size)
         outs = []

@@ -1,0 +1,176 @@
+"""The one interface of a learned solver, and the registry of solver kinds.
+
+Every learned solver (``BespokeSolver``: kind ``"bespoke"``; ``NonStationarySolver``: kind
+``"bns"``) is a :class:`Solver`. What the rest of the package asks of a solver, it asks here:
+
+==========================  ====================================================================
+``kind``                    the registry key, stored in the file (``"bespoke"``, ``"bns"``)
+``header_key``, ``header``  the one choice besides ``n_steps`` that fixes the solver's shape
+                            (``base`` ``"rk1"``/``"rk2"``; ``init`` ``"euler"``/``"midpoint"``)
+``n_steps``, ``nfe``        steps and network evaluations
+``sample(model, x0, ...)``  the pure-torch sampler (the oracle of the engine)
+``tables()``                the derived float64 tables stored in the file
+``sampler_tables()``        the float32 coefficients the engine and schedulers read, by name
+``to_document()``           the solver file's JSON document (``from_document`` reads one back)
+``fingerprint()``           sha256 of kind, header, ``n_steps`` and raw parameters
+``save(path)``, ``load``    the versioned solver file (``bespoke_fast.solvers.files``)
+==========================  ====================================================================
+
+A subclass with a ``kind`` registers itself (:func:`solver_class`, :func:`kinds`); the solver
+file reader (``solvers/files.py``) builds solvers through this registry, and the engine picks
+its program by ``kind`` (``bespoke_fast.engine.PROGRAMS``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+
+import torch
+from torch import nn
+
+from .._checks import SolverFileError
+
+__all__ = ["Solver", "solver_class", "kinds", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "bespoke_fast.solver"
+FORMAT_VERSION = 1
+
+_KINDS: dict = {}
+
+
+def solver_class(kind):
+    """The solver class registered for ``kind`` (``None`` when no class has that kind)."""
+    return _KINDS.get(kind) if isinstance(kind, str) else None
+
+
+def kinds() -> tuple:
+    """The registered kinds, sorted (``("bespoke", "bns")`` with the shipped solvers)."""
+    return tuple(sorted(_KINDS))
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _jsonable(obj.detach().cpu().tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+class Solver(nn.Module):
+    """Base class of the learned solvers (see the module docs for the interface).
+
+    Subclasses set ``kind``, ``header_key``, ``headers`` (the allowed header values) and
+    ``parameter_names`` (the raw float64 parameters, in file order), and implement ``nfe``,
+    ``tables``, ``sampler_tables``, ``sample``, :meth:`from_header` and :meth:`file_sizes`.
+    ``meta`` is a dict saved with the file (model it was fitted to, training and validation).
+    """
+
+    kind: str = ""
+    header_key: str = ""
+    headers: tuple = ()
+    parameter_names: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("kind"):
+            _KINDS[cls.kind] = cls
+
+    # ------------------------------------------------------------------ shape of a kind
+    @classmethod
+    def from_header(cls, header: str, n_steps: int) -> "Solver":
+        """A new (identity) solver of this kind with the given header and ``n_steps``."""
+        raise NotImplementedError
+
+    @classmethod
+    def file_sizes(cls, header: str, n_steps: int) -> tuple:
+        """``({parameter: size}, {table: size})`` of a solver of this kind (no allocation)."""
+        raise NotImplementedError
+
+    @classmethod
+    def nfe_for(cls, header: str, n_steps: int) -> int:
+        """NFE of a solver of this kind with the given header and ``n_steps``."""
+        raise NotImplementedError
+
+    @classmethod
+    def header_problem(cls, header: str, n_steps: int):
+        """Why ``header`` and ``n_steps`` do not fit together (a sentence), or ``None``."""
+        return None
+
+    @property
+    def header(self) -> str:
+        return getattr(self, self.header_key)
+
+    @property
+    def nfe(self) -> int:
+        return self.nfe_for(self.header, self.n_steps)
+
+    # ------------------------------------------------------------------ tables and sampling
+    def tables(self) -> dict:
+        raise NotImplementedError
+
+    def sampler_tables(self) -> dict:
+        raise NotImplementedError
+
+    def sample(self, model, x0: torch.Tensor, **extras) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ files
+    def file_header(self) -> dict:
+        """``{header_key: header}``, e.g. ``{"base": "rk2"}``."""
+        return {self.header_key: self.header}
+
+    def raw_parameters(self) -> dict:
+        """The raw parameters as lists of floats, by name (the file's ``parameters``)."""
+        return {name: getattr(self, name).detach().cpu().tolist() for name in self.parameter_names}
+
+    def fingerprint(self) -> str:
+        """sha256 of the solver's kind, header, ``n_steps`` and raw parameters."""
+        doc = {"kind": self.kind, **self.file_header(), "n_steps": int(self.n_steps),
+               "parameters": self.raw_parameters()}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+    def to_document(self) -> dict:
+        """The JSON-ready document of the solver file (what :meth:`save` writes; the layout is
+        in ``bespoke_fast.solvers.files``)."""
+        from .. import __version__
+        return {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind,
+            **self.file_header(),
+            "n_steps": self.n_steps, "nfe": self.nfe,
+            "parameters": self.raw_parameters(),
+            "tables": {k: v.detach().cpu().tolist() for k, v in self.tables().items()},
+            "model": _jsonable(self.meta.get("model", {})),
+            "training": _jsonable(self.meta.get("training", {})),
+            "validation": _jsonable(self.meta.get("validation", {})),
+            "package_version": __version__,
+        }
+
+    @classmethod
+    def from_document(cls, doc, path="<solver document>") -> "Solver":
+        """Validate a solver document and build the solver (any kind when called on
+        :class:`Solver`, else it must be this class); ``path`` names the source in errors."""
+        from .files import solver_from_document  # files.py builds solvers: import it on use
+        return cls._own(solver_from_document(doc, path), path)
+
+    def save(self, path) -> None:
+        """Write the versioned JSON solver file atomically (``bespoke_fast.solvers.files``)."""
+        from .files import save_solver
+        save_solver(self, path)
+
+    @classmethod
+    def load(cls, path) -> "Solver":
+        """Read and validate a solver file; ``ValueError`` names what is wrong."""
+        from .files import load_solver
+        return cls._own(load_solver(path), path)
+
+    @classmethod
+    def _own(cls, solver, path):
+        if cls is not Solver and not isinstance(solver, cls):
+            raise SolverFileError(f"{path}: holds a {solver.kind!r} solver, not a {cls.kind} "
+                                  f"one; use bespoke_fast.load_solver")
+        return solver
