@@ -147,7 +147,7 @@ def sample_to_dir(model, solver, shape, num: int, out_dir, batch_size: int = 256
     shard_size = (min(num, 16 * batch_size) if shard_size is None
                   else check_int("shard_size", shard_size))
     rank, world_size, distributed = _dist_info(rank, world_size)
-    check_model_identity(getattr(solver, "meta", {}).get("model"), model, model_name,
+    check_model_identity(solver.meta.get("model"), model, model_name,
                          "the solver", allow_model_mismatch)
     out_dir = Path(out_dir)
     identity = {"format": FORMAT, "num": num, "shape": list(shape), "seed": int(seed),

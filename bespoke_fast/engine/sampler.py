@@ -66,6 +66,7 @@ from ..models import GuidedModel
 from ..noise import noise_for_indices
 from ..ops.backend import resolve_backend
 from ..ops.rk import write_model_in
+from ..solvers.base import Solver
 from .bns import BNSProgram
 from .rk import RKProgram
 
@@ -257,7 +258,7 @@ class FastSampler:
 
         self.use_graph = bool(cuda_graph) and self.device.type == "cuda"
         self.solver = solver
-        program = PROGRAMS.get(getattr(solver, "kind", None))
+        program = PROGRAMS.get(solver.kind) if isinstance(solver, Solver) else None
         if program is None:
             raise TypeError(f"solver must be a BespokeSolver or a NonStationarySolver (a solver "
                             f"of kind {' or '.join(map(repr, PROGRAMS))}), got "

@@ -87,16 +87,9 @@ def rk1_step_ref(x, u, table, step, model_in=None, guidance=False, out=None):
 
 
 def rk2_stage1_ref(x, u1, table, step, model_in=None, guidance=False, out=None):
-    """Bespoke RK2 stage 1 ``x_mid = A x + B u1``; returns ``x_mid`` (written to ``out`` if given)."""
-    row = table[step].to(x.dtype)
-    u1 = _velocity(u1, row, guidance, x)
-    if _needs_grad(x, u1, row):
-        x_mid = torch.addcmul(x * row[T.A], u1, row[T.B])
-    else:
-        x_mid = torch.mul(x, row[T.A], out=out) if out is not None else x * row[T.A]
-        x_mid.addcmul_(u1, row[T.B])
-    write_model_in(model_in, x_mid)
-    return x_mid
+    """Bespoke RK2 stage 1 ``x_mid = A x + B u1``; returns ``x_mid`` (written to ``out`` if given).
+    The same op as :func:`rk1_step_ref` (RK1 keeps ``a, b`` in the same columns ``A, B``)."""
+    return rk1_step_ref(x, u1, table, step, model_in=model_in, guidance=guidance, out=out)
 
 
 def rk2_stage2_ref(x, x_mid, u2, table, step, model_in=None, guidance=False, out=None):
