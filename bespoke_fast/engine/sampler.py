@@ -190,7 +190,7 @@ class FastSampler:
         guidance: ``None``, or the guidance scale ``w`` (needs a ``GuidedModel``; default its
             ``scale``). The network then runs once per stage on a ``[2Bp, ...]`` batch (cond
             half first) and the update op forms ``u_unc + w (u_cond - u_unc)``. BNS solvers
-            support it too: the halves are combined in float32 (``ops.guidance_combine_ref``)
+            support it too: the halves are combined in float32 (``ops.rk.guidance_combine_ref``)
             before the velocity is stored into ``us`` (in ``model_dtype``).
         compile_model: wrap the network with ``torch.compile(mode="default")`` before the first
             capture. ``"reduce-overhead"`` / ``"max-autotune"`` use CUDA graphs of their own and
@@ -266,7 +266,8 @@ class FastSampler:
         self.program = program(solver, device=self.device, backend=self.backend,
                                guided=self.guided, guidance_scale=self.guidance_scale,
                                alias=self._alias)
-        self.kind, self.base, self.n_steps = self.program.kind, self.program.base, self.program.n_steps
+        self.kind, self.base = self.program.kind, self.program.base
+        self.n_steps = self.program.n_steps
 
         self._states: OrderedDict = OrderedDict()
         self.capture_seconds: dict = {}
@@ -290,7 +291,7 @@ class FastSampler:
         self.solver = other
 
     def set_guidance_scale(self, scale: float) -> None:
-        """Change the guidance scale in place (the table's W column; no re-capture)."""
+        """Change the guidance scale in place (on the device, in the program: no re-capture)."""
         if not self.guided:
             raise ValueError("set_guidance_scale: this sampler was not built with a cfg(...) model")
         self.guidance_scale = float(scale)
