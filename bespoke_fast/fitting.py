@@ -437,7 +437,7 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
     solver_path = out / f"{_safe(zm.name)}_{kind}_nfe{s['nfe']}.json"
     train_report_path = out / "train_report.json"
     if solver_path.is_file() and train_report_path.is_file():
-        from .io import load_solver
+        from .solvers.files import load_solver
         log(f"[3/4] training already done: {solver_path}")
         solver, train_report = load_solver(solver_path), json.loads(train_report_path.read_text())
     else:

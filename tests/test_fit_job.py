@@ -9,7 +9,7 @@ import torch
 
 import bespoke_fast as bf
 from bespoke_fast.cli import main
-from bespoke_fast.io import load_solver
+from bespoke_fast.solvers.files import load_solver
 
 SMALL = dict(nfe=4, num_train=40, num_heldout=16, iters=3, finetune_iters=2, batch_size=8,
              progress=False)
