@@ -85,12 +85,23 @@ def sha256_file(path) -> str:
 
 
 # ----------------------------------------------------------------------------- identities
+def _fingerprint_configs(model) -> list:
+    """Settings that change what a model computes but live outside its tensors (a guidance
+    scale, the class list of a conditioning function): objects opt in by defining
+    ``fingerprint_config() -> dict`` (JSON-able), on the model itself or any submodule."""
+    parts = model.named_modules() if isinstance(model, torch.nn.Module) else [("", model)]
+    return [[name, part.fingerprint_config()] for name, part in parts
+            if callable(getattr(part, "fingerprint_config", None))]
+
+
 def model_fingerprint(model) -> str:
-    """Identity of a model: sha256 (first 16 hex digits) of a module's parameters and buffers;
-    for a model without any (a plain function, a stateless module), ``"callable:<module>.<qualname>"``
-    (documented in the module docstring)."""
+    """Identity of a model: sha256 (first 16 hex digits) of a module's parameters and buffers
+    and of the ``fingerprint_config()`` of any part that defines one (e.g. ``cfg``'s guidance
+    scale); for a model without any of these (a plain function, a stateless module),
+    ``"callable:<module>.<qualname>"`` (documented in the module docstring)."""
     state = model.state_dict() if isinstance(model, torch.nn.Module) else {}
-    if not state:
+    configs = _fingerprint_configs(model)
+    if not state and not configs:
         fn = getattr(model, "__func__", model)
         if not hasattr(fn, "__qualname__"):
             fn = type(model)
@@ -99,6 +110,8 @@ def model_fingerprint(model) -> str:
     for name in sorted(state):
         h.update(name.encode())
         h.update(state[name].detach().cpu().contiguous().to(torch.float64).numpy().tobytes())
+    if configs:  # absent for models without settings: their hashes are unchanged
+        h.update(json.dumps(configs, sort_keys=True).encode())
     return h.hexdigest()[:16]
 
 

@@ -191,6 +191,13 @@ class GuidedModel(nn.Module):
         super().__init__()
         self.model, self.scale, self.cond_key, self.null = model, float(scale), cond_key, null
 
+    def fingerprint_config(self) -> dict:
+        """Part of the model's identity (``bespoke_fast.io.model_fingerprint``): a solver or GT
+        set made at one guidance scale is not silently reused at another."""
+        null = self.null if isinstance(self.null, (int, float)) else getattr(
+            self.null, "__qualname__", type(self.null).__name__)
+        return {"scale": self.scale, "cond_key": self.cond_key, "null": null}
+
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
         if callable(self.null):
             return self.null(cond)

@@ -259,3 +259,46 @@ def test_sigkill_during_gt_resumes_bit_for_bit(tmp_path):
     generate_trajectories(model, out=out, **kw)     # the same run (the delay is not identity)
     assert not list(out.glob("*.tmp"))
     assert _snapshot(out) == _snapshot(tmp_path / "full")
+
+
+class _ClassShift(torch.nn.Module):
+    """A class-conditional velocity: u = -x + y (so guidance changes the field)."""
+
+    def forward(self, x, t, y):
+        return -x + y.to(x.dtype)[:, None]
+
+
+def test_gt_rerun_with_another_guidance_scale_or_class_list_refuses(tmp_path):
+    from bespoke_fast.integrations.diffusers import condition_extras
+    kw = dict(batch_size=4, progress=False, measure_interpolation=0)
+    out = tmp_path / "gt"
+
+    def gt(scale, classes, **extra):
+        model = bf.cfg(_ClassShift(), scale, cond_key="y", null=0)
+        fn = lambda index: {"y": condition_extras(classes=classes)(index)["class_labels"]}  # noqa: E731
+        fn.fingerprint_config = lambda: {"classes": list(classes)}
+        return generate_trajectories(model, 8, (3,), out, extras_fn=fn, **kw, **extra)
+
+    gt(2.0, [1, 2])
+    with pytest.raises(MismatchError, match="model.hash"):
+        gt(3.0, [1, 2])            # the guidance scale is part of the model's identity
+    with pytest.raises(MismatchError, match="extras_fn"):
+        gt(2.0, [1, 5])            # so is the conditioning function's class list
+    assert gt(3.0, [1, 5], overwrite=True)["num"] == 8
+
+
+def test_fingerprint_config_is_part_of_the_model_identity():
+    from bespoke_fast.integrations.diffusers import condition_extras
+    fp = bf.io.model_fingerprint
+    guided = [bf.cfg(_ClassShift(), s, cond_key="y") for s in (1.0, 1.0, 4.0)]
+    assert fp(guided[0]) == fp(guided[1]) != fp(guided[2])
+    assert fp(condition_extras(classes=[1, 2])) != fp(condition_extras(classes=[1, 3]))
+    assert fp(condition_extras(num_prompts=4)) == fp(condition_extras(num_prompts=4))
+    # a model without settings keeps the hash of its tensors alone (recorded hashes stay valid)
+    import hashlib
+    lin = torch.nn.Linear(2, 2)
+    h = hashlib.sha256()
+    for name, value in sorted(lin.state_dict().items()):
+        h.update(name.encode())
+        h.update(value.detach().to(torch.float64).numpy().tobytes())
+    assert fp(lin) == h.hexdigest()[:16]

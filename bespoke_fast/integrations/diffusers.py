@@ -53,7 +53,7 @@ from ..solvers.base import Solver
 from ..solvers.files import load_solver
 
 __all__ = ["velocity_model", "DiffusersVelocity", "conversion_from_config", "BespokeScheduler",
-           "BNSScheduler", "fast_pipeline", "FastPipeline", "condition_extras",
+           "BNSScheduler", "fast_pipeline", "FastPipeline", "condition_extras", "ConditionExtras",
            "save_conditioning", "load_conditioning", "tiny_pipeline", "cli_model",
            "CONDITIONING_FILE"]
 
@@ -305,25 +305,46 @@ def velocity_model(pipe_or_denoiser, prediction: str | None = None, *, scheduler
 
 
 # ----------------------------------------------------------------------------- conditional GT
+class ConditionExtras:
+    """``extras_fn(index) -> extras`` for :func:`bespoke_fast.generate_trajectories` (made by
+    :func:`condition_extras`). Its settings are part of a GT run's identity
+    (``fingerprint_config``), so rerunning ``gt`` with other ``--classes`` is refused."""
+
+    def __init__(self, num_prompts=None, classes=None, guidance=None):
+        self.num_prompts = int(num_prompts) if num_prompts else None
+        self.classes = None if classes is None else torch.as_tensor(list(classes), dtype=torch.long)
+        self.guidance = (None if guidance is None else
+                         torch.as_tensor(list(guidance), dtype=torch.float32))
+
+    def __call__(self, index: torch.Tensor) -> dict:
+        out = {}
+        if self.num_prompts:
+            out["prompt"] = index % self.num_prompts
+        if self.classes is not None:
+            out["class_labels"] = self.classes[index % len(self.classes)]
+        if self.guidance is not None:
+            out["guidance"] = self.guidance[index % len(self.guidance)]
+        return out
+
+    def fingerprint_config(self) -> dict:
+        return {"num_prompts": self.num_prompts,
+                "classes": None if self.classes is None else self.classes.tolist(),
+                "guidance": None if self.guidance is None else self.guidance.tolist()}
+
+
 def condition_extras(num_prompts: int | None = None, classes=None, guidance=None):
     """``extras_fn(index) -> extras`` for :func:`bespoke_fast.generate_trajectories`: trajectory
     ``i`` gets prompt row ``i % P`` (extra ``prompt``) and/or class ``classes[i % C]`` (extra
     ``class_labels``) and/or embedded guidance ``guidance[i % G]`` (extra ``guidance``); the GT
-    set stores these per trajectory and ``train`` / ``evaluate`` pass them back to the model."""
-    classes = None if classes is None else torch.as_tensor(list(classes), dtype=torch.long)
-    guidance = None if guidance is None else torch.as_tensor(list(guidance), dtype=torch.float32)
+    set stores these per trajectory and ``train`` / ``evaluate`` pass them back to the model.
 
-    def extras_fn(index: torch.Tensor) -> dict:
-        out = {}
-        if num_prompts:
-            out["prompt"] = index % int(num_prompts)
-        if classes is not None:
-            out["class_labels"] = classes[index % len(classes)]
-        if guidance is not None:
-            out["guidance"] = guidance[index % len(guidance)]
-        return out
+    Example::
 
-    return extras_fn
+        >>> fn = condition_extras(num_prompts=4, classes=[3, 5])
+        >>> fn(torch.arange(3))["prompt"].tolist(), fn(torch.arange(3))["class_labels"].tolist()
+        ([0, 1, 2], [3, 5, 3])
+    """
+    return ConditionExtras(num_prompts, classes, guidance)
 
 
 def save_conditioning(path, tensors: dict, guidance_scale: float | None = None) -> Path:
