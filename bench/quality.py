@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import math
 import os
@@ -51,18 +50,24 @@ from _common import (PEERS, Counted, command_line, machine_info, peer_status,  #
 from render import quality_markdown  # noqa: E402
 
 import bespoke_fast as bf  # noqa: E402
+import peers_learned  # noqa: E402
 from bespoke_fast.bns_train import train_bns  # noqa: E402
+from bespoke_fast.evaluation import mode_assigner  # noqa: E402
 from bespoke_fast.io import model_fingerprint  # noqa: E402
-from bespoke_fast.metrics import rmse_psnr  # noqa: E402
+from bespoke_fast.metrics import mode_flip_fraction, rmse_psnr  # noqa: E402
 from bespoke_fast.solvers.fixed import NFE_PER_STEP  # noqa: E402
 
 EXACT_MODELS = ["gmm-64", "digits-exact"]
 TRAINED_MODELS = ["digits-fmot", "digits-vcs", "digits-eps"]
-FULL = dict(nfes=[4, 6, 8, 10, 16, 20], num_train=1024, num_test=256, num_val=128, iters=60,
-            finetune_iters=20, train_batch=64, rtol=1e-5, bns_iters=30, bns_num_train=256,
-            eval_only_num_test=64)
+# None: the trainer's own default (the numbers a user gets); 1,024 held-out noises (seed 1,
+# disjoint from the training noises' seed 0); 1,544 training trajectories = BNS's 520 + 1,024
+FULL = dict(nfes=[4, 6, 8, 10, 16, 20], num_train=1544, num_test=1024, num_val=None, iters=None,
+            finetune_iters=None, train_batch=None, rtol=1e-5, bns_iters=None, bns_num_train=None,
+            eval_only_num_test=1024, budget_seconds=None)
 QUICK = dict(nfes=[4, 8], num_train=96, num_test=64, num_val=32, iters=8, finetune_iters=4,
-             train_batch=32, rtol=1e-5, bns_iters=4, bns_num_train=64, eval_only_num_test=32)
+             train_batch=32, rtol=1e-5, bns_iters=4, bns_num_train=64, eval_only_num_test=32,
+             budget_seconds=3.0)
+LEARNED_GRID = ["ld3-ipndm", "ld3-dpm++2m", "ld3-unipc", "gits-midpoint"]
 BASES = ["euler", "midpoint", "heun", "rk4"]
 DESCRIPTIONS = {
     "euler": "bespoke_fast.solve(method='euler'), uniform grid",
@@ -72,6 +77,10 @@ DESCRIPTIONS = {
     "bespoke-rk1": "bespoke_fast.train(base='rk1', n_steps=NFE): learned scale-time Euler",
     "bespoke-rk2": "bespoke_fast.train(base='rk2', n_steps=NFE/2): learned scale-time midpoint",
     "bns": "bespoke_fast.bns_train.train_bns(n_steps=NFE, init='midpoint'): non-stationary",
+    "ld3-ipndm": "iPNDM on a learned time grid (LD3-style fit, bench/peers_learned.py)",
+    "ld3-dpm++2m": "DPM-Solver++(2M), FM-OT data prediction, learned time grid (LD3-style fit)",
+    "ld3-unipc": "UniPC bh2 order 2, FM-OT data prediction, learned time grid (LD3-style fit)",
+    "gits-midpoint": "midpoint on a GITS-style DP-optimised grid (one-step local errors on GT)",
     **{name: peer.description for name, peer in PEERS.items()},
 }
 
@@ -99,13 +108,27 @@ def load_models(names, notes):
 
 def get_gt(name, zm, args, device):
     """(train, test, gt record): GT generated once into the cache, reused while the model's
-    fingerprint and the settings match."""
+    fingerprint and the settings match. Training GT uses noise seed ``args.seed``, the held-out
+    test GT seed ``args.seed + 1``: disjoint noises."""
     eval_only = name in args.eval_only
     num_train = 0 if eval_only else args.num_train
     num_test = args.eval_only_num_test if eval_only else args.num_test
-    total = num_train + num_test
-    d = os.path.join(args.cache, "gt", f"{name}-n{total}-rtol{args.rtol:g}-seed{args.seed}")
     want = model_fingerprint(zm.model)
+    t0 = time.perf_counter()
+    train = (_gt_set(name, zm, args, device, num_train, args.seed, want)[0] if num_train else None)
+    test, manifest, d = _gt_set(name, zm, args, device, num_test, args.seed + 1, want)
+    wall = time.perf_counter() - t0
+    rec = {"kind": "gt", "model": name, "num_train": len(train) if train is not None else 0,
+           "num_test": len(test), "eval_only": eval_only,
+           "rtol": args.rtol, "atol": args.rtol, "seed": args.seed, "test_seed": args.seed + 1,
+           "cache_dir": d, "nfe_per_trajectory": manifest["nfe"]["per_trajectory"],
+           "interpolation": manifest.get("interpolation"), "model_hash": want,
+           "wall_seconds_this_run": wall, "shape": list(zm.shape), "data_range": zm.data_range}
+    return train, test, rec
+
+
+def _gt_set(name, zm, args, device, total, seed, want):
+    d = os.path.join(args.cache, "gt", f"{name}-n{total}-rtol{args.rtol:g}-seed{seed}")
     man_path = os.path.join(d, "manifest.json")
     if os.path.isfile(man_path):
         try:
@@ -117,88 +140,86 @@ def get_gt(name, zm, args, device):
             print(f"[{name}] cached GT was made with another model (hash {have} != {want}): "
                   f"regenerating", flush=True)
             shutil.rmtree(d)
-    t0 = time.perf_counter()
-    manifest = bf.generate_trajectories(zm.model, total, zm.shape, d, seed=args.seed,
+    manifest = bf.generate_trajectories(zm.model, total, zm.shape, d, seed=seed,
                                         rtol=args.rtol, atol=args.rtol, batch_size=256,
                                         model_name=name, data_range=zm.data_range,
                                         progress=args.progress, device=device,
                                         measure_interpolation=8)
-    wall = time.perf_counter() - t0
-    gt = bf.load_trajectories(d, device=device)
-    train, test = gt.split(num_test) if num_train else (None, gt)
-    rec = {"kind": "gt", "model": name, "num_train": len(train) if train is not None else 0,
-           "num_test": len(test), "eval_only": eval_only,
-           "rtol": args.rtol, "atol": args.rtol, "seed": args.seed, "cache_dir": d,
-           "nfe_per_trajectory": manifest["nfe"]["per_trajectory"],
-           "interpolation": manifest.get("interpolation"), "model_hash": want,
-           "wall_seconds_this_run": wall, "shape": list(zm.shape), "data_range": zm.data_range}
-    return train, test, rec
+    return bf.load_trajectories(d, device=device), manifest, d
 
 
 # ----------------------------------------------------------------------------- scoring
-def score(model, fn, test, data_range):
-    """Run ``fn(counted_model, x0)`` on the held-out noises; RMSE/PSNR vs the GT endpoints, model
-    calls per sample and wall time."""
+def score(model, fn, test, data_range, assign=None):
+    """Run ``fn(counted_model, x0)`` on the held-out noises; RMSE/PSNR (95% bootstrap intervals)
+    vs the GT endpoints, mode flips (``assign``), model calls per sample and wall time."""
     c = Counted(model)
     x0 = test.x0
     t0 = time.perf_counter()
     with torch.no_grad():
         y = fn(c, x0)
     wall = time.perf_counter() - t0
-    m = rmse_psnr(y.float(), test.x1, data_range)
+    m = rmse_psnr(y.float(), test.x1, data_range, intervals=True)
     finite = bool(torch.isfinite(y).all())
-    return {"rmse": m["rmse"], "psnr": m["psnr"] if finite else float("nan"),
-            "psnr_set": m["psnr_set"] if finite else float("nan"), "n": m["n"],
-            "nfe_measured": c.rows / x0.shape[0], "wall_seconds": wall, "finite": finite}
+    out = {**m, "nfe_measured": c.rows / x0.shape[0], "wall_seconds": wall, "finite": finite}
+    if not finite:
+        out.update(psnr=float("nan"), psnr_set=float("nan"))
+    if assign is not None and finite:
+        out["mode_flips"] = mode_flip_fraction(y.float(), test.x1, assign)
+    return out
+
+
+def _given(args, **names):
+    """The bench options that were set (not None), under the trainer's argument names."""
+    return {k: getattr(args, v) for k, v in names.items() if getattr(args, v) is not None}
 
 
 def trained_solver(kind, base, n, name, zm, train, args, cache_tag):
-    """Train (or load from the cache) one solver; returns (solver, train record)."""
-    if kind == "bespoke":
-        key = (f"{kind}-{base}-n{n}-it{args.iters}-ft{args.finetune_iters}-b{args.train_batch}"
-               f"-v{args.num_val}-N{len(train)}-s{args.seed}")
-    else:
-        key = (f"{kind}-{base}-n{n}-it{args.bns_iters}-b{args.train_batch}-v{args.num_val}"
-               f"-N{min(args.bns_num_train, len(train) - args.num_val)}-s{args.seed}")
+    """Train (or load from the cache) one solver; returns (solver, train record).
+
+    ``kind``: bespoke, bns, ld3 (``base`` = the classical method) or gits. Options left at None
+    take the trainers' defaults; the LD3 peers get BNS's split of the same training pairs
+    (520 train / 1,024 validation by default), budget and stopping rules."""
+    stop = _given(args, budget_seconds="budget_seconds")
+    key = f"{kind}-{base}-n{n}-N{len(train)}-s{args.seed}-" + "-".join(
+        f"{k}{getattr(args, k)}" for k in ("iters", "finetune_iters", "train_batch", "num_val",
+                                             "bns_iters", "bns_num_train", "budget_seconds"))
     d = os.path.join(args.cache, "solvers", f"{name}-{cache_tag}")
-    path = os.path.join(d, key + ".json")
-    rpath = os.path.join(d, key + ".report.json")
-    if not args.no_solver_cache and os.path.isfile(path) and os.path.isfile(rpath):
+    path = os.path.join(d, key + ".pt")
+    if not args.no_solver_cache and os.path.isfile(path):
         try:
-            solver = bf.load_solver(path)
-            with open(rpath, encoding="utf-8") as f:
-                rec = json.load(f)
+            solver, rec = torch.load(path, weights_only=False)
             rec["cached"] = True
             return solver, rec
         except Exception as e:  # stale or invalid file: retrain
             print(f"[{name}] cached solver {path} unusable ({e}); retraining", flush=True)
-    val_every = max(1, (args.iters + args.finetune_iters) // 4)
+    common = dict(seed=args.seed, model_name=name, progress=args.progress, **stop)
+    bns_split = dict(num_train=args.bns_num_train or 520, num_val=args.num_val or 1024)
     if kind == "bespoke":
-        solver, report = bf.train(zm.model, train, base=base, n_steps=n, iters=args.iters,
-                                  finetune_iters=args.finetune_iters, batch_size=args.train_batch,
-                                  val=args.num_val, val_every=val_every, seed=args.seed,
-                                  model_name=name, progress=args.progress)
-    else:
-        params = inspect.signature(train_bns).parameters
-        kw = dict(n_steps=n, init="midpoint", iters=args.bns_iters, batch_size=args.train_batch,
-                  num_train=min(args.bns_num_train, len(train) - args.num_val),
-                  num_val=args.num_val, val_every=val_every, seed=args.seed, model_name=name,
-                  progress=args.progress)
-        solver, report = train_bns(zm.model, train, **{k: v for k, v in kw.items() if k in params})
+        solver, report = bf.train(zm.model, train, base=base, n_steps=n, **common, **_given(
+            args, iters="iters", finetune_iters="finetune_iters", batch_size="train_batch",
+            val="num_val"))
+    elif kind == "bns":
+        solver, report = train_bns(zm.model, train, n_steps=n, init="midpoint", **common,
+                                   **_given(args, iters="bns_iters"), **bns_split)
+    elif kind == "ld3":
+        pool, val = train.split(min(bns_split["num_val"], len(train) - 1))
+        pairs = pool.subset(range(min(bns_split["num_train"], len(pool))))
+        solver, report = peers_learned.fit_ld3(zm.model, base, n, pairs, val, seed=args.seed,
+                                               **stop)
+    else:  # gits
+        solver, report = peers_learned.fit_gits_midpoint(zm.model, n, train, seed=args.seed)
     best = report.get("best") or {}
     cfg = report.get("config", {})
-    rec = {"kind": kind, "iters": args.iters if kind == "bespoke" else args.bns_iters,
-           "finetune_iters": args.finetune_iters if kind == "bespoke" else 0,
-           "optimizer": cfg.get("optimizer", "adam"),
-           "batch_size": cfg.get("batch_size", args.train_batch),
-           "num_train": cfg.get("num_train", len(train) - args.num_val),
-           "num_val": args.num_val, "wall_seconds": report.get("wall_seconds"),
+    rec = {"kind": kind, "base": base, "optimizer": cfg.get("optimizer"),
+           "iterations": report.get("iterations"), "stop_reason": report.get("stop_reason"),
+           "switched_to_adam_at": report.get("switched_to_adam_at"),
+           "num_train": cfg.get("num_train"), "num_val": cfg.get("num_val"),
+           "budget_seconds": cfg.get("budget_seconds", stop.get("budget_seconds")),
+           "wall_seconds": report.get("wall_seconds"),
            "val_psnr": best.get("psnr"), "val_rmse": best.get("rmse"),
            "num_parameters": getattr(solver, "num_parameters", None), "cached": False}
     os.makedirs(d, exist_ok=True)
-    solver.save(path)
-    with open(rpath, "w", encoding="utf-8") as f:
-        json.dump(rec, f, indent=1)
+    torch.save((solver, rec), path)
     return solver, rec
 
 
@@ -212,6 +233,7 @@ def run_model(name, zm, args, device, machine, records, flush):
     print(f"[{name}] GT: {grec['nfe_per_trajectory']:.0f} NFE/trajectory, "
           f"{grec['wall_seconds_this_run']:.1f} s", flush=True)
     R = zm.data_range
+    assign = mode_assigner(model, name)
     base = dict(model=name, machine=machine, git_commit=machine["git_commit"], kind="result",
                 device=str(device), num_test=len(test))
     peers = {}
@@ -241,43 +263,44 @@ def run_model(name, zm, args, device, machine, records, flush):
             if nfe % per:
                 continue
             add(m, "bespoke_fast", nfe,
-                score(model, lambda c, x, m=m, k=nfe // per: bf.solve(c, x, m, n_steps=k), test, R))
+                score(model, lambda c, x, m=m, k=nfe // per: bf.solve(c, x, m, n_steps=k), test, R, assign))
         for p in args.peers:
             peer = PEERS[p]
             if not peers[p] or nfe % peer.per_step:
                 continue
             try:
                 add(p, peer.package, nfe,
-                    score(model, lambda c, x, peer=peer: peer.run(c, x, nfe), test, R))
+                    score(model, lambda c, x, peer=peer: peer.run(c, x, nfe), test, R, assign))
             except Exception as e:  # a peer API change must not kill the run
                 records.append({"kind": "note", "model": name,
                                 "text": f"{p} at NFE {nfe} failed: {type(e).__name__}: {e}"})
                 print(f"[{name}] {p} failed: {e}", flush=True)
-        for kind in (args.trained if train is not None else []):
+        for kind in (args.trained if train is not None and nfe in args.train_nfes else []):
+            if kind in ("bns", "gits-midpoint", "bespoke-rk2") and nfe % 2:
+                continue  # BNS starts from midpoint; midpoint and rk2 use 2 NFE per step
             if kind == "bns":
-                if nfe % 2:  # BNS starts from midpoint: even NFE
-                    continue
-                todo = [("bns", "midpoint", nfe)]
-            else:
+                k, b, n = "bns", "midpoint", nfe
+            elif kind.startswith("bespoke-"):
                 b = kind.split("-")[1]
-                n = nfe if b == "rk1" else nfe // 2
-                if b == "rk2" and nfe % 2:
-                    continue
-                todo = [("bespoke", b, n)]
-            for k, b, n in todo:
-                label = "bns" if k == "bns" else f"bespoke-{b}"
-                t0 = time.perf_counter()
-                try:
-                    solver, trec = trained_solver(k, b, n, name, zm, train, args, cache_tag)
-                except Exception as e:
-                    records.append({"kind": "note", "model": name,
-                                    "text": f"{label} at NFE {nfe}: training failed: "
-                                            f"{type(e).__name__}: {e}"})
-                    print(f"[{name}] {label} NFE {nfe} training failed: {e}", flush=True)
-                    continue
-                print(f"[{name}] trained {label} NFE {nfe} in {time.perf_counter() - t0:.1f} s"
-                      f"{' (cached)' if trec.get('cached') else ''}", flush=True)
-                add(label, "bespoke_fast", nfe, score(model, lambda c, x, s=solver: s.sample(c, x), test, R), train=trec)
+                k, n = "bespoke", nfe if b == "rk1" else nfe // 2
+            elif kind == "gits-midpoint":
+                k, b, n = "gits", "midpoint", nfe
+            else:
+                k, b, n = "ld3", kind.split("-", 1)[1], nfe
+            label = kind
+            t0 = time.perf_counter()
+            try:
+                solver, trec = trained_solver(k, b, n, name, zm, train, args, cache_tag)
+            except Exception as e:
+                records.append({"kind": "note", "model": name,
+                                "text": f"{label} at NFE {nfe}: training failed: "
+                                        f"{type(e).__name__}: {e}"})
+                print(f"[{name}] {label} NFE {nfe} training failed: {e}", flush=True)
+                continue
+            print(f"[{name}] trained {label} NFE {nfe} in {time.perf_counter() - t0:.1f} s"
+                  f"{' (cached)' if trec.get('cached') else ''}", flush=True)
+            add(label, "bespoke_fast" if k in ("bespoke", "bns") else "bench/peers_learned", nfe,
+                score(model, lambda c, x, s=solver: s.sample(c, x), test, R, assign), train=trec)
         flush()
     return records
 
@@ -321,15 +344,22 @@ def plot(records, out_dir, name):
 
 
 def header(args):
+    light = {k: getattr(args, k) for k in ("iters", "finetune_iters", "train_batch", "num_val",
+                                           "bns_iters", "bns_num_train", "budget_seconds")
+             if getattr(args, k) is not None}
     return [f"* command: `{command_line()}`",
-            f"* settings: NFEs {args.nfes}; GT {args.num_test} held-out + {args.num_train} "
-            f"training trajectories (rtol {args.rtol:g}); training {args.iters} + "
-            f"{args.finetune_iters} fine-tune iterations, batch {args.train_batch}, "
-            f"{args.num_val} of the training trajectories for model selection; BNS "
-            f"{args.bns_iters} iterations on {args.bns_num_train} pairs; evaluation only "
-            f"(no training, {args.eval_only_num_test} held-out) for {args.eval_only or 'none'}; "
-            f"torch threads {torch.get_num_threads()}"
-            + (" (QUICK smoke run: numbers are not meaningful)" if args.quick else "")]
+            f"* settings: NFEs {args.nfes} (trained solvers at {args.train_nfes}); GT "
+            f"{args.num_test} held-out (noise seed {args.seed + 1}) + {args.num_train} training "
+            f"trajectories (seed {args.seed}), rtol {args.rtol:g}; training: "
+            + (f"LIGHT settings {light} (not the defaults), the rest the trainers' defaults"
+               if light else "the trainers' defaults")
+            + f"; evaluation only (no training, {args.eval_only_num_test} held-out) for "
+            f"{args.eval_only or 'none'}; torch threads {torch.get_num_threads()}"
+            + (" (QUICK smoke run: numbers are not meaningful)" if args.quick else ""),
+            "* intervals: 95% percentile bootstrap over the held-out noises (2,000 resamples); "
+            "mode flips: fraction of samples whose mixture component (gmm-64, digits-exact) or "
+            "digits-classifier class (trained digits models) differs from the GT endpoint's; "
+            "fit: wall seconds of the fit at 1 thread on a shared machine"]
 
 
 def parse_args(argv=None):
@@ -347,29 +377,34 @@ def parse_args(argv=None):
     p.add_argument("--num-train", type=int, default=None, help=f"default {FULL['num_train']}")
     p.add_argument("--num-test", type=int, default=None, help=f"default {FULL['num_test']}")
     p.add_argument("--num-val", type=int, default=None,
-                   help=f"training trajectories held out for model selection (default {FULL['num_val']})")
+                   help=f"training trajectories held out for model selection (default: the trainer's)")
     p.add_argument("--iters", type=int, default=None,
-                   help=f"bound-phase training iterations (default {FULL['iters']})")
+                   help=f"bound-phase training iterations (default: the trainer's)")
     p.add_argument("--finetune-iters", type=int, default=None,
-                   help=f"end-to-end fine-tune iterations (default {FULL['finetune_iters']})")
+                   help=f"end-to-end fine-tune iterations (default: the trainer's)")
     p.add_argument("--train-batch", type=int, default=None, help=f"default {FULL['train_batch']}")
     p.add_argument("--rtol", type=float, default=None, help=f"GT tolerance (default {FULL['rtol']:g})")
     p.add_argument("--bns-iters", type=int, default=None,
-                   help=f"BNS optimizer iterations (default {FULL['bns_iters']}; the BNS trainer's "
+                   help=f"BNS optimizer iterations (default: the trainer's)"
                         f"own default optimizer)")
     p.add_argument("--bns-num-train", type=int, default=None,
-                   help=f"BNS training pairs (default {FULL['bns_num_train']})")
+                   help="BNS (and LD3) training pairs (default: the BNS trainer's, 520)")
+    p.add_argument("--budget-seconds", type=float, default=None,
+                   help="wall-time budget of each fit (default: the trainers', 170 s)")
+    p.add_argument("--train-nfes", type=int, nargs="+", default=None,
+                   help="NFEs at which solvers are trained (default: all of --nfes)")
     p.add_argument("--eval-only", nargs="*", default=None,
                    help="models run without trained solvers, on --eval-only-num-test held-out "
-                        "trajectories (default on CPU: the trained digits UNets; on CUDA: none)")
+                        "trajectories (default: none)")
     p.add_argument("--eval-only-num-test", type=int, default=None,
                    help=f"held-out trajectories for eval-only models (default "
                         f"{FULL['eval_only_num_test']})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peers", nargs="*", default=list(PEERS), choices=list(PEERS),
                    help="peer solvers (default: all)")
-    p.add_argument("--trained", nargs="*", default=["bespoke-rk1", "bespoke-rk2", "bns"],
-                   choices=["bespoke-rk1", "bespoke-rk2", "bns"], help="trained solvers (default: all)")
+    kinds = ["bespoke-rk1", "bespoke-rk2", "bns"] + LEARNED_GRID
+    p.add_argument("--trained", nargs="*", default=kinds, choices=kinds,
+                   help="trained solvers and learned-grid peers (default: all)")
     p.add_argument("--no-solver-cache", action="store_true", help="always retrain")
     p.add_argument("--device", default="cpu", help="device for models and solvers (default cpu)")
     p.add_argument("--progress", action="store_true", help="progress bars")
@@ -385,8 +420,9 @@ def parse_args(argv=None):
         args.models = ["gmm-64"] if args.quick else EXACT_MODELS + TRAINED_MODELS
     args.out = args.out or default_out()
     if args.eval_only is None:
-        args.eval_only = TRAINED_MODELS if torch.device(args.device).type == "cpu" else []
-    if args.num_val >= args.num_train:
+        args.eval_only = []
+    args.train_nfes = args.train_nfes or args.nfes
+    if args.num_val is not None and args.num_val >= args.num_train:
         p.error("--num-val must be smaller than --num-train")
     return args
 

@@ -57,6 +57,7 @@ def _table(header, rows) -> str:
 
 # ----------------------------------------------------------------------------- quality
 SOLVER_ORDER = ["euler", "midpoint", "heun", "rk4", "bespoke-rk1", "bespoke-rk2", "bns",
+                "ld3-ipndm", "ld3-dpm++2m", "ld3-unipc", "gits-midpoint",
                 "torchdiffeq-euler", "torchdiffeq-midpoint", "torchdiffeq-rk4",
                 "flow_matching-midpoint", "diffusers-euler", "diffusers-dpm++2m", "diffusers-unipc"]
 
@@ -67,10 +68,19 @@ def _order(names):
 
 
 def _cell(r):
-    """'PSNR / PSNR set' of one result (older records have no set-level figure)."""
+    """'PSNR / PSNR set' of one result (older records have no set-level figure), with the 95%
+    intervals, mode flips and fit seconds where the record has them."""
     if "psnr_set" not in r:
         return f"{r['psnr']:.2f}"
-    return f"{r['psnr']:.1f} / {r['psnr_set']:.1f}"
+    if "psnr_ci" not in r:
+        return f"{r['psnr']:.1f} / {r['psnr_set']:.1f}"
+    (a, b), (c, d) = r["psnr_ci"], r["psnr_set_ci"]
+    cell = f"{r['psnr']:.1f} [{a:.1f}, {b:.1f}] / {r['psnr_set']:.1f} [{c:.1f}, {d:.1f}]"
+    if r.get("mode_flips") is not None:
+        cell += f"; flips {100 * r['mode_flips']:.1f}%"
+    if (r.get("train") or {}).get("wall_seconds") is not None:
+        cell += f"; fit {r['train']['wall_seconds']:.0f} s"
+    return cell
 
 
 def quality_markdown(records: list, title: str = "Sample quality vs NFE (PSNR dB vs GT)",
@@ -108,12 +118,24 @@ def quality_markdown(records: list, title: str = "Sample quality vs NFE (PSNR dB
             rows.append([f"{s}", lib] + [_cell(by[(s, n)]) if (s, n) in by else "-" for n in nfes])
         lines.append(_table(["solver", "library"] + [f"NFE {n}" for n in nfes], rows))
         trained = [r for r in rs if r.get("train")]
-        for kind in ("bespoke", "bns"):
+        for kind in ("bespoke", "bns", "ld3", "gits"):
             tk = [r for r in trained if r["train"].get("kind", "bespoke") == kind]
             if not tk:
                 continue
             t0 = tk[0]["train"]
             total = sum(r["train"].get("wall_seconds") or 0 for r in tk)
+            if "stop_reason" in t0:   # records with stopping rules (since the stopping rules)
+                its = [r["train"].get("iterations") for r in tk if r["train"].get("iterations")]
+                why = OrderedDict()
+                for r in tk:
+                    why[r["train"].get("stop_reason")] = why.get(r["train"].get("stop_reason"), 0) + 1
+                lines += ["", f"Training ({kind}): {len(tk)} fits; "
+                          + (f"{min(its)}-{max(its)} iterations; " if its else "")
+                          + "stopped by " + ", ".join(f"{k} x{v}" for k, v in why.items())
+                          + f"; {t0.get('num_train')} training pairs"
+                          + (f" (+{t0.get('num_val')} for model selection)" if t0.get("num_val") else "")
+                          + f"; {total:.0f} s of fitting in all for this model."]
+                continue
             phases = (f"{t0.get('iters')} bound-phase + {t0.get('finetune_iters')} end-to-end "
                       f"fine-tune iterations" if kind == "bespoke" else
                       f"{t0.get('iters')} {t0.get('optimizer', '')} iterations on the "

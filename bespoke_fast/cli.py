@@ -127,13 +127,16 @@ def cmd_train(args):
     check_writable(args.out, "solver file")          # before the fit, not after it
     zm = _model(args)
     gt = _gt(args, zm)
+    from .stopping import describe_stop
+    stopping = {"budget_seconds": args.budget_seconds or None, "max_iters": args.max_iters,
+                "patience": args.patience or None, "select": args.select}
     if args.solver == "bns":
         from .bns_train import train_bns
         solver, report = train_bns(zm.model, gt, n_steps=n, iters=args.iters, lr=args.lr,
                                    batch_size=args.batch_size, seed=args.seed,
                                    num_train=args.num_train, num_val=args.val,
                                    checkpoint=args.checkpoint, progress=not args.quiet,
-                                   model_name=zm.name)
+                                   model_name=zm.name, optimizer=args.optimizer, **stopping)
         if report.get("split_note") and not args.quiet:
             print(f"bespoke-fast train: {report['split_note']}", file=sys.stderr)
     else:
@@ -142,27 +145,40 @@ def cmd_train(args):
                                batch_size=args.batch_size, lr=args.lr, val=args.val,
                                seed=args.seed, checkpoint=args.checkpoint,
                                gt_mode=args.gt_mode, finetune_iters=args.finetune_iters,
-                               progress=not args.quiet, model_name=zm.name)
+                               progress=not args.quiet, model_name=zm.name, **stopping)
     solver.save(args.out)
     best = report["best"]
     _emit(args, {"out": str(args.out), "nfe": solver.nfe, "best": best, "nfe_spent": report["nfe"],
-                 "wall_seconds": report["wall_seconds"]},
+                 "wall_seconds": report["wall_seconds"], "stop_reason": report["stop_reason"],
+                 "iterations": report["iterations"]},
           [f"saved {args.solver} solver (NFE {solver.nfe}) to {args.out}",
            f"validation: RMSE {best['rmse']:.3e}, PSNR {best['psnr']:.2f} dB "
            f"(set {best['psnr_set']:.2f} dB) "
-           f"(iteration {best['iteration']}, {report['wall_seconds']:.1f} s)"])
+           f"(iteration {best['iteration']}, {report['wall_seconds']:.1f} s)",
+           describe_stop(report)])
 
 
 def cmd_eval(args):
     from .evaluation import evaluate
     zm = _model(args)
     gt = _gt(args, zm)
-    results = [evaluate(zm.model, spec, gt, model_name=zm.name,
-                        allow_model_mismatch=args.allow_model_mismatch) for spec in args.solvers]
-    lines = [f"{'solver':<28} {'NFE':>4} {'RMSE':>10} {'PSNR (dB)':>10} {'PSNR set':>9}"]
-    lines += [f"{r['solver']:<28} {r['nfe']:>4} {r['rmse']:>10.3e} {r['psnr']:>10.2f} "
-              f"{r['psnr_set']:>9.2f}" for r in results]
-    lines.append(f"({len(gt)} GT trajectories, data range {gt.data_range})")
+    from .evaluation import trained_on
+    from .io import load_solver
+    from .metrics import format_ci
+    results = []
+    for spec in args.solvers:
+        if Path(spec).is_file() and trained_on(load_solver(spec), gt):
+            print(f"bespoke-fast eval: warning: {spec} was trained on GT with noise seed "
+                  f"{gt.meta.get('seed')}, the seed of {args.gt}: these are its training noises, "
+                  f"not held-out ones (make test GT with another --seed)", file=sys.stderr)
+        results.append(evaluate(zm.model, spec, gt, model_name=zm.name,
+                                allow_model_mismatch=args.allow_model_mismatch))
+    lines = [f"{'solver':<28} {'NFE':>4} {'RMSE':>10} {'PSNR (dB) [95% CI]':>22} "
+             f"{'PSNR set [95% CI]':>22} {'mode flips':>10}"]
+    lines += [f"{r['solver']:<28} {r['nfe']:>4} {r['rmse']:>10.3e} {format_ci(r, 'psnr'):>22} "
+              f"{format_ci(r, 'psnr_set'):>22} {r.get('mode_flips', float('nan')):>10.4f}" for r in results]
+    lines.append(f"({len(gt)} GT trajectories, data range {gt.data_range}; intervals: bootstrap "
+                 f"over the trajectories{'' if len(gt) >= 1024 else '; fewer than 1,024: wide'})")
     _emit(args, {"results": results}, lines)
 
 
@@ -409,6 +425,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint file: resume from it if present")
+    p.add_argument("--optimizer", choices=("auto", "lbfgs", "adam"), default="auto",
+                   help="BNS optimizer (default auto: L-BFGS, then Adam when L-BFGS stalls)")
+    p.add_argument("--budget-seconds", type=float, default=None,
+                   help="wall-time budget of the fit; 0: none (default: the trainer's, 170 s)")
+    p.add_argument("--max-iters", type=int, default=None,
+                   help="cap on all training iterations (default: the trainer's phase caps)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="stop after this many validations without improvement; 0: never "
+                        "(default: the trainer's, 8)")
+    p.add_argument("--select", choices=("per-sample", "set", "rmse"), default="per-sample",
+                   help="validation score for the kept checkpoint and for patience (default "
+                        "per-sample PSNR: the papers' metric and the least noisy on multi-modal data)")
     p.add_argument("--out", type=Path, required=True, help="solver file to write (.json)")
     _diffusers_options(p)
     p.set_defaults(func=cmd_train)
@@ -515,7 +543,7 @@ def _fill_defaults(args):
         else:
             from .trainer import train as fn
         params = inspect.signature(fn).parameters
-        for name in ("iters", "batch_size", "lr", "finetune_iters"):
+        for name in ("iters", "batch_size", "lr", "finetune_iters", "budget_seconds", "patience"):
             if getattr(args, name, None) is None and name in params:
                 setattr(args, name, params[name].default)
         if args.solver != "bns" and args.val is None:

@@ -1,4 +1,6 @@
-"""Evaluating a solver against GT endpoints: RMSE and PSNR at its NFE."""
+"""Evaluating a solver against GT endpoints: RMSE and both PSNRs (with 95% bootstrap intervals)
+at its NFE, and the fraction of samples sent to another mode than GT's where the model has
+modes."""
 from __future__ import annotations
 
 import re
@@ -9,10 +11,10 @@ import torch
 from ._checks import InvalidArgumentError, InvalidTypeError
 from .gt import TrajectorySet
 from .io import check_model_identity
-from .metrics import rmse_psnr
+from .metrics import mode_flip_fraction, rmse_psnr
 from .solvers.fixed import METHODS, NFE_PER_STEP, solve
 
-__all__ = ["evaluate", "parse_solver_spec"]
+__all__ = ["evaluate", "parse_solver_spec", "mode_assigner", "trained_on"]
 
 _SPEC = re.compile(r"^(?P<method>[a-z0-9]+)@(?P<nfe>\d+)$")
 
@@ -43,9 +45,58 @@ def parse_solver_spec(spec):
                      f"(e.g. midpoint@10; methods: {', '.join(METHODS)})")
 
 
+def mode_assigner(model, name: str = ""):
+    """``assign(x [B, ...]) -> [B]`` mode index, or ``None`` when the model has no known modes.
+
+    * Gaussian mixture flows (``gmm-64``, ``digits-exact``, any ``GaussianMixtureFlow``): the
+      component of highest posterior ``log w_k - |x - mu_k|^2 / (2 tau_k^2) - D log tau_k`` at
+      the data end (for ``digits-exact``: which training digit the sample reproduces);
+    * the trained digits models (``name`` starting with ``digits-``, samples ``[1, 8, 8]``): the
+      class predicted by the digits classifier (``bespoke_fast.zoo.quality``) on the clamped
+      sample."""
+    from .models import GaussianMixtureFlow
+    inner = getattr(model, "model", model)
+    if isinstance(inner, GaussianMixtureFlow):
+        mu, tau2, logw = inner.means, inner.stds.pow(2), inner.log_weights
+        dim = mu.shape[1]
+
+        def assign(x):
+            xf = x.reshape(x.shape[0], -1).to(mu)
+            d2 = torch.cdist(xf, mu).pow(2)
+            return (logw - d2 / (2 * tau2) - 0.5 * dim * torch.log(tau2)).argmax(1)
+        return assign
+    if name.startswith("digits-"):
+        from .zoo.quality import _confidence, digits_classifier
+        clf, _ = digits_classifier()
+
+        def assign(x):
+            if tuple(x.shape[1:]) != (1, 8, 8):
+                raise ValueError(f"the digits classifier needs [B, 1, 8, 8] samples, got {tuple(x.shape)}")
+            return torch.as_tensor(_confidence(clf, x.detach().float().cpu().clamp(-1, 1))[1])
+        return assign
+    return None
+
+
+def trained_on(solver, trajectories: TrajectorySet) -> bool:
+    """Whether ``solver`` (its file metadata) was fitted on GT drawn with the same noise seed as
+    ``trajectories``: noise i depends only on (seed, i), so such GT shares its noises with the
+    training set and scores the solver on what it was fitted to."""
+    meta = getattr(solver, "meta", None) or {}
+    seed = meta.get("training", {}).get("gt_seed")
+    have = trajectories.meta.get("seed")
+    solver_hash = meta.get("model", {}).get("hash")
+    same_model = solver_hash in (None, "", trajectories.meta.get("model", {}).get("hash"))
+    return seed is not None and have is not None and seed == have and same_model
+
+
 def evaluate(model, solver, trajectories: TrajectorySet, batch_size: int = 1024,
-             model_name: str = "", allow_model_mismatch: bool = False) -> dict:
+             model_name: str = "", allow_model_mismatch: bool = False, intervals: bool = True,
+             modes="auto") -> dict:
     """RMSE and PSNR of ``solver`` against the GT endpoints ``x(1)`` of ``trajectories``.
+
+    Evaluate on GT drawn with a noise seed the solver was not trained on (``bespoke-fast gt
+    --seed 1``) and with >= 1,024 trajectories: the intervals say how far the figures can be
+    trusted.
 
     Args:
         model: the velocity model. solver: a BespokeSolver / NonStationarySolver, a solver file,
@@ -53,12 +104,17 @@ def evaluate(model, solver, trajectories: TrajectorySet, batch_size: int = 1024,
         model_name: the model's name, compared with the names the GT set and the solver record
             when a hash is missing. allow_model_mismatch: skip the identity checks; without it a
             GT set or solver made for another model raises ``MismatchError``.
-    Returns: ``{"solver", "nfe", "rmse", "psnr", "data_range", "n"}`` (mean per-sample RMSE and
-    PSNR, the data range R used for PSNR, the number of samples).
+        intervals: add 95% bootstrap intervals (``psnr_ci``, ``psnr_set_ci``, ``rmse_ci``).
+        modes: ``"auto"`` (:func:`mode_assigner` of the model and the GT's model name), a callable
+            ``assign(x) -> [B]``, or None: adds ``mode_flips``, the fraction of samples whose
+            mode / class differs from the GT endpoint's (absent when the model has no modes).
+    Returns: ``{"solver", "nfe", "rmse", "psnr", "psnr_set", "data_range", "n", ...}`` (mean
+    per-sample RMSE and PSNR, the set-level PSNR, the data range R used for PSNR, the number of
+    samples; the intervals and mode flips as above).
 
     Example::
 
-        >>> evaluate(model, "midpoint@10", load_trajectories("runs/gt"))["psnr"]
+        >>> evaluate(model, "midpoint@10", load_trajectories("runs/gt_test"))["psnr_ci"]
     """
     check_model_identity(trajectories.meta.get("model"), model, model_name, "the GT set",
                          allow_model_mismatch)
@@ -73,5 +129,11 @@ def evaluate(model, solver, trajectories: TrajectorySet, batch_size: int = 1024,
             rows = slice(lo, lo + batch_size)
             extras = {k: v[rows] for k, v in trajectories.extras.items()}
             outs.append(sample(model, trajectories.x0[rows], **extras))
-    return {"solver": label, "nfe": nfe, **rmse_psnr(torch.cat(outs), trajectories.x1,
-                                                      trajectories.data_range)}
+    x = torch.cat(outs)
+    out = {"solver": label, "nfe": nfe,
+           **rmse_psnr(x, trajectories.x1, trajectories.data_range, intervals=intervals)}
+    if modes == "auto":
+        modes = mode_assigner(model, trajectories.meta.get("model", {}).get("name", ""))
+    if modes is not None:
+        out["mode_flips"] = mode_flip_fraction(x, trajectories.x1, modes)
+    return out

@@ -11,14 +11,14 @@ the model inputs (times and states), and through ``x(t_i)`` at the moving grid t
 interpolates the stored trajectories with a cubic Hermite (differentiable in t); online GT
 solves RK45 at the detached grid each iteration and uses ``x(sg t) + u(sg t, x(sg t)) (t - sg t)``.
 
-After the bound phase an end-to-end fine-tune **(ours)** minimises the mean per-sample RMSE
-``mean ||x_n - x(1)||`` through the n-step sampler (cheap at NFE <= 20). The checkpoint kept is
-the one with the best validation PSNR (mean per-sample PSNR, ``metrics.rmse_psnr``; the
-set-level ``psnr_set`` is recorded beside it).
+After the bound phase an end-to-end fine-tune **(ours)** minimises ``mean log ||x_n - x(1)||^2``
+(i.e. maximises the mean per-sample PSNR) through the n-step sampler (cheap at NFE <= 20). Each phase runs until
+its validation score stops improving, within a time / iteration budget; the checkpoint kept is
+the one with the best validation score (default the mean per-sample PSNR; ``select``, see
+``bespoke_fast.stopping``), and the report says why training stopped.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from contextlib import contextmanager
@@ -34,6 +34,8 @@ from .io import atomic_write, check_writable, model_fingerprint
 from .metrics import rmse_psnr
 from .solvers.adaptive import solve_adaptive
 from .solvers.bespoke import BespokeSolver
+from .stopping import (DEFAULT_SELECT, check_stopping, new_state as new_stop_state, observe,
+                       phase_horizon, stop_reason)
 
 __all__ = ["train", "rmse_bound_loss", "local_errors", "lipschitz_weights", "gt_at_grid",
            "loss_backward", "model_for_loss"]
@@ -151,7 +153,9 @@ def loss_backward(solver, model, batch: TrajectorySet, phase: str = "bound", gt_
     """One iteration's loss on ``batch`` with its gradient accumulated into ``.grad``.
 
     ``phase``: ``"bound"`` (the RMSE bound on GT states at the solver's grid) or
-    ``"finetune"`` (mean per-sample RMSE of the n-step sample vs ``x(1)``). ``micro_batch``:
+    ``"finetune"`` (``mean log ||x_n - x(1)||^2`` of the n-step sample: -(ln 10 / 10) x the mean
+    per-sample PSNR + const, the selection metric itself; measured on digits-fmot, NFE 10, 90 s
+    of Adam: +0.2 dB (batch 128) and +0.5 dB (batch 64) over the mean RMSE). ``micro_batch``:
     evaluate in chunks of that many trajectories, each chunk's loss weighted by its share of
     the batch and back-propagated at once (gradient accumulation: both losses are batch means,
     so the gradient equals the full batch's up to rounding, and memory is that of one chunk).
@@ -174,7 +178,7 @@ def loss_backward(solver, model, batch: TrajectorySet, phase: str = "bound", gt_
             nfe += gt_nfe + solver.n_steps * stages * len(part)
         else:
             x_n = solver.sample(loss_model, part.x0, **part.extras)
-            loss = (x_n - part.x1).flatten(1).pow(2).mean(1).add(1e-20).sqrt().mean()
+            loss = (x_n - part.x1).flatten(1).pow(2).mean(1).add(1e-20).log().mean()
             nfe += solver.nfe * len(part)
         if chunk != n:
             loss = loss * (len(part) / n)
@@ -262,13 +266,11 @@ def _save_checkpoint(path, config, solver, optim, gen, iteration, state, started
     return now
 
 
-def _cosine_lr(config, k):
-    """Learning rate at iteration k: a cosine decay to 5% within each phase (bound, then
-    fine-tune). A pure function of k, so resuming from a checkpoint needs no scheduler state."""
-    if k < config["iters"]:
-        base, frac = config["lr"], k / config["iters"]
-    else:
-        base, frac = config["finetune_lr"], (k - config["iters"]) / max(1, config["finetune_iters"])
+def _cosine_lr(base, k, horizon):
+    """Learning rate at iteration ``k`` of a phase whose schedule spans ``horizon`` iterations:
+    a cosine decay from ``base`` to 5% of it. A pure function of its arguments (the horizon is
+    kept in the checkpointed state), so resuming needs no scheduler state."""
+    frac = min(1.0, k / max(1, horizon))
     return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
@@ -293,31 +295,60 @@ def _check_gt_matches(model, trajectories, model_name):
 
 
 # ----------------------------------------------------------------------------- the trainer
+BOUND_BUDGET_SHARE = 0.25  # the bound phase may use at most this share of budget_seconds
+# the grid search of init="searched": 32 candidate times, 32 trajectories (528 one-step costs;
+# on the stiff digits-exact flow 64 x 64 took 60 s of a loaded CPU, this about 8x less)
+SEARCH_CANDIDATES, SEARCH_BATCH = 32, 32
+
+
 def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 5,
-          iters: int = 200, batch_size: int = 128, lr: float = 5e-3, val=256,
+          iters: int = 300, batch_size: int = 128, lr: float = 5e-3, val=256,
           val_every: int = 50, seed: int = 0, checkpoint=None, checkpoint_every: int = 50,
-          gt_mode: str = "cached", finetune_iters: int = 800, finetune_lr: float | None = None,
+          gt_mode: str = "cached", finetune_iters: int = 6000, finetune_lr: float | None = None,
           L_tau: float = 1.0, model_name: str = "", progress: bool = True, callback=None,
-          micro_batch: int | None = None, activation_checkpointing: bool = False, autocast=None):
+          micro_batch: int | None = None, activation_checkpointing: bool = False, autocast=None,
+          budget_seconds: float | None = 170.0, patience: int | None = 8, min_delta: float = 0.02,
+          select: str = DEFAULT_SELECT, max_iters: int | None = None, init="searched"):
     """Fit a :class:`BespokeSolver` to ``model`` on GT trajectories.
+
+    Training runs in two phases, each until its validation score stops improving, within a
+    budget (``bespoke_fast.stopping``): the RMSE-bound phase (at most ``iters`` iterations and
+    ``BOUND_BUDGET_SHARE`` of the time budget), then the end-to-end fine-tune from the bound
+    phase's best parameters (at most ``finetune_iters``), until the first of: ``patience``
+    validations without a ``min_delta`` dB improvement, ``budget_seconds`` of wall time, or
+    ``max_iters`` iterations in all. The parameters with the best validation score are kept.
 
     Args:
         model: the velocity model the GT was generated with.
         trajectories: a :class:`TrajectorySet` (``load_trajectories(dir)``).
         base, n_steps: the solver family (NFE = n for rk1, 2n for rk2).
-        iters: iterations of the RMSE-bound phase; batch_size: trajectories per iteration.
-        lr: Adam learning rate (cosine decay to 5% over each phase). val: number of trajectories held out (the last ones) for
-            validation, or a separate TrajectorySet. val_every: validate every k iterations;
-            the parameters with the best validation PSNR are kept.
-        seed: seeds the batch order (the result is a deterministic function of the inputs on CPU).
+        iters: cap on the RMSE-bound phase; batch_size: trajectories per iteration.
+        lr: Adam learning rate. Each phase decays it along a cosine to 5% over the phase's
+            horizon: its iteration cap or, once the speed is measured (first validation of the
+            phase), the iterations the time budget allows, whichever is fewer.
+        val: number of trajectories held out (the last ones) for validation, or a separate
+            TrajectorySet. val_every: validate every k iterations (and at the end of each phase).
+        seed: seeds the batch order.
         checkpoint: path; saved every ``checkpoint_every`` iterations (atomically). If it exists,
-            training resumes from it and ends with exactly the parameters of an uninterrupted run.
+            training resumes from it and ends with exactly the parameters of an uninterrupted run
+            (with ``budget_seconds=None``; a time budget depends on the machine's speed).
         gt_mode: ``"cached"`` (Hermite interpolation of the stored trajectories, default) or
             ``"online"`` (an RK45 solve per iteration at the current grid, as in the paper).
-        finetune_iters, finetune_lr: end-to-end fine-tune after the bound phase (ours),
-            starting from the best bound-phase solver; ``finetune_lr`` defaults to ``lr``.
-            Defaults measured on gmm-64 and digits-fmot (NFE 10): the bound phase plateaus
-            within ~150 iterations, the fine-tune adds 2-4 dB.
+        finetune_iters, finetune_lr: cap and rate of the end-to-end fine-tune (ours);
+            ``finetune_lr`` defaults to ``lr``. 0 skips the fine-tune.
+        budget_seconds: wall-time budget of the whole fit (default 170 s: ``bespoke-fast demo``
+            stays within 5 minutes on a 2-core CPU); None: no time limit.
+        patience, min_delta: stop a phase after ``patience`` validations in a row without
+            improving the best score by more than ``min_delta`` dB; None: no patience stop.
+        select: the validation score that picks the kept parameters and drives patience:
+            ``"per-sample"`` (default: mean per-sample PSNR), ``"set"`` (set-level PSNR) or
+            ``"rmse"`` (see ``bespoke_fast.stopping``).
+        max_iters: cap on the iterations of both phases together (default ``iters + finetune_iters``).
+        init: the starting solver: ``"searched"`` (default): the base solver on the grid of
+            least one-step local error on the training trajectories (``bespoke_fast.grid_search``,
+            GITS-style, a few seconds; measured at NFE 10 with a 30 s budget: digits-eps 33.2 ->
+            42.6 dB, see the README); ``"identity"``: the base solver on the uniform grid; or a
+            :class:`BespokeSolver` with the same base and n_steps.
         callback: optional ``callback(iteration, record)`` after each validation.
         micro_batch, activation_checkpointing, autocast: memory (see :func:`loss_backward` and
             :func:`model_for_loss`): gradient accumulation over chunks of ``micro_batch``
@@ -329,9 +360,10 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
             phase n times in sequence; checkpointing keeps one call's activations instead of
             all of them. Measured on a 35M-parameter UNet: ``bench/fit_cost.py --unet``.
 
-    Returns: ``(solver, report)``; the report holds the curve (iteration, loss, validation
-    RMSE/PSNR), the best validation figures, model evaluations spent (``nfe``: GT, training,
-    validation; per-sample evaluations) and the wall time.
+    Returns: ``(solver, report)``; the report holds the curve (iteration, phase, loss, validation
+    RMSE/PSNR/score), the best validation figures, ``stop_reason`` (patience, budget, max_iters)
+    and ``bound_stop_reason``, ``iterations`` run, model evaluations spent (``nfe``: GT,
+    training, validation; per-sample evaluations) and the wall time.
 
     Under torchrun, each rank draws its own batches, gradients are all-reduced, and only rank 0
     writes checkpoints.
@@ -339,7 +371,8 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
     Example::
 
         >>> gt = load_trajectories("runs/gt")
-        >>> solver, report = train(model, gt, base="rk2", n_steps=5, iters=1500)
+        >>> solver, report = train(model, gt, base="rk2", n_steps=5)
+        >>> report["stop_reason"], report["best"]["psnr"]
         >>> solver.save("solver.json")
     """
     check_choice("gt_mode", gt_mode, GT_MODES)
@@ -350,6 +383,8 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
     val_every = check_int("val_every", val_every)
     if iters + finetune_iters == 0:
         raise InvalidArgumentError("iters + finetune_iters must be >= 1")
+    max_iters = check_int("max_iters", iters + finetune_iters if max_iters is None else max_iters)
+    check_stopping(select, patience, budget_seconds, min_delta)
     if not (lr > 0 and math.isfinite(lr)):
         raise InvalidArgumentError(f"lr must be a positive number, got {lr}")
     if not isinstance(trajectories, (TrajectorySet, StreamedTrajectories)):
@@ -363,70 +398,111 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
     rank, world = _dist()
     device = train_set.device
     solver = BespokeSolver(base, n_steps).to(device)
+    if isinstance(init, BespokeSolver):
+        if (init.base, init.n_steps) != (base, n_steps):
+            raise InvalidArgumentError(f"init must be a bespoke-{base} solver with n_steps={n_steps}, got "
+                             f"bespoke-{init.base} with n_steps={init.n_steps}")
+    elif init not in ("searched", "identity"):
+        raise InvalidArgumentError(f"init must be 'searched', 'identity' or a BespokeSolver, got {init!r}")
     config = {"base": base, "n_steps": n_steps, "iters": iters, "batch_size": batch_size, "lr": lr,
               "seed": seed, "gt_mode": gt_mode, "finetune_iters": finetune_iters,
               "finetune_lr": finetune_lr if finetune_lr is not None else lr, "L_tau": L_tau,
               "num_train": len(train_set), "num_val": len(val_set), "val_every": val_every,
               "gt": gt_split_fingerprint(train_set, val_set),
-              **({"autocast": str(autocast).replace("torch.", "")} if autocast is not None else {})}
+              **({"autocast": str(autocast).replace("torch.", "")} if autocast is not None else {}),
+              "budget_seconds": budget_seconds, "patience": patience, "min_delta": min_delta,
+              "select": select, "max_iters": max_iters, "gt_seed": trajectories.meta.get("seed"),
+              "init": init if isinstance(init, str) else
+                      [round(float(v), 12) for v in torch.cat([p.detach().flatten().cpu()
+                                                               for p in init.parameters()])]}
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
-    state = {"iteration": 0, "curve": [], "best": None, "best_psnr": -math.inf,
-             "nfe_train": 0, "nfe_val": 0, "wall_total": 0.0}
+    state = {"iteration": 0, "curve": [], "nfe_train": 0, "nfe_val": 0, "wall_total": 0.0,
+             **new_stop_state(), "phase": "bound" if iters else "finetune", "phase_start": 0,
+             "phase_wall": 0.0, "horizon": None, "bound_stop_reason": None}
     optim = torch.optim.Adam(solver.parameters(), lr=lr)
     ckpt = Path(checkpoint) if checkpoint else None
     saved = _load_checkpoint(ckpt, config, solver, gen)
     if saved is not None:
-        if saved["iteration"] > iters:  # resumed inside the fine-tune phase
-            optim = torch.optim.Adam(solver.parameters(), lr=config["finetune_lr"])
         optim.load_state_dict(saved["optim"])
         state = saved["state"]
     started = time.perf_counter()
-    total = iters + finetune_iters
+    if saved is None and init != "identity":
+        from .grid_search import searched_solver
+        start = init if isinstance(init, BespokeSolver) else searched_solver(
+            model, train_set, base, n_steps, candidates=SEARCH_CANDIDATES, batch=SEARCH_BATCH,
+            seed=seed)
+        solver.load_state_dict(start.state_dict())
+
+    def elapsed():
+        return state["wall_total"] + time.perf_counter() - started
+
     from tqdm.auto import tqdm
-    bar = tqdm(total=total, initial=state["iteration"], disable=not progress or rank != 0,
+    bar = tqdm(total=max_iters, initial=state["iteration"], disable=not progress or rank != 0,
                desc=f"fit bespoke-{base} NFE {solver.nfe}", unit="it", dynamic_ncols=True)
     with _frozen(model):
-        while state["iteration"] < total:
+        while state["stop_reason"] is None:
             k = state["iteration"]
-            if k == iters and finetune_iters and k > 0:
-                # bound phase done: fine-tune end to end from its best parameters
-                solver.load_state_dict(state["best"])
-                optim = torch.optim.Adam(solver.parameters(), lr=config["finetune_lr"])
+            bound = state["phase"] == "bound"
+            cap = iters if bound else finetune_iters
+            base_lr = lr if bound else config["finetune_lr"]
             for group in optim.param_groups:
-                group["lr"] = _cosine_lr(config, k)
+                group["lr"] = _cosine_lr(base_lr, k - state["phase_start"], state["horizon"] or cap)
             rows = torch.randint(len(train_set), (batch_size,), generator=gen)
             batch = train_set.subset(rows)
             optim.zero_grad(set_to_none=True)
-            loss, nfe = loss_backward(solver, model, batch, "bound" if k < iters else "finetune",
-                                      gt_mode, L_tau, micro_batch, loss_model)
+            loss, nfe = loss_backward(solver, model, batch, state["phase"], gt_mode, L_tau,
+                                      micro_batch, loss_model)
             state["nfe_train"] += nfe
             if world > 1:
                 for p in solver.parameters():
                     torch.distributed.all_reduce(p.grad)
                     p.grad /= world
             optim.step()
-            state["iteration"] = k + 1
+            done = state["iteration"] = k + 1
             bar.update(1)
-            done = state["iteration"]
-            if done % val_every == 0 or done == total or done == iters:
+            in_phase = done - state["phase_start"]
+            phase_budget = (None if budget_seconds is None else
+                            budget_seconds * (BOUND_BUDGET_SHARE if bound else 1.0))
+            capped = in_phase >= cap or done >= max_iters
+            out_of_time = phase_budget is not None and elapsed() >= phase_budget
+            validated = done % val_every == 0 or capped or out_of_time
+            if validated:
                 record = {"iteration": done, "loss": float(loss.detach()),
-                          "phase": "bound" if done <= iters else "finetune",
-                          **_validate(solver, model, val_set)}
+                          "phase": state["phase"], **_validate(solver, model, val_set)}
                 state["nfe_val"] += solver.nfe * len(val_set)
                 state["curve"].append(record)
-                if record["psnr"] > state["best_psnr"]:
-                    state["best_psnr"] = record["psnr"]
-                    state["best"] = copy.deepcopy(solver.state_dict())
-                    state["best_record"] = record
+                observe(state, record, solver, select, min_delta)
+                if state["horizon"] is None and phase_budget is not None:
+                    state["horizon"] = phase_horizon(cap, in_phase, elapsed() - state["phase_wall"],
+                                                     phase_budget - elapsed())
                 bar.set_postfix(loss=f"{record['loss']:.3g}", val_psnr=f"{record['psnr']:.2f}",
-                                best=f"{state['best_psnr']:.2f}")
+                                best=f"{state['best_score']:.2f}")
                 if callback is not None:
                     callback(done, record)
-            if ckpt is not None and rank == 0 and (done % checkpoint_every == 0 or done == total):
+            reason = stop_reason(state, in_phase, cap, patience, phase_budget, elapsed(), validated)
+            if done >= max_iters and reason is None:
+                reason = "max_iters"
+            switched = False
+            if reason is not None:
+                if bound and finetune_iters and done < max_iters and not (
+                        budget_seconds is not None and elapsed() >= budget_seconds):
+                    # bound phase done: fine-tune end to end from its best parameters
+                    state["bound_stop_reason"] = reason
+                    solver.load_state_dict(state["best"])
+                    optim = torch.optim.Adam(solver.parameters(), lr=config["finetune_lr"])
+                    state.update(phase="finetune", phase_start=done, phase_wall=elapsed(),
+                                 horizon=None, bad_evals=0)
+                    switched = True
+                else:
+                    state["stop_reason"] = reason
+            if ckpt is not None and rank == 0 and (done % checkpoint_every == 0 or switched
+                                                   or state["stop_reason"] is not None):
                 started = _save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
     bar.close()
     state["wall_total"] += time.perf_counter() - started
-    return _finish(solver, model, trajectories, config, state, model_name)
+    return _finish(solver, model, trajectories, config, state, model_name,
+                   stop_reason=state["stop_reason"], bound_stop_reason=state["bound_stop_reason"],
+                   iterations=state["iteration"])
 
 
 def _finish(solver, model, trajectories, config, state, model_name, **extra_report):

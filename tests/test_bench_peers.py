@@ -200,13 +200,15 @@ def test_quality_quick_end_to_end(tmp_path):
     rc = quality.main(["--quick", "--out", str(out), "--cache", str(cache), "--nfes", "4",
                        "--num-train", "24", "--num-test", "16", "--num-val", "8", "--iters", "2",
                        "--finetune-iters", "1", "--train-batch", "8", "--trained", "bespoke-rk2",
-                       "--peers", *peers])
+                       "ld3-unipc", "gits-midpoint", "--peers", *peers])
     assert rc == 0
     recs = json.loads((out / "quality.json").read_text())
     res = {r["solver"]: r for r in recs if r.get("kind") == "result"}
-    assert {"euler", "midpoint", "heun", "rk4", "bespoke-rk2"} <= set(res)
+    assert {"euler", "midpoint", "heun", "rk4", "bespoke-rk2", "ld3-unipc", "gits-midpoint"} <= set(res)
     for r in res.values():
         assert r["nfe"] == 4 and r["nfe_measured"] == 4 and r["psnr"] > 10, r
+        assert r["psnr_ci"][0] <= r["psnr"] <= r["psnr_ci"][1] and 0 <= r["mode_flips"] <= 1, r
+    assert res["ld3-unipc"]["train"]["stop_reason"] in ("patience", "budget", "max_iters")
     for p in peers:
         assert p in res
     if "torchdiffeq-midpoint" in res:

@@ -200,7 +200,8 @@ _CHILD = textwrap.dedent("""
         print("iter", i, flush=True)
     solver, _ = bf.train(flow, gt, base="rk2", n_steps=3, iters=30, batch_size=32, lr=1e-2, val=64,
                          val_every=1, checkpoint=sys.argv[2] or None, checkpoint_every=1,
-                         finetune_iters=10, progress=False, callback=cb)
+                         finetune_iters=10, progress=False, callback=cb, patience=None,
+                         budget_seconds=None)  # a fixed schedule: kill points at iterations 12, 33
     solver.save(sys.argv[3])
 """)
 
