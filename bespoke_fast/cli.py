@@ -163,7 +163,7 @@ def cmd_eval(args):
     zm = _model(args)
     gt = _gt(args, zm)
     from .evaluation import trained_on
-    from .io import load_solver
+    from .solvers.files import load_solver
     from .metrics import format_ci
     results = []
     for spec in args.solvers:

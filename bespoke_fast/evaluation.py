@@ -66,13 +66,15 @@ def mode_assigner(model, name: str = ""):
             return (logw - d2 / (2 * tau2) - 0.5 * dim * torch.log(tau2)).argmax(1)
         return assign
     if name.startswith("digits-"):
-        from .zoo.quality import _confidence, digits_classifier
+        from .zoo.quality import digits_classifier
         clf, _ = digits_classifier()
 
         def assign(x):
             if tuple(x.shape[1:]) != (1, 8, 8):
-                raise ValueError(f"the digits classifier needs [B, 1, 8, 8] samples, got {tuple(x.shape)}")
-            return torch.as_tensor(_confidence(clf, x.detach().float().cpu().clamp(-1, 1))[1])
+                raise InvalidArgumentError(f"the digits classifier needs [B, 1, 8, 8] samples, "
+                                           f"got {tuple(x.shape)}")
+            flat = x.detach().double().cpu().clamp(-1, 1).reshape(len(x), -1).numpy()
+            return torch.as_tensor(clf.predict(flat))
         return assign
     return None
 
