@@ -28,8 +28,8 @@ import torch
 from ._checks import InvalidArgumentError, InvalidTypeError, check_choice, check_int
 from .gt import TrajectorySet
 from .solvers.bns import INITS, NonStationarySolver
-from .stopping import (DEFAULT_SELECT, STOP_REASONS, check_stopping, observe, phase_horizon,
-                       stop_reason)
+from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon,
+                       rank0_decides, stop_reason)
 from .stopping import new_state as new_stop_state
 from .trainer import (_check_gt_matches, _dist, _finish, _frozen, _load_checkpoint,
                       _save_checkpoint, _validate, gt_split_fingerprint)
@@ -357,10 +357,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
                 state, in_phase, cap, patience, budget_seconds, elapsed(), validated)
             if done >= max_iters and reason is None:
                 reason = "max_iters"
-            if world > 1:          # rank 0 decides for all: the ranks' clocks differ
-                code = torch.tensor([STOP_REASONS.index(reason) + 1 if reason else 0])
-                torch.distributed.broadcast(code, 0)
-                reason = STOP_REASONS[int(code) - 1] if int(code) else None
+            reason = rank0_decides(reason, world)
             switched = False
             if reason is not None:
                 if (optimizer == "auto" and not adam and adam_iters and done < max_iters

@@ -35,7 +35,7 @@ import math
 from ._checks import InvalidArgumentError
 
 __all__ = ["SELECT", "DEFAULT_SELECT", "STOP_REASONS", "selection_score", "observe", "stop_reason",
-           "new_state", "check_stopping", "phase_horizon", "describe_stop"]
+           "new_state", "check_stopping", "phase_horizon", "describe_stop", "rank0_decides"]
 
 SELECT = ("per-sample", "set", "rmse")
 DEFAULT_SELECT = "per-sample"
@@ -127,3 +127,15 @@ def describe_stop(report: dict) -> str:
     return (f"stopped after {report.get('iterations')} iterations: {why}; kept iteration "
             f"{best.get('iteration')} (best {cfg.get('select', DEFAULT_SELECT)} score "
             f"{best.get('score', float('nan')):.2f} dB)")
+
+
+def rank0_decides(reason, world: int):
+    """Under torch.distributed (``world > 1``), every rank takes rank 0's stop ``reason`` (the
+    ranks' clocks and validation scores may differ; diverging decisions would deadlock the
+    gradient all-reduce)."""
+    if world <= 1:
+        return reason
+    import torch
+    code = torch.tensor([STOP_REASONS.index(reason) + 1 if reason else 0])
+    torch.distributed.broadcast(code, 0)
+    return STOP_REASONS[int(code) - 1] if int(code) else None

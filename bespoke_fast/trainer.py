@@ -34,8 +34,8 @@ from .io import atomic_write, check_writable, model_fingerprint
 from .metrics import rmse_psnr
 from .solvers.adaptive import solve_adaptive
 from .solvers.bespoke import BespokeSolver
-from .stopping import (DEFAULT_SELECT, STOP_REASONS, check_stopping, observe, phase_horizon,
-                       stop_reason)
+from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon,
+                       rank0_decides, stop_reason)
 from .stopping import new_state as new_stop_state
 
 __all__ = ["train", "rmse_bound_loss", "local_errors", "lipschitz_weights", "gt_at_grid",
@@ -486,10 +486,7 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
             reason = stop_reason(state, in_phase, cap, patience, phase_budget, elapsed(), validated)
             if done >= max_iters and reason is None:
                 reason = "max_iters"
-            if world > 1:          # rank 0 decides for all: the ranks' clocks differ
-                code = torch.tensor([STOP_REASONS.index(reason) + 1 if reason else 0])
-                torch.distributed.broadcast(code, 0)
-                reason = STOP_REASONS[int(code) - 1] if int(code) else None
+            reason = rank0_decides(reason, world)
             switched = False
             if reason is not None:
                 if bound and finetune_iters and done < max_iters and not (
