@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--nfe", type=int, default=10, help="network evaluations (even; default %(default)s)")
     p.add_argument("--num-gt", type=int, default=1280, help="GT trajectories (default %(default)s)")
-    p.add_argument("--num-val", type=int, default=256, help="held-out GT trajectories (separate seed; evaluation only) (default %(default)s)")
+    p.add_argument("--num-val", type=int, default=1024, help="held-out GT trajectories (separate seed; evaluation only) (default %(default)s)")
     p.add_argument("--iters", type=int, default=None, help="bound-phase iterations (default: the trainer's)")
     p.add_argument("--finetune-iters", type=int, default=None,
                    help="fine-tune iterations (default: the trainer's)")

@@ -38,7 +38,7 @@ def _psnr_vs_nfe(path: Path, curve_rows, ours_row, label):
 
 
 def run_demo(model: str = "digits-fmot", nfe: int = 10, out="bespoke_demo", num_gt: int = 1280,
-             num_val: int = 256, iters: int | None = None, finetune_iters: int | None = None,
+             num_val: int = 1024, iters: int | None = None, finetune_iters: int | None = None,
              device: str = "cpu", seed: int = 0, progress: bool = True, log=print) -> dict:
     """Run the demo; returns a summary dict (also written to ``out/summary.json``).
 

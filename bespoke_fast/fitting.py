@@ -446,6 +446,8 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
                                       autocast, stream, progress, train_kwargs)
         solver.save(solver_path)
         atomic_write_text(train_report_path, json.dumps(train_report, indent=1, default=str) + "\n")
+    if train_report.get("stop_reason"):
+        log(f"training stopped: {train_report['stop_reason']}")
     log(f"[4/4] evaluating on the {len(heldout)} held-out trajectories")
     label = f"{s['solver']}{'-rk2' if s['solver'] == 'bespoke' else ''}@{s['nfe']}"
     rows = [{**evaluate(zm.model, solver, heldout), "solver": label}]
@@ -457,7 +459,8 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
         "heldout": rows,
         "gt": {"train": _gt_summary(gt_manifest), "heldout": _gt_summary(held_manifest),
                "disjoint": "different noise seeds: counter-based noise, one stream per seed"},
-        "training": {k: train_report.get(k) for k in ("config", "best", "nfe", "wall_seconds")},
+        "training": {k: train_report.get(k) for k in ("config", "best", "nfe", "wall_seconds",
+                                                      "stop_reason", "bound_stop_reason")},
         "files": files, "seconds_this_run": time.perf_counter() - started,
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
@@ -520,10 +523,18 @@ def _report_plots(out, zm, solver, heldout, s, label, log):
     return files
 
 
+def _ci(row, key):
+    """``" [lo, hi]"`` for a row's 95% bootstrap interval of ``key``, or ``""``."""
+    ci = row.get(f"{key}_ci")
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
 def _table(rows):
-    lines = [f"{'solver':<18} {'NFE':>4} {'RMSE':>10} {'PSNR (dB)':>10} {'PSNR set':>9}"]
-    lines += [f"{r['solver']:<18} {r['nfe']:>4} {r['rmse']:>10.2e} {r['psnr']:>10.2f} "
-              f"{r['psnr_set']:>9.2f}" for r in rows]
+    lines = [f"{'solver':<18} {'NFE':>4} {'RMSE':>10} {'PSNR (dB) [95% CI]':>26} "
+             f"{'PSNR set [95% CI]':>26}"]
+    lines += [f"{r['solver']:<18} {r['nfe']:>4} {r['rmse']:>10.2e} "
+              f"{r['psnr']:>8.2f}{_ci(r, 'psnr'):>18} {r['psnr_set']:>8.2f}{_ci(r, 'psnr_set'):>18}"
+              for r in rows]
     return lines
 
 
@@ -534,9 +545,14 @@ def _markdown(r):
              f"Held-out evaluation: {r['gt']['heldout']['num']} trajectories (seed "
              f"{r['gt']['heldout']['seed']}); training GT: {g['num']} trajectories (seed {g['seed']}), "
              f"the last {s['num_select']} used only to select the checkpoint.", "",
-             "| solver | NFE | RMSE | PSNR (dB) | PSNR set (dB) |", "|---|---|---|---|---|"]
-    lines += [f"| {x['solver']} | {x['nfe']} | {x['rmse']:.3e} | {x['psnr']:.2f} | {x['psnr_set']:.2f} |"
-              for x in r["heldout"]]
+             "| solver | NFE | RMSE | PSNR (dB) [95% CI] | PSNR set (dB) [95% CI] |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {x['solver']} | {x['nfe']} | {x['rmse']:.3e} | {x['psnr']:.2f}{_ci(x, 'psnr')} "
+              f"| {x['psnr_set']:.2f}{_ci(x, 'psnr_set')} |" for x in r["heldout"]]
+    stop = r["training"].get("stop_reason")
+    if stop:
+        lines += ["", f"Training stopped: {stop} (bound phase: "
+                  f"{r['training'].get('bound_stop_reason') or 'n/a'})."]
     storage = g.get("storage") or {}
     bpt = storage.get("bytes_per_trajectory", {})
     lines += ["", "PSNR: mean of per-sample PSNRs against the GT endpoint (data range "

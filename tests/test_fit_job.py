@@ -37,7 +37,12 @@ def test_fit_runs_end_to_end_on_every_bundled_model(model, tmp_path):
     assert (g["train"]["num"], g["heldout"]["num"]) == (40, 16)
     assert load_solver(r.solver_path).nfe == 4
     assert json.loads((tmp_path / "fit" / "report.json").read_text())["heldout"] == rep["heldout"]
-    assert "| bespoke-rk2@4 | 4 |" in (tmp_path / "fit" / "report.md").read_text()
+    md = (tmp_path / "fit" / "report.md").read_text()
+    assert "| bespoke-rk2@4 | 4 |" in md
+    lo, hi = rep["heldout"][0]["psnr_ci"]                          # intervals, printed and stored
+    assert lo <= rep["heldout"][0]["psnr"] <= hi and f"[{lo:.2f}, {hi:.2f}]" in md
+    assert rep["training"]["stop_reason"] and f"Training stopped: {rep['training']['stop_reason']}" in md
+    assert any(x.startswith("training stopped: ") for x in lines)
     if model == "digits-fmot":
         for name in ("error_maps", "transform"):
             assert (tmp_path / "fit" / f"{name}.png").stat().st_size > 5000
