@@ -18,6 +18,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from bespoke_fast.io import atomic_write_text
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 __all__ = ["Timing", "machine_info", "git_commit", "timeit_cuda", "timeit_cpu", "write_results",
@@ -193,11 +195,8 @@ def write_results(out_dir: str, name: str, records: list, markdown: str) -> tupl
     os.makedirs(out_dir, exist_ok=True)
     jpath = os.path.join(out_dir, name + ".json")
     mpath = os.path.join(out_dir, name + ".md")
-    with open(jpath, "w", encoding="utf-8") as f:
-        json.dump(records, f, indent=1, default=str)
-        f.write("\n")
-    with open(mpath, "w", encoding="utf-8") as f:
-        f.write(markdown.rstrip() + "\n")
+    atomic_write_text(jpath, json.dumps(records, indent=1, default=str) + "\n")
+    atomic_write_text(mpath, markdown.rstrip() + "\n")
     return jpath, mpath
 
 

@@ -21,6 +21,7 @@ import torch
 
 import bespoke_fast as bf
 from bespoke_fast.integrations import diffusers as bd
+from bespoke_fast.io import atomic_write_text
 from bespoke_fast.metrics import rmse_psnr
 
 
@@ -155,7 +156,7 @@ def main():
     print(json.dumps(res, indent=1))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "diffusers_tiny.json").write_text(json.dumps(res, indent=1) + "\n")
+        atomic_write_text(args.out / "diffusers_tiny.json", json.dumps(res, indent=1) + "\n")
         lines = [f"# Tiny SD3 pipeline (random weights, CFG {res['guidance_scale']}), NFE {res['nfe']}, "
                  f"{res['num_val']} held-out trajectories", "",
                  "| solver | RMSE | PSNR (dB) |", "|---|---|---|"]
@@ -166,7 +167,7 @@ def main():
                   f"fast path vs pipe(...) with BespokeScheduler: max |diff| {fv['max_abs_diff_fast_vs_pipe']:.2e}",
                   "", "| loop (batch %d, 1 thread) | s / image |" % fv["batch"], "|---|---|"]
         lines += [f"| {k} | {v * 1e3:.2f} ms |" for k, v in fv["seconds_per_image"].items()]
-        (args.out / "diffusers_tiny.md").write_text("\n".join(lines) + "\n")
+        atomic_write_text(args.out / "diffusers_tiny.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

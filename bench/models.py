@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bespoke_fast.utils import count_params
+
 __all__ = ["BenchUNet", "make_model", "count_params", "MODELS"]
 
 
@@ -151,10 +153,6 @@ class BenchUNet(nn.Module):
             else:
                 h = blocks[1](blocks[0](h))
         return self.conv_out(F.silu(self.norm_out(h))).to(x.dtype)
-
-
-def count_params(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
 
 
 MODELS = {

@@ -306,8 +306,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = args.out or os.path.join(args.folder, "summary.md")
     md = summary_markdown(args.folder)
-    with open(out, "w", encoding="utf-8") as f:
-        f.write(md)
+    from bespoke_fast.io import atomic_write_text   # here: rendering itself needs no torch
+    atomic_write_text(out, md)
     print(f"wrote {out}")
     return 0
 

@@ -37,13 +37,15 @@ import torch
 from . import __version__
 from ._checks import (InvalidArgumentError, InvalidFileError, MissingFileError, NonFiniteError,
                       check_int, check_positive)
-from .io import (MANIFEST_MAX_BYTES, atomic_write, atomic_write_text, check_shard_plan,
-                 claim_run_dir, identity_hash, model_fingerprint, model_identity,
-                 read_json_bounded, remove_stale_temp_files, seal, sha256_file, unseal)
+from .io import (MANIFEST_MAX_BYTES, atomic_write_text, check_shard_plan, claim_run_dir,
+                 identity_hash, model_fingerprint, model_identity, read_json_bounded, read_sidecar,
+                 remove_stale_temp_files, seal, sha256_file, unseal, verified_sidecar,
+                 write_with_sidecar)
 from .gt_storage import (StorageOptions, StreamedTrajectories, bytes_per_trajectory, decode_knots,
                          split_point)
 from .noise import noise_for_indices
 from .solvers.adaptive import default_knots, solve_adaptive
+from .utils import dist_info, infer_device
 
 __all__ = ["generate_trajectories", "load_trajectories", "TrajectorySet", "hermite",
            "DEFAULT_KNOTS", "GT_FORMAT"]
@@ -52,14 +54,6 @@ GT_FORMAT = "bespoke_fast.gt"
 GT_FORMAT_VERSION = 2      # 2: run identity, sealed manifest written last
 DEFAULT_KNOTS = 41
 
-
-
-def _dist():
-    """(rank, world_size, initialised) of torch.distributed, (0, 1, False) when not in use."""
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size(), True
-    return 0, 1, False
 
 
 # ----------------------------------------------------------------------------- interpolation
@@ -182,24 +176,10 @@ def _shard_paths(out: Path, k: int):
     return out / f"shard_{k:05d}.safetensors", out / f"shard_{k:05d}.json"
 
 
-def _read_sidecar(out: Path, k: int):
-    try:
-        info = json.loads(_shard_paths(out, k)[1].read_text())
-    except (OSError, ValueError):
-        return None
-    return info if isinstance(info, dict) else None
-
-
 def _shard_done(out: Path, k: int, count: int, run: str):
     """The sidecar of shard ``k`` if it belongs to run ``run`` (identity hash), holds ``count``
     trajectories and its file's sha256 matches; else None."""
-    data = _shard_paths(out, k)[0]
-    info = _read_sidecar(out, k)
-    if info is None or not data.is_file():
-        return None
-    if info.get("run") != run or info.get("count") != count or info.get("sha256") != sha256_file(data):
-        return None
-    return info
+    return verified_sidecar(*_shard_paths(out, k), run=run, count=count)
 
 
 def run_identity(model, num, shape, seed, rtol, atol, knots_t, batch_size, model_name, data_range,
@@ -303,8 +283,8 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
                else torch.as_tensor(knots, dtype=torch.float64))
     if knots_t.numel() < 2 or knots_t[0] != 0 or knots_t[-1] != 1 or (knots_t.diff() <= 0).any():
         raise InvalidArgumentError("knots must be an int >= 2 or increasing times from 0 to 1")
-    device = torch.device(device) if device is not None else _model_device(model)
-    rank, world, distributed = _dist()
+    device = torch.device(device) if device is not None else infer_device(model)
+    rank, world, distributed = dist_info()
     identity = run_identity(model, num, shape, seed, rtol, atol, knots_t, batch_size, model_name,
                             data_range, dtype, extras_fn)
     storage = StorageOptions(storage_dtype, adaptive_knots, error_fraction, reference_nfe)
@@ -383,17 +363,6 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
     return manifest
 
 
-def _model_device(model):
-    try:
-        return next(iter(model.parameters())).device
-    except (AttributeError, StopIteration):
-        pass
-    try:
-        return next(iter(model.buffers())).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
 def _progress(total, enabled, desc, unit):
     from tqdm.auto import tqdm
     return tqdm(total=total, disable=not enabled, desc=desc, unit=unit, dynamic_ncols=True)
@@ -403,9 +372,7 @@ def _write_shard(out: Path, k: int, tensors: dict, info: dict) -> None:
     """The shard file, then its sidecar (both atomic): a sidecar vouches for a complete file."""
     from safetensors.torch import save
     data, side = _shard_paths(out, k)
-    blob = save(tensors)
-    atomic_write(data, blob)
-    atomic_write_text(side, json.dumps({**info, "sha256": hashlib.sha256(blob).hexdigest()}) + "\n")
+    write_with_sidecar(data, save(tensors), side, info)
 
 
 def _manifest_error(path, msg):
@@ -456,7 +423,7 @@ def _reusable_manifest(out, identity, run, n_shards):
     if manifest.get("run") != identity or len(manifest["shards"]) != n_shards:
         return None
     for k, shard in enumerate(manifest["shards"]):
-        info = _read_sidecar(out, k)
+        info = read_sidecar(_shard_paths(out, k)[1])
         if info is None or info.get("run") != run or info.get("sha256") != shard["sha256"]:
             return None
     return manifest
@@ -528,7 +495,7 @@ def measure_interpolation_error(model, gt: TrajectorySet, num: int = 16, times_p
     g = torch.Generator().manual_seed(seed + 12345)
     t = torch.sort(torch.rand(times_per_traj, generator=g, dtype=torch.float64) * 0.98 + 0.01).values
     rows = torch.arange(num)
-    device = _model_device(model)
+    device = infer_device(model)
     times = torch.cat([t.new_zeros(1), t, t.new_ones(1)])
     extras = {k: v[rows].to(device) for k, v in gt.extras.items()}   # each trajectory's condition
     with torch.no_grad():

@@ -29,7 +29,8 @@ MAX_DEPTH = 32
 MAX_INT_DIGITS = 20
 
 __all__ = ["model_fingerprint", "model_identity", "check_model_identity", "sha256_file",
-           "atomic_write", "atomic_write_text", "check_writable", "read_json_bounded",
+           "atomic_write", "atomic_write_text", "write_with_sidecar", "read_sidecar",
+           "verified_sidecar", "check_writable", "read_json_bounded",
            "claim_run_dir", "check_shard_plan", "seal", "unseal", "identity_hash",
            "remove_stale_temp_files", "MAX_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS"]
 
@@ -73,6 +74,39 @@ def _output_error(path, e: OSError) -> OutputError:
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
     atomic_write(path, text.encode("utf-8"))
+
+
+def write_with_sidecar(path, data, sidecar, info: dict, indent=None) -> dict:
+    """Write ``data`` (as :func:`atomic_write` takes it) to ``path``, then the JSON ``sidecar``:
+    ``info`` plus ``"sha256"`` of ``path``'s bytes. Both writes are atomic and the sidecar comes
+    second, so a sidecar vouches for a complete file (check it with :func:`verified_sidecar`).
+    Returns the sidecar's contents."""
+    atomic_write(path, data)
+    digest = hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else sha256_file(path)
+    info = {**info, "sha256": digest}
+    atomic_write_text(sidecar, json.dumps(info, indent=indent) + "\n")
+    return info
+
+
+def read_sidecar(sidecar) -> dict | None:
+    """The JSON object in ``sidecar``, or None when it is missing, unreadable or not an object."""
+    try:
+        info = json.loads(Path(sidecar).read_text())
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def verified_sidecar(path, sidecar, **expected) -> dict | None:
+    """The sidecar of ``path`` (see :func:`write_with_sidecar`) when ``path`` exists, the sidecar
+    holds every ``expected`` key with that value, and its ``"sha256"`` matches ``path``'s bytes;
+    else None (the file is to be computed again)."""
+    info = read_sidecar(sidecar)
+    if info is None or not Path(path).is_file():
+        return None
+    if any(info.get(k) != v for k, v in expected.items()):
+        return None
+    return info if info.get("sha256") == sha256_file(path) else None
 
 
 def sha256_file(path) -> str:

@@ -38,11 +38,12 @@ import torch
 
 from ._checks import (InvalidArgumentError, InvalidFileError, MissingFileError, NonFiniteError,
                       check_int)
-from .io import (MANIFEST_MAX_BYTES, atomic_write, atomic_write_text, check_model_identity,
-                 check_shard_plan, claim_run_dir, identity_hash, model_identity,
-                 read_json_bounded, remove_stale_temp_files, seal, sha256_file,
-                 unseal)
+from .io import (MANIFEST_MAX_BYTES, atomic_write_text, check_model_identity, check_shard_plan,
+                 claim_run_dir, identity_hash, model_identity, read_json_bounded, read_sidecar,
+                 remove_stale_temp_files, seal, sha256_file, unseal, verified_sidecar,
+                 write_with_sidecar)
 from .noise import noise_for_indices
+from .utils import dist_info
 
 __all__ = ["sample_to_dir", "load_samples", "shard_name"]
 
@@ -58,14 +59,6 @@ def shard_name(k: int) -> str:
     return f"samples_{k:05d}"
 
 
-def _read_json(path: Path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
 def _solver_info(solver) -> dict:
     """What identifies a solver in a run (any kind: bespoke rk1 / rk2, BNS)."""
     return {"kind": solver.kind, **solver.file_header(), "n_steps": int(solver.n_steps),
@@ -79,24 +72,14 @@ def _extras_identity(extras: dict) -> dict:
 
 def _shard_done(out_dir: Path, k: int, start: int, count: int, run: str) -> dict | None:
     """The sidecar of shard ``k`` if the shard is complete and belongs to this run, else None."""
-    side = _read_json(out_dir / (shard_name(k) + ".json"))
-    npy = out_dir / (shard_name(k) + ".npy")
-    if not isinstance(side, dict) or not npy.is_file():
-        return None
-    if (side.get("start"), side.get("count"), side.get("run")) != (start, count, run):
-        return None
-    if side.get("sha256") != sha256_file(npy):
-        return None
-    return side
+    return verified_sidecar(out_dir / (shard_name(k) + ".npy"), out_dir / (shard_name(k) + ".json"),
+                            start=start, count=count, run=run)
 
 
 def _dist_info(rank, world_size):
-    dist = torch.distributed
-    initialised = dist.is_available() and dist.is_initialized()
-    if rank is None:
-        rank = dist.get_rank() if initialised else 0
-    if world_size is None:
-        world_size = dist.get_world_size() if initialised else 1
+    default_rank, default_world, initialised = dist_info()
+    rank = default_rank if rank is None else rank
+    world_size = default_world if world_size is None else world_size
     world_size = check_int("world_size", world_size)
     rank = check_int("rank", rank, minimum=0)
     if rank >= world_size:
@@ -191,10 +174,10 @@ def sample_to_dir(model, solver, shape, num: int, out_dir, batch_size: int = 256
                     bar.update(b - a)
             arr = torch.cat(parts).numpy().astype(np.float32, copy=False)
             npy = out_dir / (shard_name(k) + ".npy")
-            atomic_write(npy, lambda f, arr=arr: np.save(f, arr, allow_pickle=False))
-            atomic_write_text(out_dir / (shard_name(k) + ".json"), json.dumps({
-                "file": npy.name, "start": start, "count": end - start, "shape": list(shape),
-                "dtype": "float32", "sha256": sha256_file(npy), "run": run}, indent=2) + "\n")
+            write_with_sidecar(npy, lambda f, arr=arr: np.save(f, arr, allow_pickle=False),
+                               out_dir / (shard_name(k) + ".json"),
+                               {"file": npy.name, "start": start, "count": end - start,
+                                "shape": list(shape), "dtype": "float32", "run": run}, indent=2)
             computed.append(k)
     finally:
         if bar is not None:
@@ -206,8 +189,8 @@ def sample_to_dir(model, solver, shape, num: int, out_dir, batch_size: int = 256
     shards, missing = [], []
     for k in range(n_shards):
         start, end = bounds(k)
-        side = _read_json(out_dir / (shard_name(k) + ".json"))
-        if (isinstance(side, dict) and side.get("run") == run and side.get("start") == start
+        side = read_sidecar(out_dir / (shard_name(k) + ".json"))
+        if (side is not None and side.get("run") == run and side.get("start") == start
                 and side.get("count") == end - start):
             shards.append({"file": side["file"], "start": start, "count": end - start,
                            "sha256": side["sha256"]})

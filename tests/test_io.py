@@ -90,3 +90,32 @@ def test_unexpected_parameter_names_are_rejected(tmp_path):
     path = _write(tmp_path, lambda doc: doc["parameters"].update(evil=[1.0]))
     with pytest.raises(ValueError, match="'parameters' must hold exactly"):
         bf.load_solver(path)
+
+
+def test_sidecar_vouches_for_its_file_and_nothing_else(tmp_path):
+    from bespoke_fast.io import verified_sidecar, write_with_sidecar
+    data, side = tmp_path / "shard.bin", tmp_path / "shard.json"
+    info = write_with_sidecar(data, b"payload", side, {"run": "r1", "count": 3})
+    assert json.loads(side.read_text()) == info and len(info["sha256"]) == 64
+    assert verified_sidecar(data, side, run="r1", count=3) == info
+    assert verified_sidecar(data, side, run="r2", count=3) is None          # another run
+    # a writer callable hashes the file on disk: the same digest as for the bytes
+    assert write_with_sidecar(data, lambda f: f.write(b"payload"), side, {"run": "r1"})["sha256"] \
+        == info["sha256"]
+    data.write_bytes(b"payloaX")                                             # corrupted file
+    assert verified_sidecar(data, side, run="r1") is None
+    data.unlink()
+    assert verified_sidecar(data, side, run="r1") is None                    # missing file
+    side.write_text("[1, 2]")
+    assert verified_sidecar(data, side) is None                              # not an object
+
+
+def test_infer_device_and_dist_info_without_distributed():
+    from bespoke_fast.utils import count_params, dist_info, infer_device
+    assert dist_info() == (0, 1, False)
+    net = torch.nn.Linear(3, 2)
+    assert infer_device(net) == torch.device("cpu") and count_params(net) == 8
+    buffers_only = torch.nn.Module()
+    buffers_only.register_buffer("b", torch.zeros(1, device="meta"))
+    assert infer_device(buffers_only) == torch.device("meta")
+    assert infer_device(lambda x, t: x) == torch.device("cpu")

@@ -67,6 +67,7 @@ from ..noise import noise_for_indices
 from ..ops.backend import resolve_backend
 from ..ops.rk import write_model_in
 from ..solvers.base import Solver
+from ..utils import infer_device
 from .bns import BNSProgram
 from .rk import RKProgram
 
@@ -74,15 +75,6 @@ __all__ = ["FastSampler", "PROGRAMS"]
 
 # One engine program per solver kind, keyed by the solver interface's ``kind``.
 PROGRAMS = {RKProgram.kind: RKProgram, BNSProgram.kind: BNSProgram}
-
-
-def _infer_device(model) -> torch.device:
-    if isinstance(model, torch.nn.Module):
-        for tensor in model.parameters():
-            return tensor.device
-        for tensor in model.buffers():
-            return tensor.device
-    return torch.device("cpu")
 
 
 def _extra_signature(extras: dict) -> tuple:
@@ -234,7 +226,7 @@ class FastSampler:
         # capture, never inside it
         self.warmup = check_int("warmup", warmup, minimum=1)
         self.model_dtype = model_dtype
-        self.device = torch.device(device) if device is not None else _infer_device(
+        self.device = torch.device(device) if device is not None else infer_device(
             model.model if isinstance(model, GuidedModel) else model)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())

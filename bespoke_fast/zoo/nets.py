@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["DigitsMLP", "timestep_embedding", "count_params"]
+__all__ = ["DigitsMLP", "timestep_embedding"]
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0,
@@ -114,8 +114,3 @@ class DigitsMLP(nn.Module):
             h = block(h, film[:, i, 0], film[:, i, 1])
         y = self.out(F.silu(self.norm_out(h)))                     # [B, pixels]
         return y.reshape(x.shape).to(x.dtype)
-
-
-def count_params(net: nn.Module) -> int:
-    """Number of parameters of ``net``."""
-    return sum(p.numel() for p in net.parameters())

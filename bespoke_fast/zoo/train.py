@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from ..io import sha256_file
+from ..io import atomic_write, atomic_write_text, sha256_file
 from ..models import GaussianPath
-from .nets import DigitsMLP, count_params
+from ..utils import count_params
+from .nets import DigitsMLP
 
 __all__ = ["MODELS", "NET_CONFIG", "DEFAULTS", "train_model", "save_model", "update_quality",
            "machine_info", "main"]
@@ -204,15 +205,15 @@ def machine_info() -> dict:
 
 def save_model(net: DigitsMLP, stats: dict, out_dir=DEFAULT_OUT, quality: dict | None = None) -> Path:
     """Write ``<out>/<name>.safetensors`` (float32) and ``<out>/<name>.json``; returns the JSON path."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = stats["name"]
     wpath = out / f"{name}.safetensors"
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in net.state_dict().items()}
-    save_file(tensors, str(wpath), metadata={"name": name, "format": "bespoke_fast.zoo.nets.DigitsMLP"})
-    wpath.chmod(0o644)  # save_file writes 0600; the file ships with the package
+    atomic_write(wpath, save(tensors, metadata={"name": name, "format": "bespoke_fast.zoo.nets.DigitsMLP"}))
+    wpath.chmod(0o644)  # the temp file is 0600; the file ships with the package
     meta = {
         "name": name,
         "path": stats["path"],
@@ -235,7 +236,7 @@ def save_model(net: DigitsMLP, stats: dict, out_dir=DEFAULT_OUT, quality: dict |
         "quality": quality,
     }
     jpath = out / f"{name}.json"
-    jpath.write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(jpath, json.dumps(meta, indent=2) + "\n")
     return jpath
 
 
@@ -252,7 +253,7 @@ def update_quality(name: str, out_dir=DEFAULT_OUT, n: int = 1000, grid_dir=None)
     rep["report_wall_time_s"] = time.perf_counter() - t0
     rep["torch_threads"] = torch.get_num_threads()
     meta["quality"] = rep
-    (Path(out_dir) / f"{name}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(Path(out_dir) / f"{name}.json", json.dumps(meta, indent=2) + "\n")
     return rep
 
 

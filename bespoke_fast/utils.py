@@ -1,0 +1,33 @@
+"""Small helpers used across the package, one copy each: the distributed rank / world size, the
+device a model lives on, and a module's parameter count. (File helpers -- atomic writes, sha256
+of files, sealed manifests -- live in :mod:`bespoke_fast.io`.)"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["dist_info", "infer_device", "count_params"]
+
+
+def dist_info() -> tuple:
+    """``(rank, world_size, initialised)`` of ``torch.distributed``; ``(0, 1, False)`` when it is
+    not available or not initialised."""
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        return d.get_rank(), d.get_world_size(), True
+    return 0, 1, False
+
+
+def infer_device(model) -> torch.device:
+    """The device of ``model``'s first parameter, else of its first buffer, else the CPU (a plain
+    function, a module without state)."""
+    for tensors in ("parameters", "buffers"):
+        try:
+            return next(iter(getattr(model, tensors)())).device
+        except (AttributeError, TypeError, StopIteration):
+            pass
+    return torch.device("cpu")
+
+
+def count_params(net: torch.nn.Module) -> int:
+    """Number of parameters of ``net``."""
+    return sum(p.numel() for p in net.parameters())
