@@ -1,9 +1,9 @@
 """Will my model capture in a CUDA graph? A CPU-side check, before renting a GPU.
 
 :func:`check_capturable` builds the :class:`~bespoke_fast.FastSampler` a GPU run would build and
-runs its captured region -- the sampler's own ``_loop`` on its own state buffers, nothing
-re-implemented -- on CPU, with the sampler's buffers and the model's parameters and buffers on
-PyTorch's ``meta`` device, which plays the GPU: shapes, dtypes and devices are tracked, no memory
+runs its captured region (:meth:`FastSampler.captured_region`: the sampler's own loop on its own
+state buffers, nothing re-implemented) on CPU, with the sampler's buffers and the model's
+parameters and buffers on PyTorch's ``meta`` device, which plays the GPU: shapes, dtypes and devices are tracked, no memory
 is touched, no GPU is needed. (A fake ``cuda`` device, ``FakeTensorMode``, would be closer, but
 a CPU-only torch build cannot index such tensors.) A dispatch mode watches every aten op of the
 loop and reports what a real capture rejects:
@@ -280,13 +280,11 @@ def check_capturable(model, solver, shape, *, batch_size: int = 2,
         sampler = FastSampler(model, solver, shape, batch_size, model_dtype=model_dtype,
                               backend="reference", cuda_graph=False, guidance=guidance,
                               device=device)
-        x0 = torch.zeros(batch_size, *sampler.shape, device=device)
-        net_extras = sampler._network_extras(extras, batch_size, batch_size)
-        st = sampler._state_for(batch_size, net_extras)
-        st.load(x0, net_extras)
+        run, _ = sampler.captured_region(torch.zeros(batch_size, *sampler.shape, device=device),
+                                         **extras)
         try:
             with detector, _no_cuda_synchronize(detector):
-                sampler._loop(st)  # the captured region, exactly
+                run()  # the captured region, exactly
         except HostSyncError:
             pass  # recorded; the run cannot go on past a data-dependent shape
         except Exception as e:  # the loop fails on the device for another reason

@@ -271,3 +271,16 @@ def test_doctor_cli(tmp_path, capsys):
 def syncing_factory():
     """A user model factory for ``--model package.module:factory`` (see the zoo's resolver)."""
     return Syncing(), SHAPE
+
+
+@pytest.mark.parametrize("solver", [bf.BespokeSolver("rk2", 3), bf.NonStationarySolver(4)],
+                         ids=["rk2", "bns"])
+def test_captured_region_is_what_a_call_runs(solver):
+    model = zoo.load("gmm-64").model
+    sampler = bf.FastSampler(model, solver, (64,), 4, backend="reference", cuda_graph=False)
+    x0 = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    run, x = sampler.captured_region(x0)
+    assert x.shape == (4, 64)                  # padded to the run size, nothing run yet
+    run()
+    assert sampler.num_eager_runs == 0         # the region alone: no counters
+    assert torch.equal(x[:3], sampler(x0))

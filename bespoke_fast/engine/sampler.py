@@ -54,6 +54,7 @@ CUDA graph (device cuda and ``cuda_graph=True``)
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -407,14 +408,18 @@ class FastSampler:
         dev = generator.device if generator is not None else self.device
         return torch.randn(b, *self.shape, generator=generator, device=dev).to(self.device)
 
+    def _load(self, x0: torch.Tensor, run_b: int, extras: dict) -> _State:
+        """The state of ``run_b`` rows and these extras, with ``x0`` and the extras copied in."""
+        net_extras = self._network_extras(extras, x0.shape[0], run_b)
+        st = self._state_for(run_b, net_extras)
+        st.load(x0, net_extras)
+        return st
+
     def _run(self, x0: torch.Tensor, run_b: int, extras: dict) -> torch.Tensor:
-        b = x0.shape[0]
         with torch.no_grad():
-            net_extras = self._network_extras(extras, b, run_b)
-            st = self._state_for(run_b, net_extras)
-            st.load(x0, net_extras)
+            st = self._load(x0, run_b, extras)
             self._execute(st)
-            return st.x[:b].clone()
+            return st.x[:x0.shape[0]].clone()
 
     # ------------------------------------------------------------------ public
     def __call__(self, x0: torch.Tensor | None = None, generator: torch.Generator | None = None,
@@ -428,6 +433,19 @@ class FastSampler:
             x0 = self._check_x0(x0)
         b = x0.shape[0]
         return self._run(x0, max(b, self.batch_size), extras)
+
+    def captured_region(self, x0: torch.Tensor, **extras):
+        """The region a CUDA graph captures, ready to run on its own buffers: loads ``x0``
+        ``[B, *shape]`` and the extras into the state of ``B``'s run size (as a call does) and
+        returns ``(run, x)``. ``run()`` runs the whole solve once on those buffers, eagerly --
+        no warm-up, no capture, no replay, no counters -- exactly what a capture records; ``x``
+        is the ``[Bp, *shape]`` state buffer that holds the result afterwards (rows ``:B``).
+        For tools that watch the loop from outside: :func:`bespoke_fast.check_capturable`
+        runs ``run()`` under a dispatch mode, on the ``meta`` device."""
+        x0 = self._check_x0(x0)
+        with torch.no_grad():
+            st = self._load(x0, max(x0.shape[0], self.batch_size), extras)
+        return functools.partial(self._loop, st), st.x
 
     def sample(self, num: int, batch_size: int | None = None, seed: int = 0,
                generator: torch.Generator | None = None, start: int = 0, **extras) -> torch.Tensor:
