@@ -33,7 +33,7 @@ For every row: latency median and spread (p90 - p10) over ``reps`` timed calls (
 without an L2 flush -- back-to-back sampling is the steady state; host clock on CPU),
 samples/s, the ratio to the floor, the first call(s) (compile / capture) apart from steady
 state, peak CUDA memory, and NVML telemetry (average power, energy per sample, GPU utilisation)
-over a separate >= ``--telemetry-seconds`` loop (``bespoke_fast.telemetry.PowerSampler``;
+over a separate >= ``--telemetry-seconds`` loop (``bench/telemetry.py``'s ``PowerSampler``;
 "n/a" without NVML). Outputs of midpoint-equivalent rows are checked against the eager loop.
 
 Results are rewritten after each configuration (``OUT/throughput.json`` + ``.md``), and
@@ -59,9 +59,9 @@ from _common import (_summarise, command_line, diffusers_sample, diffusers_sched
                      torchdiffeq_sample, write_results)
 from models import count_params, make_model  # noqa: E402
 from render import throughput_markdown  # noqa: E402
+from telemetry import PowerSampler  # noqa: E402
 
 import bespoke_fast as bf  # noqa: E402
-from bespoke_fast.telemetry import PowerSampler  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 NFE = 10

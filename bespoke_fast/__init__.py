@@ -43,7 +43,7 @@ _LAZY = {
         "NonFiniteError", "OutputError", "MissingDependencyError")},
 }
 _SUBMODULES = ("models", "solvers", "io", "ops", "gt", "gt_storage", "trainer", "evaluation",
-               "fitting", "engine", "metrics", "telemetry", "zoo", "cli", "capture")
+               "fitting", "engine", "metrics", "zoo", "cli", "capture")
 
 __all__ = sorted(_LAZY) + ["__version__"]
 

@@ -5,7 +5,7 @@
 * diffusers' flow-matching Euler scheduler, after the sign / time conversion (sigma = 1 - t,
   model output = -u), equals our Euler on the same uniform schedule; with its default schedule
   it lands in the same PSNR range; DPM-Solver++ and UniPC in flow mode converge.
-* ``bespoke_fast.telemetry.PowerSampler`` reports "n/a" (never raises) without NVML.
+* ``bench/telemetry.py``'s ``PowerSampler`` reports "n/a" (never raises) without NVML.
 * ``bench/quality.py --quick`` runs end to end with tiny settings and writes its files.
 """
 from __future__ import annotations
@@ -136,7 +136,7 @@ def test_diffusers_default_schedules_match_our_psnr_range():
 # ----------------------------------------------------------------------------- telemetry
 def test_power_sampler_na_without_nvml(monkeypatch):
     """With pynvml unimportable, every figure is 'n/a' and nothing raises."""
-    from bespoke_fast import telemetry
+    import telemetry
     monkeypatch.setitem(sys.modules, "pynvml", None)   # import pynvml -> ImportError
     with telemetry.PowerSampler(device=0, num_samples=10) as ps:
         sum(range(1000))
@@ -150,7 +150,7 @@ def test_power_sampler_na_without_nvml(monkeypatch):
 def test_power_sampler_nvml_error(monkeypatch):
     """An NVMLError from nvmlInit (e.g. NVMLError_LibraryNotFound) also gives 'n/a'."""
     pynvml = pytest.importorskip("pynvml")
-    from bespoke_fast import telemetry
+    import telemetry
 
     def boom():
         raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
@@ -164,7 +164,7 @@ def test_power_sampler_nvml_error(monkeypatch):
 def test_power_sampler_with_fake_nvml(monkeypatch):
     """With a (fake) working NVML: energy from the counter, power, utilisation, per-sample."""
     import types
-    from bespoke_fast import telemetry
+    import telemetry
     state = {"energy": 1_000_000.0}
 
     def energy(h):

@@ -154,7 +154,8 @@ def test_readme_layout_names_every_module_and_only_existing_ones():
     block = text.split("## Layout", 1)[1].split("```")[1]
     named = set(re.findall(r"([\w]+\.py)\b", block))
     files = {p.name for d in (REPO / PACKAGE, REPO / "kernels") for p in d.rglob("*.py")
-             if "weights" not in p.parts} | {p.name for p in REPO.glob("*.py")}
+             if "weights" not in p.parts} | {p.name for d in (REPO, REPO / "bench")
+                                             for p in d.glob("*.py")}
     assert named <= files, f"README layout names files that do not exist: {sorted(named - files)}"
     modules = {p.name for d in (REPO / PACKAGE, REPO / "kernels") for p in d.rglob("*.py")
                if p.name != "__init__.py" and p.parent.name != "zoo"}   # zoo/: one entry

@@ -5,7 +5,8 @@ import shutil
 import pytest
 import torch
 
-from bespoke_fast.zoo.quality import rk4_sample, sample_stats
+from bespoke_fast.solvers.fixed import solve
+from bespoke_fast.zoo.quality import sample_stats
 from bespoke_fast.zoo.trained import (TRAINED_NAMES, WEIGHTS_DIR, WeightsIntegrityError,
                                       load_trained)
 from bespoke_fast.zoo.nets import DigitsMLP
@@ -128,7 +129,7 @@ def test_short_quality(models, name):
     model, _ = models[name]
     x0 = torch.randn(128, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        x1 = rk4_sample(model, x0, n_steps=5)
+        x1 = solve(model, x0, method="rk4", n_steps=5)
     rep = sample_stats(x1)
     assert rep["classifier_heldout_accuracy"] > 0.9
     assert rep["confidence_samples_mean"] > MIN_CONFIDENCE, rep

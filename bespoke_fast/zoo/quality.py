@@ -6,8 +6,7 @@
 * A multinomial logistic-regression classifier on the 64 pixels in [-1, 1], trained once on the
   train part (:func:`digits_classifier`, cached); its held-out accuracy is reported.
 * :func:`quality_report` samples ``n`` images from fixed-seed noise (RK4, 50 steps by default,
-  through ``bespoke_fast.solve`` when it exists, else the local RK4 loop :func:`rk4_sample`)
-  and reports, for samples vs held-out real digits:
+  through :func:`bespoke_fast.solvers.fixed.solve`) and reports, for samples vs held-out real digits:
 
   - mean max-class confidence of the classifier;
   - the predicted-class histogram, its entropy (bits; uniform = log2 10 = 3.32) and max/min ratio;
@@ -27,7 +26,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["digits_split", "digits_classifier", "rk4_sample", "generate_samples", "sample_stats",
+from ..solvers.fixed import solve
+from ..utils import infer_device
+
+__all__ = ["digits_split", "digits_classifier", "generate_samples", "sample_stats",
            "quality_report", "save_sample_grid", "N_HELDOUT", "SPLIT_SEED"]
 
 N_HELDOUT = 300
@@ -83,54 +85,16 @@ def digits_classifier(seed: int = SPLIT_SEED):
     return clf, acc
 
 
-def rk4_sample(model: Callable, x0: torch.Tensor, n_steps: int = 50) -> torch.Tensor:
-    """Classic RK4 from t = 0 (noise) to t = 1 (data) on a uniform grid (local fallback)."""
-    x = x0
-    ts = torch.linspace(0.0, 1.0, n_steps + 1, dtype=torch.float64).tolist()
-    B = x.shape[0]
-
-    def u(tv, xv):
-        return model(xv, torch.full((B,), tv, dtype=x0.dtype, device=x0.device))
-
-    for i in range(n_steps):
-        t, h = ts[i], ts[i + 1] - ts[i]
-        k1 = u(t, x)
-        k2 = u(t + h / 2, x + (h / 2) * k1)
-        k3 = u(t + h / 2, x + (h / 2) * k2)
-        k4 = u(t + h, x + h * k3)
-        x = x + (h / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
-    return x
-
-
-def _solver():
-    """``(solve_fn, description)``: the package's ``solve`` if importable, else local RK4."""
-    try:
-        from ..solvers.fixed import solve
-    except ImportError:
-        return None, "local rk4_sample (bespoke_fast.solvers.fixed not importable)"
-    return solve, "bespoke_fast.solvers.fixed.solve"
-
-
 @torch.no_grad()
 def generate_samples(velocity_model: Callable, n: int = 1000, seed: int = 0, n_steps: int = 50,
                      method: str = "rk4", batch_size: int = 1000):
     """``(samples [n, 1, 8, 8] float32 unclamped, solver description)`` from
     ``torch.randn(n, 1, 8, 8, generator=Generator().manual_seed(seed))`` noise."""
     x0 = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
-    try:
-        dev = next(velocity_model.parameters()).device
-    except (AttributeError, StopIteration):
-        dev = torch.device("cpu")
-    solve, desc = _solver()
-    if solve is None and method != "rk4":
-        raise ValueError(f"method {method!r} needs bespoke_fast.solvers.fixed.solve")
-    out = []
-    for chunk in x0.to(dev).split(batch_size):
-        if solve is not None:
-            out.append(solve(velocity_model, chunk, method=method, n_steps=n_steps))
-        else:
-            out.append(rk4_sample(velocity_model, chunk, n_steps))
-    return torch.cat(out).float().cpu(), f"{desc}, method={method}, n_steps={n_steps}"
+    out = [solve(velocity_model, chunk, method=method, n_steps=n_steps)
+           for chunk in x0.to(infer_device(velocity_model)).split(batch_size)]
+    return (torch.cat(out).float().cpu(),
+            f"bespoke_fast.solvers.fixed.solve, method={method}, n_steps={n_steps}")
 
 
 def _nn_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
