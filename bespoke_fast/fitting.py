@@ -27,7 +27,7 @@ import torch
 
 from ._checks import InvalidArgumentError, MismatchError, check_choice, check_int
 from .gt_storage import bytes_per_trajectory
-from .io import atomic_write_text
+from .io import atomic_write_text, save_figure
 
 __all__ = ["fit", "FitResult", "make_plan", "plot_error_maps", "plot_transform", "baselines",
            "SOLVERS"]
@@ -256,9 +256,7 @@ def plot_error_maps(path, gt_x1, samples: dict, data_range: float, n: int = 4):
         fig.colorbar(im, ax=axes[1:].ravel().tolist(), shrink=0.8, label="|x - x_GT|")
     fig.suptitle("Error against the GT sample (adaptive RK45), same noise, equal NFE; "
                  "title: the panel's PSNR", fontsize=9)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)
 
 
 def plot_transform(path, solver):
@@ -277,9 +275,7 @@ def plot_transform(path, solver):
              "at step r, $s_r$ the factor the state is scaled by ($\\bar{x}_r = s_r\\,x(t_r)$).",
              ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------- the job

@@ -29,7 +29,7 @@ MAX_DEPTH = 32
 MAX_INT_DIGITS = 20
 
 __all__ = ["model_fingerprint", "model_identity", "check_model_identity", "sha256_file",
-           "atomic_write", "atomic_write_text", "write_with_sidecar", "read_sidecar",
+           "atomic_write", "atomic_write_text", "write_with_sidecar", "read_sidecar", "save_figure",
            "verified_sidecar", "check_writable", "read_json_bounded",
            "claim_run_dir", "check_shard_plan", "seal", "unseal", "identity_hash",
            "remove_stale_temp_files", "MAX_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS"]
@@ -74,6 +74,20 @@ def _output_error(path, e: OSError) -> OutputError:
 def atomic_write_text(path, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
     atomic_write(path, text.encode("utf-8"))
+
+
+def save_figure(fig, path, **savefig_kwargs) -> Path:
+    """Save a matplotlib figure to ``path`` atomically (the format from the file's suffix, e.g.
+    ``.png``), then close it; returns ``Path(path)``. ``savefig_kwargs`` go to ``fig.savefig``."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fmt = path.suffix.lstrip(".") or None
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=fmt, **savefig_kwargs))
+    finally:
+        plt.close(fig)
+    return path
 
 
 def write_with_sidecar(path, data, sidecar, info: dict, indent=None) -> dict:

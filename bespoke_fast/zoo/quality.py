@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..io import save_figure
 from ..solvers.fixed import solve
 from ..utils import infer_device
 
@@ -198,6 +199,5 @@ def save_sample_grid(samples: torch.Tensor, path, nrow: int = 10, n: int = 100, 
     ax.axis("off")
     if title:
         ax.set_title(title, fontsize=8)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    save_figure(fig, path, bbox_inches="tight")
     return path
