@@ -105,7 +105,7 @@ def unet_child(cfg):
     """One configuration in a fresh process: peak RSS and seconds per iteration (stdout JSON)."""
     from bench.models import make_model
     from bespoke_fast.solvers.bespoke import BespokeSolver
-    from bespoke_fast.trainer import loss_backward, model_for_loss
+    from bespoke_fast.fitting.bespoke import loss_backward, model_for_loss
     torch.set_num_threads(1)
     net, _, _ = make_model("unet-35m")
     gt = bf.load_trajectories(cfg["gt"], stream=True)

@@ -27,13 +27,13 @@ Fitting, two peers from their papers:
   since the benchmark scores PSNR against the teacher's endpoint from the ORIGINAL noise. The
   paper uses RMSprop / SGD with LPIPS on 50-100 pairs; we use the same optimiser, loss (mean
   per-sample RMSE, LD3's L2 option), training pairs, validation split, budget and stopping rules
-  as our own trainers (``bespoke_fast.stopping``) so that the comparison is like for like.
+  as our own trainers (``bespoke_fast.fitting.stopping``) so that the comparison is like for like.
 * **GITS** (Chen et al., "On the Trajectory Regularity of ODE-based Diffusion Sampling", ICML
   2024): dynamic programming over a fine candidate grid; the cost of a step ``t_i -> t_j`` is the
   mean local error of ONE solver step started on the GT trajectory (Hermite-interpolated GT), and
   the grid of ``n`` steps with the least total cost wins. Here for the midpoint rule (a one-step
   method, for which the per-step cost is exact); the search lives in
-  ``bespoke_fast.grid_search``, where it also gives the bespoke trainer its starting point.
+  ``bespoke_fast.fitting.grid_search``, where it also gives the bespoke trainer its starting point.
 """
 from __future__ import annotations
 
@@ -44,9 +44,9 @@ import torch
 from torch import nn
 
 from bespoke_fast._checks import call_model
-from bespoke_fast.stopping import (DEFAULT_SELECT, check_stopping, new_state, observe,
+from bespoke_fast.fitting.stopping import (DEFAULT_SELECT, check_stopping, new_state, observe,
                                    phase_horizon, stop_reason)
-from bespoke_fast.trainer import _validate
+from bespoke_fast.fitting.common import validate
 
 __all__ = ["METHODS", "T_START", "LearnedGridSolver", "fit_ld3", "fit_gits_midpoint",
            "sample_on_grid"]
@@ -230,7 +230,7 @@ def fit_ld3(model, method: str, nfe: int, train, val, iters: int = 3000, batch_s
         return (xn.double() - x1_all[rows]).flatten(1).pow(2).mean(1).add(1e-30).sqrt()
 
     def validate(k):
-        rec = {"iteration": k, **_validate(solver, model, val)}
+        rec = {"iteration": k, **validate(solver, model, val)}
         state["curve"].append(rec)
         observe(state, rec, solver, select, min_delta)
         return rec
@@ -304,10 +304,10 @@ class FixedGridSolver(nn.Module):
 
 
 def fit_gits_midpoint(model, nfe: int, train, candidates: int = 64, batch: int = 64, seed: int = 0):
-    """GITS-style DP (``bespoke_fast.grid_search.search_grid``): the ``nfe / 2``-step midpoint
+    """GITS-style DP (``bespoke_fast.fitting.grid_search.search_grid``): the ``nfe / 2``-step midpoint
     grid with the least total one-step local error on ``batch`` GT trajectories. Returns
     ``(solver, report)``."""
-    from bespoke_fast.grid_search import search_grid
+    from bespoke_fast.fitting.grid_search import search_grid
     started = time.perf_counter()
     grid = search_grid(model, train, steps_for("midpoint", nfe), "midpoint", candidates, batch, seed)
     solver = FixedGridSolver("midpoint", grid)

@@ -15,7 +15,7 @@ For each model (zoo: ``gmm-64``, ``digits-exact``; the trained ``digits-fmot``, 
    * ``bespoke-rk1`` / ``bespoke-rk2``: ``bespoke_fast.train`` on the training trajectories only
      (``--iters`` bound-phase iterations + ``--finetune-iters`` end-to-end; the last ``--num-val``
      training trajectories pick the best iterate), trained solvers cached too,
-   * ``bns`` when ``bespoke_fast.bns_train.train_bns`` exists,
+   * ``bns`` when ``bespoke_fast.fitting.bns.train_bns`` exists,
    * peers: torchdiffeq fixed-grid ``odeint`` (euler, midpoint, rk4) on the same uniform grid,
      flow_matching ``ODESolver`` (midpoint, ``step_size = 1/steps``), diffusers
      ``FlowMatchEulerDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (dpmsolver++ 2M) and
@@ -51,8 +51,8 @@ from render import quality_markdown  # noqa: E402
 
 import bespoke_fast as bf  # noqa: E402
 import peers_learned  # noqa: E402
-from bespoke_fast.bns_train import train_bns  # noqa: E402
-from bespoke_fast.evaluation import mode_assigner  # noqa: E402
+from bespoke_fast.fitting.bns import train_bns  # noqa: E402
+from bespoke_fast.fitting.evaluation import mode_assigner  # noqa: E402
 from bespoke_fast.io import model_fingerprint  # noqa: E402
 from bespoke_fast.metrics import mode_flip_fraction, rmse_psnr  # noqa: E402
 from bespoke_fast.solvers.fixed import NFE_PER_STEP  # noqa: E402
@@ -76,7 +76,7 @@ DESCRIPTIONS = {
     "rk4": "bespoke_fast.solve(method='rk4') (classic RK4), uniform grid",
     "bespoke-rk1": "bespoke_fast.train(base='rk1', n_steps=NFE): learned scale-time Euler",
     "bespoke-rk2": "bespoke_fast.train(base='rk2', n_steps=NFE/2): learned scale-time midpoint",
-    "bns": "bespoke_fast.bns_train.train_bns(n_steps=NFE, init='midpoint'): non-stationary",
+    "bns": "bespoke_fast.fitting.bns.train_bns(n_steps=NFE, init='midpoint'): non-stationary",
     "ld3-ipndm": "iPNDM on a learned time grid (LD3-style fit, bench/peers_learned.py)",
     "ld3-dpm++2m": "DPM-Solver++(2M), FM-OT data prediction, learned time grid (LD3-style fit)",
     "ld3-unipc": "UniPC bh2 order 2, FM-OT data prediction, learned time grid (LD3-style fit)",

@@ -30,8 +30,9 @@ _LAZY = {
     "BespokeSolver": "solvers.bespoke", "NonStationarySolver": "solvers.bns",
     "load_solver": "solvers.files",
     # fit
-    "generate_trajectories": "gt", "load_trajectories": "gt", "train": "trainer",
-    "evaluate": "evaluation", "fit": "fitting",
+    "generate_trajectories": "fitting.gt", "load_trajectories": "fitting.gt",
+    "train": "fitting.bespoke", "evaluate": "fitting.evaluation",
+    "fit": "fitting.job",
     # engine
     "FastSampler": "engine",
     # capture check (CPU-side, before a GPU run)
@@ -42,8 +43,8 @@ _LAZY = {
         "SolverFileError", "MissingFileError", "MismatchError", "ModelContractError",
         "NonFiniteError", "OutputError", "MissingDependencyError")},
 }
-_SUBMODULES = ("models", "solvers", "io", "ops", "gt", "gt_storage", "trainer", "evaluation",
-               "fitting", "engine", "metrics", "zoo", "cli", "capture")
+_SUBMODULES = ("models", "solvers", "io", "ops", "fitting", "engine", "metrics", "zoo", "cli",
+               "capture", "sampling", "utils")
 
 __all__ = sorted(_LAZY) + ["__version__"]
 

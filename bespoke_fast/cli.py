@@ -64,7 +64,7 @@ def _diffusers_model(args):
 
 
 def _gt(args, zm):
-    from .gt import load_trajectories
+    from .fitting.gt import load_trajectories
     gt = load_trajectories(args.gt, device=_device(args.device))
     if tuple(gt.shape) != tuple(zm.shape):
         raise CLIError(f"{args.gt}: GT samples have shape {tuple(gt.shape)} but model {args.model!r} "
@@ -85,7 +85,7 @@ def _emit(args, summary, human_lines):
 
 # ----------------------------------------------------------------------------- sub-commands
 def cmd_gt(args):
-    from .gt import generate_trajectories
+    from .fitting.gt import generate_trajectories
     zm = _model(args)
     manifest = generate_trajectories(zm.model, args.num, zm.shape, args.out, seed=args.seed,
                                      rtol=args.rtol, atol=args.atol, knots=args.knots,
@@ -127,11 +127,11 @@ def cmd_train(args):
     check_writable(args.out, "solver file")          # before the fit, not after it
     zm = _model(args)
     gt = _gt(args, zm)
-    from .stopping import describe_stop
+    from .fitting.stopping import describe_stop
     stopping = {"budget_seconds": args.budget_seconds or None, "max_iters": args.max_iters,
                 "patience": args.patience or None, "select": args.select}
     if args.solver == "bns":
-        from .bns_train import train_bns
+        from .fitting.bns import train_bns
         solver, report = train_bns(zm.model, gt, n_steps=n, iters=args.iters, lr=args.lr,
                                    batch_size=args.batch_size, seed=args.seed,
                                    num_train=args.num_train, num_val=args.val,
@@ -140,7 +140,7 @@ def cmd_train(args):
         if report.get("split_note") and not args.quiet:
             print(f"bespoke-fast train: {report['split_note']}", file=sys.stderr)
     else:
-        from .trainer import train
+        from .fitting.bespoke import train
         solver, report = train(zm.model, gt, base=args.base, n_steps=n, iters=args.iters,
                                batch_size=args.batch_size, lr=args.lr, val=args.val,
                                seed=args.seed, checkpoint=args.checkpoint,
@@ -159,10 +159,10 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from .evaluation import evaluate
+    from .fitting.evaluation import evaluate
     zm = _model(args)
     gt = _gt(args, zm)
-    from .evaluation import trained_on
+    from .fitting.evaluation import trained_on
     from .solvers.files import load_solver
     from .metrics import format_ci
     results = []
@@ -250,7 +250,7 @@ def _size(text):
 
 def cmd_fit(args):
     import torch
-    from .fitting import fit
+    from .fitting.job import fit
     if args.model.startswith("diffusers:"):
         raise CLIError("fit does not take diffusers pipelines yet; use 'gt', 'train' and 'eval' "
                        "with --model diffusers:DIR")
@@ -535,13 +535,13 @@ def _fill_defaults(args):
     """Options given as None take the defaults of the function they feed."""
     import inspect
     if args.command == "gt" and args.knots is None:
-        from .gt import DEFAULT_KNOTS
+        from .fitting.gt import DEFAULT_KNOTS
         args.knots = DEFAULT_KNOTS
     if args.command == "train":
         if args.solver == "bns":
-            from .bns_train import train_bns as fn
+            from .fitting.bns import train_bns as fn
         else:
-            from .trainer import train as fn
+            from .fitting.bespoke import train as fn
         params = inspect.signature(fn).parameters
         for name in ("iters", "batch_size", "lr", "finetune_iters", "budget_seconds", "patience"):
             if getattr(args, name, None) is None and name in params:

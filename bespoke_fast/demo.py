@@ -1,6 +1,6 @@
 """``bespoke-fast demo``: the whole product on a bundled model, offline, in a few minutes on a CPU.
 
-A thin caller of :func:`bespoke_fast.fitting.fit` (GT, held-out GT, a Bespoke RK2 fit, held-out
+A thin caller of :func:`bespoke_fast.fitting.job.fit` (GT, held-out GT, a Bespoke RK2 fit, held-out
 evaluation against the base solvers, error maps and the learned transform), plus the base
 solvers' PSNR-vs-NFE curves and, on CUDA, FastSampler vs the eager loop.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from ._checks import InvalidArgumentError
-from .evaluation import evaluate
-from .fitting import baselines, fit
-from .gt import load_trajectories
+from .fitting.evaluation import evaluate
+from .fitting.job import baselines, fit
+from .fitting.gt import load_trajectories
 from .io import atomic_write_text
 
 __all__ = ["run_demo"]

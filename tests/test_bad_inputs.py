@@ -269,7 +269,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_real_bugs_keep_their_traceback(tmp_path, monkeypatch):
-    monkeypatch.setattr("bespoke_fast.gt.solve_adaptive", _raiser(ZeroDivisionError("bug")))
+    monkeypatch.setattr("bespoke_fast.fitting.gt.solve_adaptive", _raiser(ZeroDivisionError("bug")))
     with pytest.raises(ZeroDivisionError):
         main(["gt", *MODEL, "--num", "8", "--out", str(tmp_path / "o")])
 
@@ -301,7 +301,7 @@ def test_sample_eval_train_work_with_every_solver_kind(base, tmp_path):
 
 
 def test_bns_split_rules():
-    from bespoke_fast.bns_train import bns_split
+    from bespoke_fast.fitting.bns import bns_split
     assert bns_split(1544)[:2] == (520, 1024) and bns_split(1544)[2] is None
     num_train, num_val, note = bns_split(1280)           # what `gt`'s default --num gives
     assert (num_train, num_val) == (520, 760) and "520 training / 760 validation" in note

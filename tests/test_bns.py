@@ -6,7 +6,7 @@ import torch
 
 import bespoke_fast as bf
 import bespoke_fast.solvers.bns as bns_module
-from bespoke_fast.bns_train import end_to_end_loss, train_bns
+from bespoke_fast.fitting.bns import end_to_end_loss, train_bns
 from bespoke_fast.ops.bns import bns_step_ref
 from bespoke_fast.solvers.bns import INITS, NonStationarySolver, init_coefficients
 from tests.helpers import noise, smooth_gmm
@@ -141,7 +141,7 @@ def test_sample_is_differentiable_in_the_parameters():
 
     assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-6)
     target = bf.solve(flow, x0, "rk4", n_steps=20)
-    loss = end_to_end_loss(solver, flow, bf.gt.TrajectorySet(
+    loss = end_to_end_loss(solver, flow, bf.fitting.gt.TrajectorySet(
         x0, target, torch.tensor([0.0, 1.0], dtype=torch.float64), x0[:, None], x0[:, None],
         torch.arange(3)))
     loss.backward()

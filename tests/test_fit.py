@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import bespoke_fast as bf
-from bespoke_fast.gt import TrajectorySet, hermite
-from bespoke_fast.trainer import lipschitz_weights, local_errors, rmse_bound_loss
+from bespoke_fast.fitting.gt import TrajectorySet, hermite
+from bespoke_fast.fitting.bespoke import lipschitz_weights, local_errors, rmse_bound_loss
 from tests.helpers import noise, smooth_gmm
 
 REPO = Path(__file__).resolve().parents[1]

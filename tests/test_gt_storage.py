@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bespoke_fast as bf
-from bespoke_fast.gt_storage import StreamedTrajectories, bytes_per_trajectory
+from bespoke_fast.fitting.gt_storage import StreamedTrajectories, bytes_per_trajectory
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 import bespoke_fast as bf
 from bespoke_fast._checks import InvalidFileError, MismatchError, NonFiniteError
 from bespoke_fast.cli import main
-from bespoke_fast.gt import generate_trajectories, load_trajectories
+from bespoke_fast.fitting.gt import generate_trajectories, load_trajectories
 from bespoke_fast.io import model_identity
 from bespoke_fast.sampling import load_samples, sample_to_dir
 from tests.bad_models import _Linear, _NaNLate

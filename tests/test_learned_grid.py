@@ -112,7 +112,7 @@ def test_gits_midpoint_beats_the_uniform_grid(gmm_gt):
 
 @pytest.mark.parametrize("base,method", [("rk1", "euler"), ("rk2", "midpoint")])
 def test_searched_solver_is_the_base_solver_on_the_searched_grid(gmm_gt, base, method):
-    from bespoke_fast.grid_search import search_grid, searched_solver
+    from bespoke_fast.fitting.grid_search import search_grid, searched_solver
     flow, gt = gmm_gt
     train, val = gt.split(32)
     grid = search_grid(flow, train, 3, method, candidates=12, batch=16)

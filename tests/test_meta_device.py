@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from bespoke_fast import zoo
-from bespoke_fast.bns_train import end_to_end_loss
+from bespoke_fast.fitting.bns import end_to_end_loss
 from bespoke_fast.engine import FastSampler
-from bespoke_fast.gt import TrajectorySet
+from bespoke_fast.fitting.gt import TrajectorySet
 from bespoke_fast.models import GaussianMixtureFlow, cfg
-from bespoke_fast.trainer import gt_at_grid, rmse_bound_loss
+from bespoke_fast.fitting.bespoke import gt_at_grid, rmse_bound_loss
 from tests.test_engine import SHAPE, CondFlow, gmm, perturbed, perturbed_bns
 
 META = torch.device("meta")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import bespoke_fast as bf
-from bespoke_fast.evaluation import mode_assigner, trained_on
+from bespoke_fast.fitting.evaluation import mode_assigner, trained_on
 from bespoke_fast.metrics import bootstrap_intervals, format_ci, mode_flip_fraction, rmse_psnr
 
 

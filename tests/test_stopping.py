@@ -1,4 +1,4 @@
-"""Training that stops when validation stops improving (bespoke_fast.stopping), the BNS
+"""Training that stops when validation stops improving (bespoke_fast.fitting.stopping), the BNS
 optimizer that goes on with Adam when L-BFGS stops, and the CLI saying why training stopped."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import bespoke_fast as bf
-from bespoke_fast.bns_train import train_bns
+from bespoke_fast.fitting.bns import train_bns
 from bespoke_fast.cli import main
-from bespoke_fast.stopping import (describe_stop, new_state, observe, phase_horizon,
+from bespoke_fast.fitting.stopping import (describe_stop, new_state, observe, phase_horizon,
                                    selection_score, stop_reason)
 from tests.helpers import smooth_gmm
 

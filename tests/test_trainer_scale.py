@@ -5,7 +5,7 @@ import torch
 
 import bespoke_fast as bf
 from bespoke_fast.solvers.bespoke import BespokeSolver
-from bespoke_fast.trainer import loss_backward, model_for_loss
+from bespoke_fast.fitting.bespoke import loss_backward, model_for_loss
 
 
 @pytest.fixture(scope="module")

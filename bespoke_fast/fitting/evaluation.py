@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ._checks import InvalidArgumentError, InvalidTypeError
+from .._checks import InvalidArgumentError, InvalidTypeError
 from .gt import TrajectorySet
-from .io import check_model_identity
-from .metrics import mode_flip_fraction, rmse_psnr
-from .solvers.fixed import METHODS, NFE_PER_STEP, solve
+from ..io import check_model_identity
+from ..metrics import mode_flip_fraction, rmse_psnr
+from ..solvers.fixed import METHODS, NFE_PER_STEP, solve
 
 __all__ = ["evaluate", "parse_solver_spec", "mode_assigner", "trained_on"]
 
@@ -38,7 +38,7 @@ def parse_solver_spec(spec):
                              f"multiple of {per}")
         return spec, (lambda model, x0, **ex: solve(model, x0, method, n_steps=nfe // per, **ex)), nfe
     if Path(spec).is_file():
-        from .solvers.files import load_solver
+        from ..solvers.files import load_solver
         solver = load_solver(spec)
         return Path(spec).name, solver.sample, solver.nfe
     raise InvalidArgumentError(f"solver {spec!r} is neither a solver file nor 'method@NFE' "
@@ -54,7 +54,7 @@ def mode_assigner(model, name: str = ""):
     * the trained digits models (``name`` starting with ``digits-``, samples ``[1, 8, 8]``): the
       class predicted by the digits classifier (``bespoke_fast.zoo.quality``) on the clamped
       sample."""
-    from .models import GaussianMixtureFlow
+    from ..models import GaussianMixtureFlow
     inner = getattr(model, "model", model)
     if isinstance(inner, GaussianMixtureFlow):
         mu, tau2, logw = inner.means, inner.stds.pow(2), inner.log_weights
@@ -66,7 +66,7 @@ def mode_assigner(model, name: str = ""):
             return (logw - d2 / (2 * tau2) - 0.5 * dim * torch.log(tau2)).argmax(1)
         return assign
     if name.startswith("digits-"):
-        from .zoo.quality import digits_classifier
+        from ..zoo.quality import digits_classifier
         clf, _ = digits_classifier()
 
         def assign(x):

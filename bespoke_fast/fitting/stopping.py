@@ -1,6 +1,6 @@
 """When training stops and which checkpoint is kept: shared by both trainers.
 
-Both trainers (``bespoke_fast.trainer.train`` and ``bespoke_fast.bns_train.train_bns``) validate
+Both trainers (``bespoke_fast.fitting.bespoke.train`` and ``bespoke_fast.fitting.bns.train_bns``) validate
 every ``val_every`` iterations and
 
 * keep the parameters with the best **selection score** (``select``):
@@ -32,7 +32,7 @@ from __future__ import annotations
 import copy
 import math
 
-from ._checks import InvalidArgumentError
+from .._checks import InvalidArgumentError
 
 __all__ = ["SELECT", "DEFAULT_SELECT", "STOP_REASONS", "selection_score", "observe", "stop_reason",
            "new_state", "check_stopping", "phase_horizon", "describe_stop", "rank0_decides"]

@@ -8,9 +8,9 @@ training, 1024 held out for validation) by minimising, through the whole n-step 
 i.e. maximising the mean PSNR, with full-batch L-BFGS, Adam, or (default, ``"auto"``) L-BFGS
 that hands over to Adam, from the best parameters so far, when it stalls, converges or uses its
 iterations. Training stops when the validation score stops improving, within a time / iteration
-budget (``bespoke_fast.stopping``). The parameters with the best validation score are kept (the
+budget (``bespoke_fast.fitting.stopping``). The parameters with the best validation score are kept (the
 initial solver counts, so the result is never worse on validation than the base solver).
-Validation, checkpoint writing and model checks reuse the Bespoke trainer's helpers (``bespoke_fast.trainer``); the checkpoint scheme is the same.
+Validation, checkpoint writing and model checks reuse the Bespoke trainer's helpers (``bespoke_fast.fitting.bespoke``); the checkpoint scheme is the same.
 
 Measured on ``zoo`` gmm-64 (520 train / 1024 validation pairs, CPU, one thread), validation PSNR:
 midpoint NFE 8 / 10 / 20: 43.9 / 49.3 / 65.6 dB; bespoke-rk2 NFE 10: 65.5 dB; BNS (defaults,
@@ -25,14 +25,15 @@ from pathlib import Path
 
 import torch
 
-from ._checks import InvalidArgumentError, InvalidTypeError, check_choice, check_int
+from .._checks import InvalidArgumentError, InvalidTypeError, check_choice, check_int
+from ..solvers.bns import INITS, NonStationarySolver
+from ..utils import dist_info
+from .common import (average_gradients, check_gt_matches, finish, frozen, gt_split_fingerprint,
+                     load_checkpoint, save_checkpoint, validate)
 from .gt import TrajectorySet
-from .solvers.bns import INITS, NonStationarySolver
-from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon,
-                       rank0_decides, stop_reason)
+from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon, rank0_decides,
+                       stop_reason)
 from .stopping import new_state as new_stop_state
-from .trainer import (_check_gt_matches, _dist, _finish, _frozen, _load_checkpoint,
-                      _save_checkpoint, _validate, gt_split_fingerprint)
 
 __all__ = ["train_bns", "end_to_end_loss", "bns_split", "OPTIMIZERS", "DEFAULT_NUM_TRAIN",
            "DEFAULT_NUM_VAL", "MIN_TRAIN_PAIRS", "MIN_VAL_PAIRS"]
@@ -109,10 +110,7 @@ def _full_loss_backward(solver, model, data: TrajectorySet, chunk: int, world: i
         loss = end_to_end_loss(solver, model, part, dtype, model_dtype) * (len(part) / n)
         loss.backward()
         total += float(loss.detach())
-    if world > 1:
-        for p in solver.parameters():
-            torch.distributed.all_reduce(p.grad)
-            p.grad /= world
+    average_gradients(solver.parameters(), world)
     return total
 
 
@@ -155,7 +153,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
             whole training set. Adam: one step on a batch.
         adam_iters, adam_lr: the Adam continuation of ``"auto"``.
         budget_seconds, patience, min_delta, select, max_iters: stopping and checkpoint
-            selection (``bespoke_fast.stopping``): stop at the first of ``patience``
+            selection (``bespoke_fast.fitting.stopping``): stop at the first of ``patience``
             validations without a ``min_delta`` dB gain, ``budget_seconds`` of wall time
             (default 170 s; None: none), ``max_iters`` iterations in all (default ``iters +
             adam_iters``); keep the best ``select`` score (default per-sample PSNR).
@@ -218,7 +216,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
         raise InvalidArgumentError(f"lr_final must be in [0, 1] (a fraction of lr), got {lr_final}")
     if not isinstance(trajectories, TrajectorySet):
         raise InvalidTypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
-    _check_gt_matches(model, trajectories, model_name)
+    check_gt_matches(model, trajectories, model_name)
     if val is not None and not isinstance(val, TrajectorySet):
         raise InvalidTypeError("val must be None or a TrajectorySet")
     num_train, num_val, split_note = bns_split(len(trajectories), num_train, num_val,
@@ -229,7 +227,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
         pool, val_set = trajectories.split(num_val)
     train_set = pool.subset(range(num_train))
     model_dtype = train_set.x0.dtype if model_dtype is None else model_dtype
-    rank, world = _dist()
+    rank, world, _ = dist_info()
     device = train_set.x0.device
     solver = NonStationarySolver(n_steps, init=init).to(device)
     batch_size = min(batch_size, len(train_set))
@@ -259,7 +257,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
 
     optim = make_optim(first)
     ckpt = Path(checkpoint) if checkpoint else None
-    saved = _load_checkpoint(ckpt, config, solver, gen)
+    saved = load_checkpoint(ckpt, config, solver, gen)
     if saved is not None:
         state = saved["state"]
         optim = make_optim(state["phase"])
@@ -275,7 +273,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
 
     def validate(done, loss):
         record = {"iteration": done, "loss": loss, "optimizer": state["phase"],
-                  **_validate(solver, model, val_set)}
+                  **validate(solver, model, val_set)}
         state["nfe_val"] += solver.nfe * len(val_set)
         state["curve"].append(record)
         observe(state, record, solver, select, min_delta)
@@ -289,7 +287,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
         state["last_loss"] = loss
         return torch.tensor(loss, dtype=torch.float64)
 
-    with _frozen(model):
+    with frozen(model):
         if state["iteration"] == 0 and not state["curve"]:
             state["init_record"] = validate(0, None)
         while state["stop_reason"] is None:
@@ -374,10 +372,10 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
                     state["stop_reason"] = reason
             if ckpt is not None and rank == 0 and (done % checkpoint_every == 0 or switched
                                                    or state["stop_reason"] is not None):
-                started = _save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
+                started = save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
     bar.close()
     state["wall_total"] += time.perf_counter() - started
-    return _finish(solver, model, trajectories, config, state, model_name,
+    return finish(solver, model, trajectories, config, state, model_name,
                    init=state["init_record"], loss_evaluations=state["loss_evals"],
                    converged=state["stop_reason"] == "converged", lbfgs_restarts=state["restarts"],
                    stop_reason=state["stop_reason"], iterations=state["iteration"],

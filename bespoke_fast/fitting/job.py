@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ._checks import InvalidArgumentError, MismatchError, check_choice, check_int
+from .._checks import InvalidArgumentError, MismatchError, check_choice, check_int
 from .gt_storage import bytes_per_trajectory
-from .io import atomic_write_text, save_figure
+from ..io import atomic_write_text, save_figure
 
 __all__ = ["fit", "FitResult", "make_plan", "plot_error_maps", "plot_transform", "baselines",
            "SOLVERS"]
@@ -67,7 +67,7 @@ def baselines(nfe: int) -> list:
 # ----------------------------------------------------------------------------- the model
 def _resolve(model, shape, data_range, device, log):
     """``(ZooModel, device)`` from a name / ``module:factory`` / ZooModel / plain model."""
-    from .zoo import ZooModel, resolve_model
+    from ..zoo import ZooModel, resolve_model
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(model, str):
@@ -96,8 +96,8 @@ def _resolve(model, shape, data_range, device, log):
 def _probe(zm, device, batch, rtol, atol, knots):
     """Seconds per sample-evaluation (forward) at ``batch`` and GT model evaluations per
     trajectory (an adaptive solve of 2 trajectories with the GT tolerances)."""
-    from .noise import noise_for_indices
-    from .solvers.adaptive import solve_adaptive
+    from ..noise import noise_for_indices
+    from ..solvers.adaptive import solve_adaptive
 
     def sync():
         if device.type == "cuda":
@@ -222,7 +222,7 @@ def _plt():
 def plot_error_maps(path, gt_x1, samples: dict, data_range: float, n: int = 4):
     """For ``n`` held-out samples: the GT sample, then per solver ``|x - x_GT|`` (mean over
     channels for images; per coordinate for vectors), each panel titled with its PSNR."""
-    from .metrics import rmse_psnr
+    from ..metrics import rmse_psnr
     plt = _plt()
     n = min(n, gt_x1.shape[0])
     rows = 1 + len(samples)
@@ -303,7 +303,7 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
             (endpoints only; only the report uses them). seed / heldout_seed: their noise seeds
             (held-out default ``seed + 1``; must differ, so the sets are disjoint).
         rtol, atol, knots, storage_dtype, adaptive_knots: GT settings
-            (:func:`~bespoke_fast.gt.generate_trajectories`; the storage error budget uses
+            (:func:`~bespoke_fast.fitting.gt.generate_trajectories`; the storage error budget uses
             this ``nfe``).
         max_disk (bytes), budget_seconds: scale the plan down to fit, or refuse.
         iters, finetune_iters, batch_size: training length (default: the trainer's).
@@ -379,11 +379,11 @@ def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol,
     import inspect
     from .gt import DEFAULT_KNOTS
     from .gt_storage import storage_dtype_of
-    from .solvers.adaptive import default_knots
+    from ..solvers.adaptive import default_knots
     if solver == "bespoke":
-        from .trainer import train as fn
+        from .bespoke import train as fn
     else:
-        from .bns_train import train_bns as fn
+        from .bns import train_bns as fn
     defaults = {k: v.default for k, v in inspect.signature(fn).parameters.items()}
     num_train = check_int("num_train", num_train if num_train is not None else
                           (1280 if solver == "bespoke" else 776), 2)
@@ -392,7 +392,7 @@ def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol,
     batch_size = check_int("batch_size", batch_size if batch_size is not None else defaults["batch_size"])
     num_select = max(1, min(256, num_train // 5))     # the last ones pick the checkpoint
     if solver == "bns":
-        from .bns_train import MIN_TRAIN_PAIRS, MIN_VAL_PAIRS
+        from .bns import MIN_TRAIN_PAIRS, MIN_VAL_PAIRS
         num_select = max(num_select, MIN_VAL_PAIRS)
         if num_train < num_select + MIN_TRAIN_PAIRS:
             raise InvalidArgumentError(f"num_train must be >= {num_select + MIN_TRAIN_PAIRS} for BNS "
@@ -433,7 +433,7 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
     solver_path = out / f"{_safe(zm.name)}_{kind}_nfe{s['nfe']}.json"
     train_report_path = out / "train_report.json"
     if solver_path.is_file() and train_report_path.is_file():
-        from .solvers.files import load_solver
+        from ..solvers.files import load_solver
         log(f"[3/4] training already done: {solver_path}")
         solver, train_report = load_solver(solver_path), json.loads(train_report_path.read_text())
     else:
@@ -476,7 +476,7 @@ def _train(zm, device, s, out, micro_batch, activation_checkpointing, autocast, 
     from .gt import load_trajectories
     ckpt = out / "train.ckpt"
     if s["solver"] == "bespoke":
-        from .trainer import train
+        from .bespoke import train
         gt = load_trajectories(out / "gt_train", device=device, stream=stream)
         return train(zm.model, gt, base="rk2", n_steps=s["nfe"] // 2, iters=s["iters"],
                      finetune_iters=s["finetune_iters"], batch_size=s["batch_size"],
@@ -484,7 +484,7 @@ def _train(zm, device, s, out, micro_batch, activation_checkpointing, autocast, 
                      progress=progress, micro_batch=micro_batch,
                      activation_checkpointing=activation_checkpointing, autocast=autocast,
                      **train_kwargs)
-    from .bns_train import train_bns
+    from .bns import train_bns
     gt = load_trajectories(out / "gt_train", device=device)
     return train_bns(zm.model, gt, n_steps=s["nfe"], iters=s["iters"], num_val=s["num_select"],
                      num_train=len(gt) - s["num_select"], seed=s["seed"], checkpoint=ckpt,
@@ -498,7 +498,7 @@ def _gt_summary(m):
 
 
 def _report_plots(out, zm, solver, heldout, s, label, log):
-    from .solvers.fixed import solve
+    from ..solvers.fixed import solve
     try:
         _plt()
     except ImportError:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from ._checks import InvalidArgumentError, call_model, check_int
+from .._checks import InvalidArgumentError, call_model, check_int
 
 __all__ = ["STORAGE_DTYPES", "GT_ERROR_FRACTION", "StorageOptions", "decode_knots",
            "mmap_safetensors", "StreamedTrajectories", "bytes_per_trajectory", "knot_strides"]
@@ -124,7 +124,7 @@ def reference_local_error(model, knots_t, kx, ku, extras, nfe: int) -> float:
 
 
 class StorageOptions:
-    """What :func:`~bespoke_fast.gt.generate_trajectories` does with the knots of each shard."""
+    """What :func:`~bespoke_fast.fitting.gt.generate_trajectories` does with the knots of each shard."""
 
     def __init__(self, storage_dtype=None, adaptive_knots: bool = False,
                  error_fraction: float = GT_ERROR_FRACTION, reference_nfe: int = 10):
@@ -251,7 +251,7 @@ def mmap_safetensors(path) -> dict:
 class StreamedTrajectories:
     """A GT set read shard by shard as needed (``load_trajectories(dir, stream=True)``): memory
     holds only the rows of the current batch. Same reading API as
-    :class:`~bespoke_fast.gt.TrajectorySet` for the trainer: ``len``, ``shape``, ``meta``,
+    :class:`~bespoke_fast.fitting.gt.TrajectorySet` for the trainer: ``len``, ``shape``, ``meta``,
     ``data_range``, ``device``, ``subset(rows)`` (an in-memory TrajectorySet), ``split(num_val)``,
     ``endpoints()``.
     """

@@ -18,9 +18,9 @@ import math
 
 import torch
 
-from ._checks import InvalidArgumentError, call_model, check_choice, check_int
+from .._checks import InvalidArgumentError, call_model, check_choice, check_int
 from .gt import TrajectorySet
-from .solvers.bespoke import BespokeSolver
+from ..solvers.bespoke import BespokeSolver
 
 __all__ = ["search_grid", "searched_solver"]
 

@@ -15,27 +15,27 @@ After the bound phase an end-to-end fine-tune **(ours)** minimises ``mean log ||
 (i.e. maximises the mean per-sample PSNR) through the n-step sampler (cheap at NFE <= 20). Each phase runs until
 its validation score stops improving, within a time / iteration budget; the checkpoint kept is
 the one with the best validation score (default the mean per-sample PSNR; ``select``, see
-``bespoke_fast.stopping``), and the report says why training stopped.
+``bespoke_fast.fitting.stopping``), and the report says why training stopped.
 """
 from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ._checks import (InvalidArgumentError, InvalidFileError, InvalidTypeError, MismatchError,
-                      call_model, check_choice, check_int)
+from .._checks import InvalidArgumentError, InvalidTypeError, call_model, check_choice, check_int
+from ..solvers.adaptive import solve_adaptive
+from ..solvers.bespoke import BespokeSolver
+from ..utils import dist_info
+from .common import (average_gradients, check_gt_matches, cosine_lr, finish, frozen,
+                     gt_split_fingerprint, load_checkpoint, save_checkpoint,
+                     validate)
 from .gt import TrajectorySet
 from .gt_storage import StreamedTrajectories
-from .io import atomic_write, check_writable, model_fingerprint
-from .metrics import rmse_psnr
-from .solvers.adaptive import solve_adaptive
-from .solvers.bespoke import BespokeSolver
-from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon,
-                       rank0_decides, stop_reason)
+from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon, rank0_decides,
+                       stop_reason)
 from .stopping import new_state as new_stop_state
 
 __all__ = ["train", "rmse_bound_loss", "local_errors", "lipschitz_weights", "gt_at_grid",
@@ -188,113 +188,6 @@ def loss_backward(solver, model, batch: TrajectorySet, phase: str = "bound", gt_
     return total, nfe
 
 
-# ----------------------------------------------------------------------------- helpers
-@contextmanager
-def _frozen(model):
-    """Model parameters do not need gradients while fitting the solver; restore afterwards."""
-    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-
-
-def _dist():
-    d = torch.distributed
-    if d.is_available() and d.is_initialized():
-        return d.get_rank(), d.get_world_size()
-    return 0, 1
-
-
-def _validate(solver, model, val: TrajectorySet, batch_size=1024):
-    """End-to-end validation: sample from the held-out noises and compare with GT x(1)."""
-    outs = []
-    with torch.no_grad():
-        for lo in range(0, len(val), batch_size):
-            rows = slice(lo, lo + batch_size)
-            extras = {k: v[rows] for k, v in val.extras.items()}
-            outs.append(solver.sample(model, val.x0[rows], **extras))
-    return rmse_psnr(torch.cat(outs), val.x1, val.data_range)
-
-
-def _load_checkpoint(path, config, solver, gen):
-    """If ``path`` exists: check it was made with ``config``, restore the solver's parameters and
-    the batch generator, and return the saved dict (the caller restores its optimizer and
-    state). ``None`` when there is nothing to resume. Shared by the bespoke and BNS trainers.
-
-    Checked before any training: the path is not a directory and its folder is writable; a file
-    that is not a checkpoint of ours raises ``InvalidFileError`` and one made with other
-    settings or another GT set (``config["gt"]``) ``MismatchError``, both naming the file."""
-    if path is None:
-        return None
-    check_writable(path, "checkpoint")
-    if not path.is_file():
-        return None
-    try:
-        saved = torch.load(path, weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- pickle/zip/EOF errors of a damaged or foreign file
-        raise InvalidFileError(f"{path}: not a readable bespoke_fast checkpoint ({type(e).__name__}); "
-                               f"delete it or give another --checkpoint") from None
-    keys = {"config", "solver", "optim", "rng", "iteration", "state"}
-    if not isinstance(saved, dict) or not keys <= set(saved) or not isinstance(saved["config"], dict):
-        raise InvalidFileError(f"{path}: not a bespoke_fast checkpoint (missing "
-                               f"{sorted(keys - set(saved)) if isinstance(saved, dict) else keys}); "
-                               f"delete it or give another --checkpoint")
-    if saved["config"] != config:
-        diff = {k: (saved["config"].get(k), v) for k, v in config.items() if saved["config"].get(k) != v}
-        raise MismatchError(f"checkpoint {path} was made with other settings {diff} "
-                            f"(saved, now); remove it or use the same settings")
-    try:
-        solver.load_state_dict(saved["solver"])
-        gen.set_state(saved["rng"])
-    except (RuntimeError, TypeError, KeyError) as e:
-        raise InvalidFileError(f"{path}: damaged checkpoint ({type(e).__name__}); delete it or "
-                               f"give another --checkpoint") from None
-    return saved
-
-
-def _save_checkpoint(path, config, solver, optim, gen, iteration, state, started):
-    """Atomically save all a resumed run needs (shared by the bespoke and BNS trainers); adds
-    the wall time since ``started`` to ``state`` and returns the new wall-clock origin."""
-    now = time.perf_counter()
-    state["wall_total"] += now - started
-    _atomic_torch_save({"config": config, "solver": solver.state_dict(), "optim": optim.state_dict(),
-                        "rng": gen.get_state(), "iteration": iteration, "state": state}, path)
-    return now
-
-
-def _cosine_lr(base, k, horizon):
-    """Learning rate at iteration ``k`` of a phase whose schedule spans ``horizon`` iterations:
-    a cosine decay from ``base`` to 5% of it. A pure function of its arguments (the horizon is
-    kept in the checkpointed state), so resuming needs no scheduler state."""
-    frac = min(1.0, k / max(1, horizon))
-    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def _atomic_torch_save(obj, path: Path):
-    atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def gt_split_fingerprint(train_set: TrajectorySet, val_set: TrajectorySet) -> str:
-    """Identity of the training and validation pairs (``TrajectorySet.fingerprint``), recorded
-    in the trainers' config: a checkpoint cannot be resumed against another GT set."""
-    return f"{train_set.fingerprint()}/{val_set.fingerprint()}"
-
-
-def _check_gt_matches(model, trajectories, model_name):
-    meta = trajectories.meta.get("model", {})
-    want = meta.get("hash", "")
-    have = model_fingerprint(model)
-    if want and have and want != have:
-        raise MismatchError(f"the GT set was generated by model {meta.get('name') or want!r} "
-                         f"(hash {want}), not by this model (hash {have}{', ' + model_name if model_name else ''}); "
-                         f"generate GT for this model first")
-
-
 # ----------------------------------------------------------------------------- the trainer
 BOUND_BUDGET_SHARE = 0.25  # the bound phase may use at most this share of budget_seconds
 # the grid search of init="searched": 32 candidate times, 32 trajectories (528 one-step costs;
@@ -313,7 +206,7 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
     """Fit a :class:`BespokeSolver` to ``model`` on GT trajectories.
 
     Training runs in two phases, each until its validation score stops improving, within a
-    budget (``bespoke_fast.stopping``): the RMSE-bound phase (at most ``iters`` iterations and
+    budget (``bespoke_fast.fitting.stopping``): the RMSE-bound phase (at most ``iters`` iterations and
     ``BOUND_BUDGET_SHARE`` of the time budget), then the end-to-end fine-tune from the bound
     phase's best parameters (at most ``finetune_iters``), until the first of: ``patience``
     validations without a ``min_delta`` dB improvement, ``budget_seconds`` of wall time, or
@@ -343,10 +236,10 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
             improving the best score by more than ``min_delta`` dB; None: no patience stop.
         select: the validation score that picks the kept parameters and drives patience:
             ``"per-sample"`` (default: mean per-sample PSNR), ``"set"`` (set-level PSNR) or
-            ``"rmse"`` (see ``bespoke_fast.stopping``).
+            ``"rmse"`` (see ``bespoke_fast.fitting.stopping``).
         max_iters: cap on the iterations of both phases together (default ``iters + finetune_iters``).
         init: the starting solver: ``"searched"`` (default): the base solver on the grid of
-            least one-step local error on the training trajectories (``bespoke_fast.grid_search``,
+            least one-step local error on the training trajectories (``bespoke_fast.fitting.grid_search``,
             GITS-style, a few seconds; measured at NFE 10 with a 30 s budget: digits-eps 33.2 ->
             42.6 dB, see the README); ``"identity"``: the base solver on the uniform grid; or a
             :class:`BespokeSolver` with the same base and n_steps.
@@ -390,13 +283,13 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
         raise InvalidArgumentError(f"lr must be a positive number, got {lr}")
     if not isinstance(trajectories, (TrajectorySet, StreamedTrajectories)):
         raise InvalidTypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
-    _check_gt_matches(model, trajectories, model_name)
+    check_gt_matches(model, trajectories, model_name)
     loss_model = model_for_loss(model, activation_checkpointing, autocast)
     if isinstance(val, TrajectorySet):
         train_set, val_set = trajectories, val
     else:
         train_set, val_set = trajectories.split(check_int("val", val))
-    rank, world = _dist()
+    rank, world, _ = dist_info()
     device = train_set.device
     solver = BespokeSolver(base, n_steps).to(device)
     if isinstance(init, BespokeSolver):
@@ -422,7 +315,7 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
              "phase_wall": 0.0, "horizon": None, "bound_stop_reason": None}
     optim = torch.optim.Adam(solver.parameters(), lr=lr)
     ckpt = Path(checkpoint) if checkpoint else None
-    saved = _load_checkpoint(ckpt, config, solver, gen)
+    saved = load_checkpoint(ckpt, config, solver, gen)
     if saved is not None:
         optim.load_state_dict(saved["optim"])
         state = saved["state"]
@@ -443,24 +336,21 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
     from tqdm.auto import tqdm
     bar = tqdm(total=max_iters, initial=state["iteration"], disable=not progress or rank != 0,
                desc=f"fit bespoke-{base} NFE {solver.nfe}", unit="it", dynamic_ncols=True)
-    with _frozen(model):
+    with frozen(model):
         while state["stop_reason"] is None:
             k = state["iteration"]
             bound = state["phase"] == "bound"
             cap = iters if bound else finetune_iters
             base_lr = lr if bound else config["finetune_lr"]
             for group in optim.param_groups:
-                group["lr"] = _cosine_lr(base_lr, k - state["phase_start"], state["horizon"] or cap)
+                group["lr"] = cosine_lr(base_lr, k - state["phase_start"], state["horizon"] or cap)
             rows = torch.randint(len(train_set), (batch_size,), generator=gen)
             batch = train_set.subset(rows)
             optim.zero_grad(set_to_none=True)
             loss, nfe = loss_backward(solver, model, batch, state["phase"], gt_mode, L_tau,
                                       micro_batch, loss_model)
             state["nfe_train"] += nfe
-            if world > 1:
-                for p in solver.parameters():
-                    torch.distributed.all_reduce(p.grad)
-                    p.grad /= world
+            average_gradients(solver.parameters(), world)
             optim.step()
             done = state["iteration"] = k + 1
             bar.update(1)
@@ -472,7 +362,7 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
             validated = done % val_every == 0 or capped or out_of_time
             if validated:
                 record = {"iteration": done, "loss": float(loss.detach()),
-                          "phase": state["phase"], **_validate(solver, model, val_set)}
+                          "phase": state["phase"], **validate(solver, model, val_set)}
                 state["nfe_val"] += solver.nfe * len(val_set)
                 state["curve"].append(record)
                 observe(state, record, solver, select, min_delta)
@@ -502,32 +392,10 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
                     state["stop_reason"] = reason
             if ckpt is not None and rank == 0 and (done % checkpoint_every == 0 or switched
                                                    or state["stop_reason"] is not None):
-                started = _save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
+                started = save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
     bar.close()
     state["wall_total"] += time.perf_counter() - started
-    return _finish(solver, model, trajectories, config, state, model_name,
+    return finish(solver, model, trajectories, config, state, model_name,
                    stop_reason=state["stop_reason"], bound_stop_reason=state["bound_stop_reason"],
                    iterations=state["iteration"])
 
-
-def _finish(solver, model, trajectories, config, state, model_name, **extra_report):
-    """Load the best parameters, then build the report and the solver's file metadata (shared
-    by the bespoke and BNS trainers). Returns ``(solver, report)``."""
-    solver.load_state_dict(state["best"])
-    report = {
-        "config": config,
-        "curve": state["curve"],
-        "best": state["best_record"],
-        "nfe": {"gt": trajectories.meta.get("nfe", {}).get("total"), "train": state["nfe_train"],
-                "validation": state["nfe_val"]},
-        **extra_report,
-        "wall_seconds": state["wall_total"],
-        "gt_wall_seconds": trajectories.meta.get("wall_seconds_last_run"),
-    }
-    solver.meta = {
-        "model": {"name": model_name or trajectories.meta.get("model", {}).get("name", ""),
-                  "hash": model_fingerprint(model)},
-        "training": {**config, "wall_seconds": report["wall_seconds"], "nfe": report["nfe"]},
-        "validation": state["best_record"],
-    }
-    return solver, report

@@ -10,7 +10,7 @@ On disk, a directory::
     run.json                 the run identity (model name + hash, num, shape, seed, tolerances,
                              knots, batch size, dtype, ...), written first
     shard_00000.safetensors  index [S], x0, x1 [S, *shape], knots_x, knots_u [S, K, *shape]
-                             (or the adaptive-knot layout, see ``bespoke_fast.gt_storage``)
+                             (or the adaptive-knot layout, see ``bespoke_fast.fitting.gt_storage``)
     shard_00000.json         sidecar: count, run identity hash, sha256 of the shard (written
                              after the shard)
     manifest.json            the run identity, shards, measured interpolation error, model
@@ -34,18 +34,18 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from ._checks import (InvalidArgumentError, InvalidFileError, MissingFileError, NonFiniteError,
+from .. import __version__
+from .._checks import (InvalidArgumentError, InvalidFileError, MissingFileError, NonFiniteError,
                       check_int, check_positive)
-from .io import (MANIFEST_MAX_BYTES, atomic_write_text, check_shard_plan, claim_run_dir,
+from ..io import (MANIFEST_MAX_BYTES, atomic_write_text, check_shard_plan, claim_run_dir,
                  identity_hash, model_fingerprint, model_identity, read_json_bounded, read_sidecar,
                  remove_stale_temp_files, seal, sha256_file, unseal, verified_sidecar,
                  write_with_sidecar)
 from .gt_storage import (StorageOptions, StreamedTrajectories, bytes_per_trajectory, decode_knots,
                          split_point)
-from .noise import noise_for_indices
-from .solvers.adaptive import default_knots, solve_adaptive
-from .utils import dist_info, infer_device
+from ..noise import noise_for_indices
+from ..solvers.adaptive import default_knots, solve_adaptive
+from ..utils import dist_info, infer_device
 
 __all__ = ["generate_trajectories", "load_trajectories", "TrajectorySet", "hermite",
            "DEFAULT_KNOTS", "GT_FORMAT"]
@@ -259,7 +259,7 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
             knots its interpolation needs. Both are measured against an error budget of
             ``error_fraction`` x the local error of RK2 at ``reference_nfe`` (recorded in the
             manifest's ``storage``; an ``InvalidArgumentError`` when exceeded): see
-            ``bespoke_fast.gt_storage``.
+            ``bespoke_fast.fitting.gt_storage``.
 
     A model that returns NaN/Inf stops the run with a ``NonFiniteError`` naming the sample
     index and the time; the shard is not written. Absurd sizes fail before any work (more than
@@ -552,7 +552,7 @@ def load_trajectories(path, device="cpu", stream: bool = False) -> TrajectorySet
     """Load a GT directory written by :func:`generate_trajectories` (safe format, verified: the
     manifest's seal and schema, then every shard's sha256).
 
-    ``stream=True`` returns a :class:`~bespoke_fast.gt_storage.StreamedTrajectories`: shards are
+    ``stream=True`` returns a :class:`~bespoke_fast.fitting.gt_storage.StreamedTrajectories`: shards are
     verified and memory-mapped, and only the rows of each batch are read (for sets larger than
     memory; ``train`` accepts it).
 
