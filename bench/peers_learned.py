@@ -46,7 +46,7 @@ from torch import nn
 from bespoke_fast._checks import call_model
 from bespoke_fast.fitting.stopping import (DEFAULT_SELECT, check_stopping, new_state, observe,
                                    phase_horizon, stop_reason)
-from bespoke_fast.fitting.common import validate
+from bespoke_fast.fitting.common import validate_solver
 
 __all__ = ["METHODS", "T_START", "LearnedGridSolver", "fit_ld3", "fit_gits_midpoint",
            "sample_on_grid"]
@@ -230,7 +230,7 @@ def fit_ld3(model, method: str, nfe: int, train, val, iters: int = 3000, batch_s
         return (xn.double() - x1_all[rows]).flatten(1).pow(2).mean(1).add(1e-30).sqrt()
 
     def validate(k):
-        rec = {"iteration": k, **validate(solver, model, val)}
+        rec = {"iteration": k, **validate_solver(solver, model, val)}
         state["curve"].append(rec)
         observe(state, rec, solver, select, min_delta)
         return rec

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,15 +32,15 @@ from ..solvers.bespoke import BespokeSolver
 from ..utils import dist_info
 from .common import (average_gradients, check_gt_matches, cosine_lr, finish, frozen,
                      gt_split_fingerprint, load_checkpoint, save_checkpoint,
-                     validate)
+                     validate_solver)
 from .gt import TrajectorySet
 from .gt_storage import StreamedTrajectories
 from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon, rank0_decides,
                        stop_reason)
 from .stopping import new_state as new_stop_state
 
-__all__ = ["train", "rmse_bound_loss", "local_errors", "lipschitz_weights", "gt_at_grid",
-           "loss_backward", "model_for_loss"]
+__all__ = ["train", "BespokeOptions", "OPTIONS", "rmse_bound_loss", "local_errors",
+           "lipschitz_weights", "gt_at_grid", "loss_backward", "model_for_loss"]
 
 GT_MODES = ("cached", "online")
 
@@ -195,14 +196,38 @@ BOUND_BUDGET_SHARE = 0.25  # the bound phase may use at most this share of budge
 SEARCH_CANDIDATES, SEARCH_BATCH = 32, 32
 
 
+@dataclass(frozen=True)
+class BespokeOptions:
+    """The bespoke trainer's tunable options and their defaults: the one place they are set.
+    :func:`train` takes each as a keyword of the same name and type (the BNS trainer's
+    :class:`~bespoke_fast.fitting.bns.BNSOptions` shares the names both kinds have), and the CLI's
+    ``train`` command fills its unset options from here."""
+    iters: int = 300                     # cap on the RMSE-bound phase
+    finetune_iters: int = 6000           # cap on the end-to-end fine-tune (0: none)
+    batch_size: int = 128                # trajectories per iteration
+    lr: float = 5e-3                     # Adam learning rate (cosine decay per phase)
+    val: int = 256                       # trajectories held out for validation (or a set)
+    val_every: int = 50                  # validate every k iterations
+    gt_mode: str = "cached"              # "cached" (Hermite) or "online" (RK45 per iteration)
+    budget_seconds: float | None = 170.0  # wall-time budget of the whole fit
+    patience: int | None = 8             # validations without improvement before a phase stops
+    select: str = DEFAULT_SELECT         # validation score that picks the kept checkpoint
+    max_iters: int | None = None         # cap on all iterations
+
+
+OPTIONS = BespokeOptions()
+
+
 def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 5,
-          iters: int = 300, batch_size: int = 128, lr: float = 5e-3, val=256,
-          val_every: int = 50, seed: int = 0, checkpoint=None, checkpoint_every: int = 50,
-          gt_mode: str = "cached", finetune_iters: int = 6000, finetune_lr: float | None = None,
+          iters: int = OPTIONS.iters, batch_size: int = OPTIONS.batch_size, lr: float = OPTIONS.lr,
+          val=OPTIONS.val, val_every: int = OPTIONS.val_every, seed: int = 0, checkpoint=None,
+          checkpoint_every: int = 50, gt_mode: str = OPTIONS.gt_mode,
+          finetune_iters: int = OPTIONS.finetune_iters, finetune_lr: float | None = None,
           L_tau: float = 1.0, model_name: str = "", progress: bool = True, callback=None,
           micro_batch: int | None = None, activation_checkpointing: bool = False, autocast=None,
-          budget_seconds: float | None = 170.0, patience: int | None = 8, min_delta: float = 0.02,
-          select: str = DEFAULT_SELECT, max_iters: int | None = None, init="searched"):
+          budget_seconds: float | None = OPTIONS.budget_seconds,
+          patience: int | None = OPTIONS.patience, min_delta: float = 0.02,
+          select: str = OPTIONS.select, max_iters: int | None = OPTIONS.max_iters, init="searched"):
     """Fit a :class:`BespokeSolver` to ``model`` on GT trajectories.
 
     Training runs in two phases, each until its validation score stops improving, within a
@@ -362,7 +387,7 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
             validated = done % val_every == 0 or capped or out_of_time
             if validated:
                 record = {"iteration": done, "loss": float(loss.detach()),
-                          "phase": state["phase"], **validate(solver, model, val_set)}
+                          "phase": state["phase"], **validate_solver(solver, model, val_set)}
                 state["nfe_val"] += solver.nfe * len(val_set)
                 state["curve"].append(record)
                 observe(state, record, solver, select, min_delta)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,14 +30,14 @@ from .._checks import InvalidArgumentError, InvalidTypeError, check_choice, chec
 from ..solvers.bns import INITS, NonStationarySolver
 from ..utils import dist_info
 from .common import (average_gradients, check_gt_matches, finish, frozen, gt_split_fingerprint,
-                     load_checkpoint, save_checkpoint, validate)
+                     load_checkpoint, save_checkpoint, validate_solver)
 from .gt import TrajectorySet
 from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon, rank0_decides,
                        stop_reason)
 from .stopping import new_state as new_stop_state
 
-__all__ = ["train_bns", "end_to_end_loss", "bns_split", "OPTIMIZERS", "DEFAULT_NUM_TRAIN",
-           "DEFAULT_NUM_VAL", "MIN_TRAIN_PAIRS", "MIN_VAL_PAIRS"]
+__all__ = ["train_bns", "BNSOptions", "OPTIONS", "end_to_end_loss", "bns_split", "OPTIMIZERS",
+           "DEFAULT_NUM_TRAIN", "DEFAULT_NUM_VAL", "MIN_TRAIN_PAIRS", "MIN_VAL_PAIRS"]
 
 
 OPTIMIZERS = ("auto", "lbfgs", "adam")
@@ -125,15 +126,41 @@ def _next_stop(done: int, iters: int, *every: int) -> int:
     return min([iters] + [(done // e + 1) * e for e in every])
 
 
+@dataclass(frozen=True)
+class BNSOptions:
+    """The BNS trainer's tunable options and their defaults: the one place they are set.
+    :func:`train_bns` takes each as a keyword of the same name and type as the bespoke trainer's
+    (:class:`~bespoke_fast.fitting.bespoke.BespokeOptions`) where both have it; the CLI's ``train``
+    command fills its unset options from here. Not here, because BNS has no such thing: a
+    fine-tune phase (its loss is end-to-end already) and a GT mode (it trains on endpoints)."""
+    iters: int | None = None             # None: L-BFGS 300, Adam 3000
+    batch_size: int = 520                # pairs per chunk (L-BFGS) or per iteration (Adam)
+    lr: float | None = None              # None: L-BFGS 1, Adam 3e-3
+    val: int | None = None               # pairs held out for validation (or a set); None: 1024,
+                                         # fewer when the GT set is small
+    num_train: int | None = None         # training pairs; None: 520, fewer when the set is small
+    val_every: int = 25                  # validate every k iterations
+    optimizer: str = "auto"              # "auto" (L-BFGS, then Adam when it stops), "lbfgs", "adam"
+    budget_seconds: float | None = 170.0  # wall-time budget of the whole fit
+    patience: int | None = 8             # validations without improvement before a phase stops
+    select: str = DEFAULT_SELECT         # validation score that picks the kept checkpoint
+    max_iters: int | None = None         # cap on all iterations
+
+
+OPTIONS = BNSOptions()
+
+
 def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = "midpoint",
-              optimizer: str = "auto", iters: int | None = None, batch_size: int = 520,
-              lr: float | None = None, lr_final: float = 0.01, num_train: int | None = None,
-              num_val: int | None = None, val=None, val_every: int = 25, seed: int = 0,
-              checkpoint=None, checkpoint_every: int = 50, dtype=torch.float64, model_dtype=None,
-              progress: bool = True,
+              optimizer: str = OPTIONS.optimizer, iters: int | None = OPTIONS.iters,
+              batch_size: int = OPTIONS.batch_size, lr: float | None = OPTIONS.lr,
+              lr_final: float = 0.01, num_train: int | None = OPTIONS.num_train,
+              num_val: int | None = None, val=OPTIONS.val, val_every: int = OPTIONS.val_every,
+              seed: int = 0, checkpoint=None, checkpoint_every: int = 50, dtype=torch.float64,
+              model_dtype=None, progress: bool = True,
               model_name: str = "", callback=None, adam_iters: int = 3000, adam_lr: float = 3e-3,
-              budget_seconds: float | None = 170.0, patience: int | None = 8,
-              min_delta: float = 0.02, select: str = DEFAULT_SELECT, max_iters: int | None = None):
+              budget_seconds: float | None = OPTIONS.budget_seconds,
+              patience: int | None = OPTIONS.patience, min_delta: float = 0.02,
+              select: str = OPTIONS.select, max_iters: int | None = OPTIONS.max_iters):
     """Fit a :class:`~bespoke_fast.solvers.bns.NonStationarySolver` (NFE = ``n_steps``) to ``model``.
 
     Args:
@@ -167,7 +194,9 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
             first, then the first ``num_train`` of the rest are the training pairs. Defaults
             520 / 1024, shrunk to fit a smaller set (the report's ``split_note`` says what was
             used); explicit sizes that do not fit, or fewer than 16 / 16 pairs, are refused
-            (:func:`bns_split`). ``val``: a separate TrajectorySet to validate on instead (then
+            (:func:`bns_split`).
+        val: the number of validation pairs (as the bespoke trainer's ``val``; the same as
+            ``num_val``), or a separate TrajectorySet to validate on instead (then
             ``trajectories`` are all for training, up to ``num_train``).
         val_every: validate every k iterations (and at the start and the end); the parameters
             with the best validation PSNR are kept (the initial solver included).
@@ -217,8 +246,13 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
     if not isinstance(trajectories, TrajectorySet):
         raise InvalidTypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
     check_gt_matches(model, trajectories, model_name)
+    if isinstance(val, int) and not isinstance(val, bool):
+        if num_val is not None and num_val != val:
+            raise InvalidArgumentError(f"val={val} and num_val={num_val} both set the number of "
+                                       f"validation pairs; give one")
+        num_val, val = val, None
     if val is not None and not isinstance(val, TrajectorySet):
-        raise InvalidTypeError("val must be None or a TrajectorySet")
+        raise InvalidTypeError("val must be None, a number of pairs or a TrajectorySet")
     num_train, num_val, split_note = bns_split(len(trajectories), num_train, num_val,
                                                len(val) if val is not None else None)
     if val is not None:
@@ -273,7 +307,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
 
     def validate(done, loss):
         record = {"iteration": done, "loss": loss, "optimizer": state["phase"],
-                  **validate(solver, model, val_set)}
+                  **validate_solver(solver, model, val_set)}
         state["nfe_val"] += solver.nfe * len(val_set)
         state["curve"].append(record)
         observe(state, record, solver, select, min_delta)

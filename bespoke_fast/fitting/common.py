@@ -1,5 +1,5 @@
 """What the bespoke and the BNS trainer share, as public helpers: the model frozen while fitting,
-validate-and-keep-best (:func:`validate`, :func:`finish`), checkpoint / resume
+validate-and-keep-best (:func:`validate_solver`, :func:`finish`), checkpoint / resume
 (:func:`save_checkpoint`, :func:`load_checkpoint`), the learning-rate schedule
 (:func:`cosine_lr`), the distributed reduce (:func:`average_gradients`; the stop decision:
 :func:`bespoke_fast.fitting.stopping.rank0_decides`),
@@ -18,7 +18,7 @@ from ..io import atomic_write, check_writable, model_fingerprint
 from ..metrics import rmse_psnr
 from .gt import TrajectorySet
 
-__all__ = ["frozen", "validate", "load_checkpoint", "save_checkpoint", "cosine_lr",
+__all__ = ["frozen", "validate_solver", "load_checkpoint", "save_checkpoint", "cosine_lr",
            "average_gradients", "gt_split_fingerprint", "check_gt_matches",
            "finish"]
 
@@ -37,7 +37,7 @@ def frozen(model):
             p.requires_grad_(f)
 
 
-def validate(solver, model, val: TrajectorySet, batch_size=1024):
+def validate_solver(solver, model, val: TrajectorySet, batch_size=1024):
     """End-to-end validation: sample from the held-out noises and compare with GT x(1)."""
     outs = []
     with torch.no_grad():

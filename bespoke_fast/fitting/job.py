@@ -376,20 +376,19 @@ def _remove_fit(out: Path):
 
 def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol, atol, knots,
               storage_dtype, adaptive_knots, iters, finetune_iters, batch_size):
-    import inspect
     from .gt import DEFAULT_KNOTS
     from .gt_storage import storage_dtype_of
     from ..solvers.adaptive import default_knots
     if solver == "bespoke":
-        from .bespoke import train as fn
+        from .bespoke import OPTIONS as defaults
     else:
-        from .bns import train_bns as fn
-    defaults = {k: v.default for k, v in inspect.signature(fn).parameters.items()}
+        from .bns import OPTIONS as defaults
     num_train = check_int("num_train", num_train if num_train is not None else
                           (1280 if solver == "bespoke" else 776), 2)
-    iters = iters if iters is not None else (defaults["iters"] or 300)
-    finetune_iters = finetune_iters if finetune_iters is not None else defaults.get("finetune_iters", 0)
-    batch_size = check_int("batch_size", batch_size if batch_size is not None else defaults["batch_size"])
+    iters = iters if iters is not None else (defaults.iters or 300)
+    finetune_iters = (finetune_iters if finetune_iters is not None
+                      else getattr(defaults, "finetune_iters", 0))
+    batch_size = check_int("batch_size", batch_size if batch_size is not None else defaults.batch_size)
     num_select = max(1, min(256, num_train // 5))     # the last ones pick the checkpoint
     if solver == "bns":
         from .bns import MIN_TRAIN_PAIRS, MIN_VAL_PAIRS
@@ -407,7 +406,7 @@ def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol,
             "rtol": rtol, "atol": atol, "knots_t": knots_t, "storage_dtype": storage_dtype,
             "adaptive_knots": bool(adaptive_knots) and solver == "bespoke",
             "iters": check_int("iters", iters, 0), "finetune_iters": check_int("finetune_iters", finetune_iters, 0),
-            "batch_size": batch_size, "val_every": defaults["val_every"]}
+            "batch_size": batch_size, "val_every": defaults.val_every}
 
 
 def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autocast, stream, plots,
