@@ -106,46 +106,65 @@ def cmd_gt(args):
                  "interpolation": interp, "wall_seconds": manifest["wall_seconds_last_run"]}, lines)
 
 
-def _nfe_to_steps(solver_kind, base, nfe):
-    if solver_kind == "bns":
-        if nfe < 2 or nfe % 2:
-            raise CLIError(f"--nfe {nfe}: a BNS solver starts from midpoint (two evaluations per "
-                           f"step), so NFE must be a positive even number")
-        return nfe
-    per = 2 if base == "rk2" else 1
-    if nfe < per or nfe % per:
-        raise CLIError(f"--nfe {nfe}: a bespoke-{base} solver uses {per} NFE per step, so NFE must "
-                       f"be a positive multiple of {per}")
-    return nfe // per
+def _nfe_to_steps(solver_kind, header, nfe):
+    """Steps of a ``solver_kind`` solver with ``header`` (its base or init) at ``nfe``, through
+    the solver interface (:meth:`Solver.steps_for_nfe`)."""
+    from .solvers.base import solver_class
+    try:
+        return solver_class(solver_kind).steps_for_nfe(header, nfe)
+    except ValueError as e:
+        raise CLIError(f"--{e}") from None
+
+
+# the train options that only one kind of trainer has, and why the other lacks it
+_KIND_ONLY_OPTIONS = {
+    "finetune_iters": "BNS has no fine-tune phase: its loss is end-to-end already",
+    "gt_mode": "BNS trains on the GT endpoints only",
+    "num_train": "bespoke trains on all but --val",
+    "optimizer": "the bespoke trainer always uses Adam",
+}
+
+
+def _train_options(args) -> dict:
+    """The trainer's options from the command line: each option of the kind's options dataclass
+    (``fitting.trainer_for``), unset ones at its default; an option the kind lacks is refused."""
+    import dataclasses
+    from .fitting import trainer_for
+    from .solvers.base import solver_class
+    _, defaults = trainer_for(args.solver)
+    names = [f.name for f in dataclasses.fields(defaults)]
+    for name, why in _KIND_ONLY_OPTIONS.items():
+        if name not in names and getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise CLIError(f"{flag} is not an option of --solver {args.solver} ({why})")
+    header_key = solver_class(args.solver).header_key
+    if args.base is not None and header_key != "base":
+        raise CLIError(f"--base is for --solver bespoke; a {args.solver} solver has no base "
+                       f"(its {header_key} is the trainer's default)")
+    opts = {name: getattr(args, name) if getattr(args, name, None) is not None
+            else getattr(defaults, name) for name in names}
+    opts["budget_seconds"] = opts["budget_seconds"] or None    # 0: no budget
+    opts["patience"] = opts["patience"] or None                # 0: no patience stop
+    return opts
 
 
 def cmd_train(args):
     from .io import check_writable
-    n = _nfe_to_steps(args.solver, args.base, args.nfe)
-    if args.solver != "bns" and args.num_train is not None:
-        raise CLIError("--num-train is for --solver bns (bespoke trains on all but --val)")
+    from .fitting import trainer_for
+    from .solvers.base import solver_class
+    opts = _train_options(args)
+    # the header the trainer will use: bespoke's --base, BNS's init (its trainer's default)
+    header = {"base": args.base or "rk2"} if solver_class(args.solver).header_key == "base" else {}
+    n = _nfe_to_steps(args.solver, header.get("base", "midpoint"), args.nfe)
     check_writable(args.out, "solver file")          # before the fit, not after it
     zm = _model(args)
     gt = _gt(args, zm)
     from .fitting.stopping import describe_stop
-    stopping = {"budget_seconds": args.budget_seconds or None, "max_iters": args.max_iters,
-                "patience": args.patience or None, "select": args.select}
-    if args.solver == "bns":
-        from .fitting.bns import train_bns
-        solver, report = train_bns(zm.model, gt, n_steps=n, iters=args.iters, lr=args.lr,
-                                   batch_size=args.batch_size, seed=args.seed,
-                                   num_train=args.num_train, num_val=args.val,
-                                   checkpoint=args.checkpoint, progress=not args.quiet,
-                                   model_name=zm.name, optimizer=args.optimizer, **stopping)
-        if report.get("split_note") and not args.quiet:
-            print(f"bespoke-fast train: {report['split_note']}", file=sys.stderr)
-    else:
-        from .fitting.bespoke import train
-        solver, report = train(zm.model, gt, base=args.base, n_steps=n, iters=args.iters,
-                               batch_size=args.batch_size, lr=args.lr, val=args.val,
-                               seed=args.seed, checkpoint=args.checkpoint,
-                               gt_mode=args.gt_mode, finetune_iters=args.finetune_iters,
-                               progress=not args.quiet, model_name=zm.name, **stopping)
+    train, _ = trainer_for(args.solver)
+    solver, report = train(zm.model, gt, n_steps=n, seed=args.seed, checkpoint=args.checkpoint,
+                           progress=not args.quiet, model_name=zm.name, **header, **opts)
+    if report.get("split_note") and not args.quiet:
+        print(f"bespoke-fast train: {report['split_note']}", file=sys.stderr)
     solver.save(args.out)
     best = report["best"]
     _emit(args, {"out": str(args.out), "nfe": solver.nfe, "best": best, "nfe_spent": report["nfe"],
@@ -408,25 +427,28 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, gt=True)
     p.add_argument("--solver", choices=("bespoke", "bns"), default="bespoke",
                    help="solver family (default %(default)s)")
-    p.add_argument("--base", choices=("rk1", "rk2"), default="rk2", help="bespoke base (default rk2)")
+    p.add_argument("--base", choices=("rk1", "rk2"), default=None,
+                   help="bespoke base (default rk2; refused for bns)")
     p.add_argument("--nfe", type=int, default=10, help="network evaluations (default %(default)s)")
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the trainer's)")
     p.add_argument("--finetune-iters", type=int, default=None,
-                   help="end-to-end fine-tune iterations after the bound phase (bespoke)")
+                   help="end-to-end fine-tune iterations after the bound phase (bespoke only)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--val", type=int, default=None,
                    help="held-out trajectories (default: bespoke 256; bns 1024, fewer when the GT "
                         "set is small, at least 16)")
     p.add_argument("--num-train", type=int, default=None,
-                   help="bns: training pairs (default 520, fewer when the GT set is small, at "
+                   help="bns only: training pairs (default 520, fewer when the GT set is small, at "
                         "least 16)")
-    p.add_argument("--gt-mode", choices=("cached", "online"), default="cached")
+    p.add_argument("--gt-mode", choices=("cached", "online"), default=None,
+                   help="bespoke only: cached (Hermite interpolation of the stored GT; default) or "
+                        "online (an RK45 solve per iteration)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint file: resume from it if present")
-    p.add_argument("--optimizer", choices=("auto", "lbfgs", "adam"), default="auto",
-                   help="BNS optimizer (default auto: L-BFGS, then Adam when L-BFGS stalls)")
+    p.add_argument("--optimizer", choices=("auto", "lbfgs", "adam"), default=None,
+                   help="bns only (default auto: L-BFGS, then Adam when L-BFGS stalls)")
     p.add_argument("--budget-seconds", type=float, default=None,
                    help="wall-time budget of the fit; 0: none (default: the trainer's, 170 s)")
     p.add_argument("--max-iters", type=int, default=None,
@@ -532,22 +554,10 @@ def _user_error(e: BaseException):
 
 
 def _fill_defaults(args):
-    """Options given as None take the defaults of the function they feed."""
-    import inspect
+    """Options given as None take the defaults of what they feed (train: ``_train_options``)."""
     if args.command == "gt" and args.knots is None:
         from .fitting.gt import DEFAULT_KNOTS
         args.knots = DEFAULT_KNOTS
-    if args.command == "train":
-        if args.solver == "bns":
-            from .fitting.bns import train_bns as fn
-        else:
-            from .fitting.bespoke import train as fn
-        params = inspect.signature(fn).parameters
-        for name in ("iters", "batch_size", "lr", "finetune_iters", "budget_seconds", "patience"):
-            if getattr(args, name, None) is None and name in params:
-                setattr(args, name, params[name].default)
-        if args.solver != "bns" and args.val is None:
-            args.val = params["val"].default
 
 
 if __name__ == "__main__":  # pragma: no cover

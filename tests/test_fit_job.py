@@ -127,7 +127,7 @@ def test_the_plan_scales_down_or_refuses_under_disk_and_time_limits(tmp_path):
         bf.fit("gmm-64", out=tmp_path / "p", plan_only=True, budget_seconds=1e-6, log=lambda *a: None)
     with pytest.raises(ValueError, match="heldout_seed must differ"):
         bf.fit("gmm-64", out=tmp_path / "p", heldout_seed=0)
-    with pytest.raises(ValueError, match="nfe must be even"):
+    with pytest.raises(ValueError, match="NFE must be a positive multiple of 2"):
         bf.fit("gmm-64", out=tmp_path / "p", nfe=5)
 
 

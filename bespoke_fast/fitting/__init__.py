@@ -12,5 +12,23 @@
 * ``job.py`` -- the whole fit of one model: GT, training, evaluation, report
   (``bespoke_fast.fit``, ``bespoke-fast fit``).
 
-Importing this package imports none of them; import the module you need.
+Importing this package imports none of them; import the module you need, or get a kind's trainer
+with :func:`trainer_for`.
 """
+
+
+def trainer_for(kind: str):
+    """``(train function, its options)`` for the solver kind ``kind`` (the solver registry's
+    ``kind``): :func:`bespoke.train` with :data:`bespoke.OPTIONS`, or :func:`bns.train_bns` with
+    :data:`bns.OPTIONS`. Both take the options by the same names and types."""
+    from .._checks import InvalidArgumentError
+    from ..solvers.base import kinds
+    from ..solvers.bespoke import BespokeSolver
+    from ..solvers.bns import NonStationarySolver
+    if kind == BespokeSolver.kind:
+        from .bespoke import OPTIONS, train
+        return train, OPTIONS
+    if kind == NonStationarySolver.kind:
+        from .bns import OPTIONS, train_bns
+        return train_bns, OPTIONS
+    raise InvalidArgumentError(f"no trainer for solver kind {kind!r}; expected one of {kinds()}")

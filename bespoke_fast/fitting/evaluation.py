@@ -12,6 +12,7 @@ from .._checks import InvalidArgumentError, InvalidTypeError
 from .gt import TrajectorySet
 from ..io import check_model_identity
 from ..metrics import mode_flip_fraction, rmse_psnr
+from ..solvers.base import Solver
 from ..solvers.fixed import METHODS, NFE_PER_STEP, solve
 
 __all__ = ["evaluate", "parse_solver_spec", "mode_assigner", "trained_on"]
@@ -22,9 +23,8 @@ _SPEC = re.compile(r"^(?P<method>[a-z0-9]+)@(?P<nfe>\d+)$")
 def parse_solver_spec(spec):
     """A solver object, a solver file path, or a baseline ``"name@NFE"`` (euler, midpoint, heun,
     rk4). Returns ``(label, sampler_fn(model, x0, **extras), nfe)``."""
-    if hasattr(spec, "sample") and hasattr(spec, "nfe"):
-        label = f"{spec.kind}-{getattr(spec, 'base', getattr(spec, 'init', ''))}@{spec.nfe}"
-        return label, spec.sample, spec.nfe
+    if isinstance(spec, Solver):
+        return f"{spec.kind}-{spec.header}@{spec.nfe}", spec.sample, spec.nfe
     if not isinstance(spec, str):
         raise InvalidTypeError(f"solver must be a solver object, a solver file or 'method@NFE', got {spec!r}")
     m = _SPEC.match(spec)

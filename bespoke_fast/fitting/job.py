@@ -28,11 +28,15 @@ import torch
 from .._checks import InvalidArgumentError, MismatchError, check_choice, check_int
 from .gt_storage import bytes_per_trajectory
 from ..io import atomic_write_text, save_figure
+from ..solvers.base import solver_class
+from ..solvers.bespoke import BespokeSolver
 
 __all__ = ["fit", "FitResult", "make_plan", "plot_error_maps", "plot_transform", "baselines",
            "SOLVERS"]
 
 SOLVERS = ("bespoke", "bns")
+# the header the fit job trains each kind with: Bespoke RK2, BNS from midpoint
+FIT_HEADERS = {"bespoke": "rk2", "bns": "midpoint"}
 _ENDPOINT_KNOTS = (0.0, 1.0)
 # smallest plan --max-disk / --budget-seconds may scale down to
 _MIN_TRAIN, _MIN_HELDOUT, _MIN_ITERS = 64, 64, 10
@@ -324,8 +328,7 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
     """
     check_choice("solver", solver, SOLVERS)
     nfe = check_int("nfe", nfe)
-    if solver == "bespoke" and nfe % 2:
-        raise InvalidArgumentError(f"nfe must be even for a bespoke RK2 solver (2 evaluations per step), got {nfe}")
+    solver_class(solver).steps_for_nfe(FIT_HEADERS[solver], nfe)
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     if heldout_seed == seed:
         raise InvalidArgumentError("heldout_seed must differ from seed (the held-out noises must be disjoint)")
@@ -513,7 +516,7 @@ def _report_plots(out, zm, solver, heldout, s, label, log):
             samples[f"euler@{s['nfe']}"] = solve(zm.model, x0, "euler", n_steps=s["nfe"])
     files["error_maps"] = str(plot_error_maps(out / "error_maps.png", heldout.x1[:4], samples,
                                               zm.data_range))
-    if hasattr(solver, "tables") and getattr(solver, "kind", "") == "bespoke":
+    if isinstance(solver, BespokeSolver):
         files["transform"] = str(plot_transform(out / "transform.png", solver))
     return files
 

@@ -7,7 +7,7 @@ Every learned solver (``BespokeSolver``: kind ``"bespoke"``; ``NonStationarySolv
 ``kind``                    the registry key, stored in the file (``"bespoke"``, ``"bns"``)
 ``header_key``, ``header``  the one choice besides ``n_steps`` that fixes the solver's shape
                             (``base`` ``"rk1"``/``"rk2"``; ``init`` ``"euler"``/``"midpoint"``)
-``n_steps``, ``nfe``        steps and network evaluations
+``n_steps``, ``nfe``        steps and network evaluations (``steps_for_nfe``: the inverse)
 ``sample(model, x0, ...)``  the pure-torch sampler (the oracle of the engine)
 ``tables()``                the derived float64 tables stored in the file
 ``sampler_tables()``        the float32 coefficients the engine and schedulers read, by name
@@ -29,7 +29,7 @@ import math
 import torch
 from torch import nn
 
-from .._checks import SolverFileError
+from .._checks import InvalidArgumentError, SolverFileError
 
 __all__ = ["Solver", "solver_class", "kinds", "FORMAT", "FORMAT_VERSION"]
 
@@ -39,13 +39,20 @@ FORMAT_VERSION = 1
 _KINDS: dict = {}
 
 
+def _register_shipped_kinds() -> None:
+    """Import the shipped solver modules: their classes register on import."""
+    from . import bespoke, bns  # noqa: F401
+
+
 def solver_class(kind):
     """The solver class registered for ``kind`` (``None`` when no class has that kind)."""
+    _register_shipped_kinds()
     return _KINDS.get(kind) if isinstance(kind, str) else None
 
 
 def kinds() -> tuple:
     """The registered kinds, sorted (``("bespoke", "bns")`` with the shipped solvers)."""
+    _register_shipped_kinds()
     return tuple(sorted(_KINDS))
 
 
@@ -100,6 +107,20 @@ class Solver(nn.Module):
     def header_problem(cls, header: str, n_steps: int):
         """Why ``header`` and ``n_steps`` do not fit together (a sentence), or ``None``."""
         return None
+
+    @classmethod
+    def steps_for_nfe(cls, header: str, nfe: int) -> int:
+        """The ``n_steps`` of a solver with ``header`` that makes ``nfe`` network evaluations;
+        ``InvalidArgumentError`` saying why when no step count does."""
+        per = cls.nfe_for(header, 1)
+        if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < per or nfe % per:
+            raise InvalidArgumentError(f"nfe {nfe}: a {cls.kind} solver ({cls.header_key} {header}) "
+                                       f"uses {per} NFE per step, so NFE must be a positive "
+                                       f"multiple of {per}")
+        problem = cls.header_problem(header, nfe // per)
+        if problem:
+            raise InvalidArgumentError(f"nfe {nfe}: {problem}")
+        return nfe // per
 
     @property
     def header(self) -> str:
