@@ -21,10 +21,13 @@ _SPEC = re.compile(r"^(?P<method>[a-z0-9]+)@(?P<nfe>\d+)$")
 
 
 def parse_solver_spec(spec):
-    """A solver object, a solver file path, or a baseline ``"name@NFE"`` (euler, midpoint, heun,
-    rk4). Returns ``(label, sampler_fn(model, x0, **extras), nfe)``."""
+    """A solver (the Solver interface, or any object with ``sample`` and ``nfe``), a solver file
+    path, or a baseline ``"name@NFE"`` (euler, midpoint, heun, rk4). Returns ``(label, sampler_fn(model, x0, **extras), nfe)``."""
     if isinstance(spec, Solver):
         return f"{spec.kind}-{spec.header}@{spec.nfe}", spec.sample, spec.nfe
+    if hasattr(spec, "sample") and hasattr(spec, "nfe"):   # solver-like (e.g. a bench peer)
+        label = f"{getattr(spec, 'kind', type(spec).__name__)}-{getattr(spec, 'base', '')}"
+        return f"{label}@{spec.nfe}", spec.sample, spec.nfe
     if not isinstance(spec, str):
         raise InvalidTypeError(f"solver must be a solver object, a solver file or 'method@NFE', got {spec!r}")
     m = _SPEC.match(spec)
