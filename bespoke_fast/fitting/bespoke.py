@@ -30,9 +30,9 @@ from .._checks import InvalidArgumentError, InvalidTypeError, call_model, check_
 from ..solvers.adaptive import solve_adaptive
 from ..solvers.bespoke import BespokeSolver
 from ..utils import dist_info
-from .common import (average_gradients, check_gt_matches, cosine_lr, finish, frozen,
-                     gt_split_fingerprint, load_checkpoint, save_checkpoint,
-                     validate_solver)
+from .common import (average_gradients, check_gt_matches, checkpoint_due, cosine_lr, finish,
+                     frozen, gt_split_fingerprint, load_checkpoint, save_checkpoint,
+                     show_validation, validate_solver)
 from .gt import TrajectorySet
 from .gt_storage import StreamedTrajectories
 from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon, rank0_decides,
@@ -394,10 +394,7 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
                 if state["horizon"] is None and phase_budget is not None:
                     state["horizon"] = phase_horizon(cap, in_phase, elapsed() - state["phase_wall"],
                                                      phase_budget - elapsed())
-                bar.set_postfix(loss=f"{record['loss']:.3g}", val_psnr=f"{record['psnr']:.2f}",
-                                best=f"{state['best_score']:.2f}")
-                if callback is not None:
-                    callback(done, record)
+                show_validation(bar, state, done, record, callback)
             reason = stop_reason(state, in_phase, cap, patience, phase_budget, elapsed(), validated)
             if done >= max_iters and reason is None:
                 reason = "max_iters"
@@ -415,12 +412,9 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
                     switched = True
                 else:
                     state["stop_reason"] = reason
-            if ckpt is not None and rank == 0 and (done % checkpoint_every == 0 or switched
-                                                   or state["stop_reason"] is not None):
+            if checkpoint_due(ckpt, rank, done, checkpoint_every, switched, state):
                 started = save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
-    bar.close()
-    state["wall_total"] += time.perf_counter() - started
-    return finish(solver, model, trajectories, config, state, model_name,
-                   stop_reason=state["stop_reason"], bound_stop_reason=state["bound_stop_reason"],
-                   iterations=state["iteration"])
+    stopped = {"stop_reason": state["stop_reason"], "bound_stop_reason": state["bound_stop_reason"],
+               "iterations": state["iteration"]}
+    return finish(solver, model, trajectories, config, state, model_name, bar, started, **stopped)
 

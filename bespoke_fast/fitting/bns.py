@@ -29,8 +29,9 @@ import torch
 from .._checks import InvalidArgumentError, InvalidTypeError, check_choice, check_int
 from ..solvers.bns import INITS, NonStationarySolver
 from ..utils import dist_info
-from .common import (average_gradients, check_gt_matches, finish, frozen, gt_split_fingerprint,
-                     load_checkpoint, save_checkpoint, validate_solver)
+from .common import (average_gradients, check_gt_matches, checkpoint_due, finish, frozen,
+                     gt_split_fingerprint, load_checkpoint, save_checkpoint, show_validation,
+                     validate_solver)
 from .gt import TrajectorySet
 from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon, rank0_decides,
                        stop_reason)
@@ -381,10 +382,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
                 if adam and state["horizon"] is None and budget_seconds is not None:
                     state["horizon"] = phase_horizon(cap, in_phase, elapsed() - state["phase_wall"],
                                                      budget_seconds - elapsed())
-                bar.set_postfix(loss=f"{record['loss']:.3g}", val_psnr=f"{record['psnr']:.2f}",
-                                best=f"{state['best_score']:.2f}")
-                if callback is not None:
-                    callback(done, record)
+                show_validation(bar, state, done, record, callback)
             reason = "converged" if state["converged"] else stop_reason(
                 state, in_phase, cap, patience, budget_seconds, elapsed(), validated)
             if done >= max_iters and reason is None:
@@ -396,20 +394,17 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
                         and reason != "budget"):
                     # L-BFGS stalled, converged or used its iterations: go on with Adam from the
                     # best parameters (on float32 networks L-BFGS often stops far from the optimum)
+                    switched = True
                     solver.load_state_dict(state["best"])
                     optim = make_optim("adam")
                     state.update(phase="adam", phase_start=done, phase_wall=elapsed(), horizon=None,
                                  bad_evals=0, switched_at=done, lbfgs_stop_reason=reason,
                                  converged=False)
-                    switched = True
                 else:
                     state["stop_reason"] = reason
-            if ckpt is not None and rank == 0 and (done % checkpoint_every == 0 or switched
-                                                   or state["stop_reason"] is not None):
+            if checkpoint_due(ckpt, rank, done, checkpoint_every, switched, state):
                 started = save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
-    bar.close()
-    state["wall_total"] += time.perf_counter() - started
-    return finish(solver, model, trajectories, config, state, model_name,
+    return finish(solver, model, trajectories, config, state, model_name, bar, started,
                    init=state["init_record"], loss_evaluations=state["loss_evals"],
                    converged=state["stop_reason"] == "converged", lbfgs_restarts=state["restarts"],
                    stop_reason=state["stop_reason"], iterations=state["iteration"],

@@ -20,7 +20,7 @@ from .gt import TrajectorySet
 
 __all__ = ["frozen", "validate_solver", "load_checkpoint", "save_checkpoint", "cosine_lr",
            "average_gradients", "gt_split_fingerprint", "check_gt_matches",
-           "finish"]
+           "show_validation", "checkpoint_due", "finish"]
 
 
 @contextmanager
@@ -128,9 +128,29 @@ def average_gradients(params, world: int) -> None:
             p.grad /= world
 
 
-def finish(solver, model, trajectories, config, state, model_name, **extra_report):
-    """Load the best parameters, then build the report and the solver's file metadata (shared
-    by the bespoke and BNS trainers). Returns ``(solver, report)``."""
+def show_validation(bar, state, done: int, record: dict, callback=None) -> None:
+    """After a validation: the progress bar's loss / PSNR / best score, then ``callback(done,
+    record)`` when given."""
+    bar.set_postfix(loss=f"{record['loss']:.3g}", val_psnr=f"{record['psnr']:.2f}",
+                    best=f"{state['best_score']:.2f}")
+    if callback is not None:
+        callback(done, record)
+
+
+def checkpoint_due(ckpt, rank: int, done: int, every: int, switched: bool, state) -> bool:
+    """Whether rank 0 saves the checkpoint after iteration ``done``: every ``every`` iterations,
+    when a phase switched, and when training stopped."""
+    return (ckpt is not None and rank == 0
+            and (done % every == 0 or switched or state["stop_reason"] is not None))
+
+
+def finish(solver, model, trajectories, config, state, model_name, bar, started,
+           **extra_report):
+    """Close the progress ``bar``, add the wall time since ``started`` to ``state``, load the best
+    parameters, then build the report and the solver's file metadata (shared by the bespoke and
+    BNS trainers). Returns ``(solver, report)``."""
+    bar.close()
+    state["wall_total"] += time.perf_counter() - started
     solver.load_state_dict(state["best"])
     report = {
         "config": config,
