@@ -10,7 +10,8 @@ Data flows one way: model -> GT trajectories -> trainer -> solver file -> engine
 Layout (the README's "Layout" section has the tree): ``solvers/`` (the one solver interface
 ``solvers/base.py``, the solver files ``solvers/files.py``, fixed / adaptive / bespoke / BNS
 solvers), ``ops/`` (each reference op beside the dispatch to its Triton twin; the table layouts
-in ``ops/table.py``), ``engine/`` (``FastSampler`` and one program per solver kind), and the
+in ``ops/table.py``), ``engine/`` (``FastSampler`` and one program per solver kind), ``fitting/``
+(GT, the two trainers on shared helpers, evaluation, the fit job), and the
 Triton kernels, which live in the repository's top-level ``kernels/`` folder and install as
 ``bespoke_fast.kernels``.
 
