@@ -398,7 +398,7 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
             reason = stop_reason(state, in_phase, cap, patience, phase_budget, elapsed(), validated)
             if done >= max_iters and reason is None:
                 reason = "max_iters"
-            reason = rank0_decides(reason, world)
+            reason = rank0_decides(reason, world, state)
             switched = False
             if reason is not None:
                 if bound and finetune_iters and done < max_iters and not (

@@ -387,7 +387,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init: str = 
                 state, in_phase, cap, patience, budget_seconds, elapsed(), validated)
             if done >= max_iters and reason is None:
                 reason = "max_iters"
-            reason = rank0_decides(reason, world)
+            reason = rank0_decides(reason, world, state)
             switched = False
             if reason is not None:
                 if (optimizer == "auto" and not adam and adam_iters and done < max_iters

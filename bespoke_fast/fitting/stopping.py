@@ -129,13 +129,20 @@ def describe_stop(report: dict) -> str:
             f"{best.get('score', float('nan')):.2f} dB)")
 
 
-def rank0_decides(reason, world: int):
-    """Under torch.distributed (``world > 1``), every rank takes rank 0's stop ``reason`` (the
-    ranks' clocks and validation scores may differ; diverging decisions would deadlock the
-    gradient all-reduce)."""
+def rank0_decides(reason, world: int, state: dict | None = None):
+    """Under torch.distributed (``world > 1``), every rank takes rank 0's stop ``reason`` and,
+    when ``state`` is given, rank 0's learning-rate ``state["horizon"]``. Both come from the
+    ranks' own clocks and validation scores, which differ: diverging stop decisions would
+    deadlock the gradient all-reduce, and diverging horizons would give the ranks different
+    learning rates, so their solvers would drift apart. Call it on every rank at the same
+    iteration (it is a collective)."""
     if world <= 1:
         return reason
     import torch
-    code = torch.tensor([STOP_REASONS.index(reason) + 1 if reason else 0])
+    horizon = (state or {}).get("horizon")
+    code = torch.tensor([STOP_REASONS.index(reason) + 1 if reason else 0, horizon or 0],
+                        dtype=torch.int64)
     torch.distributed.broadcast(code, 0)
-    return STOP_REASONS[int(code) - 1] if int(code) else None
+    if state is not None:
+        state["horizon"] = int(code[1]) or None
+    return STOP_REASONS[int(code[0]) - 1] if int(code[0]) else None
