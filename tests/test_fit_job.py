@@ -168,3 +168,18 @@ def test_fit_killed_twice_resumes_to_the_uninterrupted_solver(tmp_path):
     resumed = load_solver(next(out.glob("*_nfe4.json")))
     assert all(torch.equal(a, b) for a, b in zip(ref.solver.parameters(), resumed.parameters()))
     assert json.loads((out / "report.json").read_text())["heldout"] == ref.report["heldout"]
+
+
+def test_plan_eta_counts_the_trainers_time_budget():
+    from bespoke_fast.fitting.job import make_plan, plan_lines
+    settings = dict(nfe=10, knots_t=[0.0, 0.5, 1.0], storage_dtype="float32", num_train=1280,
+                    num_heldout=1024, shape=[1, 8, 8], solver="bespoke", iters=200,
+                    finetune_iters=800, batch_size=128, val_every=10, num_select=256,
+                    adaptive_knots=False, seed=0, heldout_seed=1, model="m")
+    probe = {"seconds_per_eval": 1e-4, "gt_evals_per_trajectory": 300, "device": "cpu"}
+    unlimited = make_plan({**settings, "train_budget_seconds": None}, probe)
+    budgeted = make_plan({**settings, "train_budget_seconds": 170.0}, probe)
+    assert unlimited["train_seconds"] > 170.0 and budgeted["train_seconds"] == 170.0
+    assert budgeted["eta_seconds"] == pytest.approx(unlimited["eta_seconds"]
+                                                    - unlimited["train_seconds"] + 170.0)
+    assert "the trainer's time budget" in plan_lines(budgeted, settings)[-1]

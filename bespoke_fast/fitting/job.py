@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .._checks import InvalidArgumentError, MismatchError, check_choice, check_int
+from . import trainer_for
 from .gt_storage import bytes_per_trajectory
 from ..io import atomic_write_text, save_figure
 from ..solvers.base import solver_class
@@ -143,15 +144,21 @@ def make_plan(settings: dict, probe: dict) -> dict:
     eval_evals = s["num_heldout"] * (nfe + sum(int(b.split("@")[1]) for b in baselines(nfe)))
     evals = {"gt": int(gt_evals), "train": int(train_evals), "validation": int(val_evals),
              "evaluation": int(eval_evals)}
-    # training back-propagates: about 3x a forward's time
-    eta = probe["seconds_per_eval"] * (gt_evals + 3 * train_evals + val_evals + eval_evals)
+    # training back-propagates: about 3x a forward's time; the trainer stops at its own time
+    # budget (``budget_seconds`` of the trainer, default 170 s), whichever comes first
+    train_seconds = probe["seconds_per_eval"] * (3 * train_evals + val_evals)
+    train_budget = s.get("train_budget_seconds")
+    if train_budget is not None:
+        train_seconds = min(train_seconds, train_budget)
+    eta = probe["seconds_per_eval"] * (gt_evals + eval_evals) + train_seconds
     return {"trajectories": {"train": s["num_train"], "heldout": s["num_heldout"],
                              "train_seed": s["seed"], "heldout_seed": s["heldout_seed"],
                              "model_selection": s["num_select"]},
             "iterations": {"iters": s["iters"], "finetune_iters": s["finetune_iters"]},
             "disk_bytes": int(disk), "disk_is_upper_bound": bool(s["adaptive_knots"]),
             "model_evaluations": {**evals, "total": sum(evals.values())},
-            "eta_seconds": eta, "probe": probe}
+            "eta_seconds": eta, "train_seconds": train_seconds,
+            "train_budget_seconds": train_budget, "probe": probe}
 
 
 def _scaled(settings, scale):
@@ -212,7 +219,10 @@ def plan_lines(plan, settings) -> list:
             f"  model evaluations: {e['total']:,} (GT {e['gt']:,}, training {e['train']:,}, "
             f"validation {e['validation']:,}, evaluation {e['evaluation']:,})",
             f"  ETA: about {_duration(plan['eta_seconds'])} "
-            f"({plan['probe']['seconds_per_eval'] * 1e3:.3g} ms per sample-evaluation, timed)"]
+            f"({plan['probe']['seconds_per_eval'] * 1e3:.3g} ms per sample-evaluation, timed; "
+            + (f"training at most {_duration(plan['train_budget_seconds'])}, the trainer's "
+               f"time budget)" if plan.get("train_budget_seconds") is not None
+               else "training without a time budget)")]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -339,6 +349,9 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
     zm, device = _resolve(model, shape, data_range, device, log)
     settings = _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol, atol,
                          knots, storage_dtype, adaptive_knots, iters, finetune_iters, batch_size)
+    _, trainer_options = trainer_for(solver)
+    settings["train_budget_seconds"] = (train_kwargs or {}).get("budget_seconds",
+                                                                trainer_options.budget_seconds)
     requested = {"settings": settings, "max_disk": max_disk, "budget_seconds": budget_seconds}
     plan_file = out / "plan.json"
     if plan_file.is_file():
