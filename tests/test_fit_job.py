@@ -183,3 +183,13 @@ def test_plan_eta_counts_the_trainers_time_budget():
     assert budgeted["eta_seconds"] == pytest.approx(unlimited["eta_seconds"]
                                                     - unlimited["train_seconds"] + 170.0)
     assert "the trainer's time budget" in plan_lines(budgeted, settings)[-1]
+
+
+@pytest.mark.parametrize("option", [{"finetune_iters": 5}, {"micro_batch": 4},
+                                    {"activation_checkpointing": True}])
+def test_bns_fit_refuses_the_options_it_would_ignore(option, tmp_path):
+    from bespoke_fast._checks import InvalidArgumentError
+    name = next(iter(option))
+    with pytest.raises(InvalidArgumentError, match=f"{name}: not used by the BNS trainer"):
+        bf.fit("gmm-64", nfe=4, solver="bns", out=tmp_path / "f", log=lambda *a: None, **option)
+    assert not (tmp_path / "f").exists()                           # refused before any work

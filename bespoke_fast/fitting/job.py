@@ -338,6 +338,14 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
     """
     check_choice("solver", solver, SOLVERS)
     nfe = check_int("nfe", nfe)
+    if solver == "bns":  # the BNS trainer has no fine-tune phase and runs full-batch L-BFGS
+        unused = [name for name, v in (("finetune_iters", finetune_iters), ("micro_batch", micro_batch),
+                                       ("activation_checkpointing", activation_checkpointing or None),
+                                       ("autocast", autocast)) if v is not None]
+        if unused:
+            raise InvalidArgumentError(f"{', '.join(unused)}: not used by the BNS trainer (it has no "
+                                       f"fine-tune phase and no micro-batching); drop "
+                                       f"{'them' if len(unused) > 1 else 'it'} or use solver='bespoke'")
     solver_class(solver).steps_for_nfe(FIT_HEADERS[solver], nfe)
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     if heldout_seed == seed:
