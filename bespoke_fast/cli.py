@@ -350,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the whole pipeline on a bundled model (GT, fit, eval, plots)",
                        description="Generate GT for a bundled model, fit a Bespoke RK2 solver, "
-                                   "compare it with euler/midpoint/rk4 at the same NFE and midpoint "
-                                   "at twice the NFE, save the solver file, sample grids and plots.")
+                                   "compare it on held-out noises with euler/midpoint/rk4 at the same "
+                                   "NFE and midpoint at twice the NFE, save the solver file, a report, "
+                                   "error maps against GT, the learned transform and a PSNR-vs-NFE plot.")
     _common(p)
     p.add_argument("--nfe", type=int, default=10, help="network evaluations (even; default %(default)s)")
     p.add_argument("--num-gt", type=int, default=1280, help="GT trajectories (default %(default)s)")
