@@ -293,14 +293,17 @@ def cmd_fit(args):
 
 
 # ----------------------------------------------------------------------------- parser
-def _common(p, model=True, gt=False):
-    if model:
-        p.add_argument("--model", default="digits-fmot",
-                       help="bundled model name (gmm-64, digits-exact, digits-fmot, digits-vcs, "
-                            "digits-eps), package.module:factory (factory() returns (model, "
-                            "shape[, data_range]), a dict with those keys or a ZooModel), or "
-                            "diffusers:LOCAL_PIPELINE_DIR "
-                            "(default: %(default)s)")
+def _command(sub, name, func, help, description, gt=False, epilog=None, **defaults):
+    """A sub-command's parser with the options every command shares (``--model``, ``--device``,
+    ``--json``, ``--quiet``, ``--threads``, ``--debug``; ``--gt`` with ``gt=True``), running
+    ``func``; ``defaults`` override option defaults (e.g. the demo's ``threads=1``)."""
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog)
+    p.add_argument("--model", default="digits-fmot",
+                   help="bundled model name (gmm-64, digits-exact, digits-fmot, digits-vcs, "
+                        "digits-eps), package.module:factory (factory() returns (model, "
+                        "shape[, data_range]), a dict with those keys or a ZooModel), or "
+                        "diffusers:LOCAL_PIPELINE_DIR "
+                        "(default: %(default)s)")
     if gt:
         p.add_argument("--gt", required=True, type=Path, help="GT directory made by 'bespoke-fast gt'")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
@@ -310,6 +313,8 @@ def _common(p, model=True, gt=False):
                    help="torch CPU threads (default: torch's own; demo: 1)")
     p.add_argument("--debug", action="store_true",
                    help="show the full traceback of an error instead of one line")
+    p.set_defaults(func=func, **defaults)  # after the options: it overrides their defaults
+    return p
 
 
 def _overwrite(p, what):
@@ -348,12 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bespoke_fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="the whole pipeline on a bundled model (GT, fit, eval, plots)",
-                       description="Generate GT for a bundled model, fit a Bespoke RK2 solver, "
-                                   "compare it on held-out noises with euler/midpoint/rk4 at the same "
-                                   "NFE and midpoint at twice the NFE, save the solver file, a report, "
-                                   "error maps against GT, the learned transform and a PSNR-vs-NFE plot.")
-    _common(p)
+    # the bundled models are tiny: one thread avoids OpenMP overhead and contention
+    # (measured on 2 cores: demo 91 s with 1 thread vs 271 s with 2, same result)
+    p = _command(sub, "demo", cmd_demo, threads=1,
+                 help="the whole pipeline on a bundled model (GT, fit, eval, plots)",
+                 description="Generate GT for a bundled model, fit a Bespoke RK2 solver, "
+                             "compare it on held-out noises with euler/midpoint/rk4 at the same "
+                             "NFE and midpoint at twice the NFE, save the solver file, a report, "
+                             "error maps against GT, the learned transform and a PSNR-vs-NFE plot.")
     p.add_argument("--nfe", type=int, default=10, help="network evaluations (even; default %(default)s)")
     p.add_argument("--num-gt", type=int, default=1280, help="GT trajectories (default %(default)s)")
     p.add_argument("--num-val", type=int, default=1024, help="held-out GT trajectories (separate seed; evaluation only) (default %(default)s)")
@@ -361,20 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-iters", type=int, default=None,
                    help="fine-tune iterations (default: the trainer's)")
     p.add_argument("--out", type=Path, default=Path("bespoke_demo"), help="output directory")
-    # the bundled models are tiny: one thread avoids OpenMP overhead and contention
-    # (measured on 2 cores: demo 91 s with 1 thread vs 271 s with 2, same result)
-    p.set_defaults(func=cmd_demo, threads=1)
 
     from .zoo import FACTORY_CONTRACT
-    p = sub.add_parser("fit", help="the whole job: GT, held-out GT, training, held-out report",
-                       description="Fit a solver to a model in one command: GT for training and a "
-                                   "disjoint held-out set (separate seeds), training, evaluation on "
-                                   "the held-out set only, report (JSON, Markdown, plots) and the "
-                                   "solver file in --out. Prints the plan (trajectories, disk, model "
-                                   "evaluations, ETA from a timed probe) first. Rerunning the same "
-                                   "command resumes at the stage it stopped.",
-                       epilog=FACTORY_CONTRACT)
-    _common(p)
+    p = _command(sub, "fit", cmd_fit,
+                 help="the whole job: GT, held-out GT, training, held-out report",
+                 description="Fit a solver to a model in one command: GT for training and a "
+                             "disjoint held-out set (separate seeds), training, evaluation on "
+                             "the held-out set only, report (JSON, Markdown, plots) and the "
+                             "solver file in --out. Prints the plan (trajectories, disk, model "
+                             "evaluations, ETA from a timed probe) first. Rerunning the same "
+                             "command resumes at the stage it stopped.",
+                 epilog=FACTORY_CONTRACT)
     p.add_argument("--nfe", type=int, default=10, help="network evaluations (default %(default)s)")
     p.add_argument("--solver", choices=("bespoke", "bns"), default="bespoke",
                    help="bespoke (RK2 scale-time) or bns (non-stationary) (default %(default)s)")
@@ -404,13 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="print the plan and stop")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a fit made with other settings in --out (default: refuse)")
-    p.set_defaults(func=cmd_fit)
 
-    p = sub.add_parser("gt", help="generate ground-truth trajectories (adaptive RK45)",
-                       description="Integrate N noises with adaptive Dormand-Prince and store the "
-                                   "trajectories (dense knots) as a sharded GT set. Rerunning the "
-                                   "same command resumes an interrupted run.")
-    _common(p)
+    p = _command(sub, "gt", cmd_gt,
+                 help="generate ground-truth trajectories (adaptive RK45)",
+                 description="Integrate N noises with adaptive Dormand-Prince and store the "
+                             "trajectories (dense knots) as a sharded GT set. Rerunning the "
+                             "same command resumes an interrupted run.")
     p.add_argument("--num", type=int, default=1280, help="trajectories (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
@@ -420,12 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="trajectories per shard")
     _diffusers_options(p)
     _overwrite(p, "GT set")
-    p.set_defaults(func=cmd_gt)
 
-    p = sub.add_parser("train", help="fit a Bespoke (or BNS) solver on a GT set",
-                       description="Fit a solver to the model on its GT trajectories and save the "
-                                   "solver file (JSON).")
-    _common(p, gt=True)
+    p = _command(sub, "train", cmd_train,
+                 help="fit a Bespoke (or BNS) solver on a GT set",
+                 description="Fit a solver to the model on its GT trajectories and save the "
+                             "solver file (JSON).", gt=True)
     p.add_argument("--solver", choices=("bespoke", "bns"), default="bespoke",
                    help="solver family (default %(default)s)")
     p.add_argument("--base", choices=("rk1", "rk2"), default=None,
@@ -462,23 +464,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-sample PSNR: the papers' metric and the least noisy on multi-modal data)")
     p.add_argument("--out", type=Path, required=True, help="solver file to write (.json)")
     _diffusers_options(p)
-    p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="RMSE / PSNR of solvers against a GT set",
-                       description="Evaluate solver files and baselines (name@NFE: euler, midpoint, "
-                                   "heun, rk4) against the GT endpoints.")
-    _common(p, gt=True)
+    p = _command(sub, "eval", cmd_eval,
+                 help="RMSE / PSNR of solvers against a GT set",
+                 description="Evaluate solver files and baselines (name@NFE: euler, midpoint, "
+                             "heun, rk4) against the GT endpoints.", gt=True)
     p.add_argument("solvers", nargs="+", metavar="SOLVER", help="solver file or method@NFE")
     _diffusers_options(p)
     _allow_mismatch(p)
-    p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sample", help="draw samples with a solver file into .npy shards",
-                       description="Sample with FastSampler (triton + one CUDA graph on GPU, the "
-                                   "pure-torch reference on CPU) into DIR/samples_*.npy shards and a "
-                                   "manifest.json. Sample i's noise depends only on (seed, i), so "
-                                   "results do not depend on the batch size; reruns resume.")
-    _common(p)
+    p = _command(sub, "sample", cmd_sample,
+                 help="draw samples with a solver file into .npy shards",
+                 description="Sample with FastSampler (triton + one CUDA graph on GPU, the "
+                             "pure-torch reference on CPU) into DIR/samples_*.npy shards and a "
+                             "manifest.json. Sample i's noise depends only on (seed, i), so "
+                             "results do not depend on the batch size; reruns resume.")
     p.add_argument("--solver", required=True, type=Path, help="solver file (.json)")
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--batch-size", type=int, default=256)
@@ -489,22 +489,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output directory")
     _overwrite(p, "samples")
     _allow_mismatch(p)
-    p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("doctor", help="check on CPU that the sampling loop captures in a CUDA graph",
-                       description="Run FastSampler's captured region for the model and solver on "
-                                   "CPU (meta tensors) and list every host read, device-to-host "
-                                   "copy or data-dependent shape that would make a CUDA-graph "
-                                   "capture fail, with its file:line. Exit 0 when capturable, 1 "
-                                   "with the problems listed. No GPU needed.")
-    _common(p)
+    p = _command(sub, "doctor", cmd_doctor,
+                 help="check on CPU that the sampling loop captures in a CUDA graph",
+                 description="Run FastSampler's captured region for the model and solver on "
+                             "CPU (meta tensors) and list every host read, device-to-host "
+                             "copy or data-dependent shape that would make a CUDA-graph "
+                             "capture fail, with its file:line. Exit 0 when capturable, 1 "
+                             "with the problems listed. No GPU needed.")
     p.add_argument("--solver", type=Path, default=None,
                    help="solver file (.json); default a 5-step bespoke RK2 (any solver of the same "
                         "kind runs the same loop)")
     p.add_argument("--model-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="dtype the model runs in (as for 'sample')")
     p.add_argument("--batch-size", type=int, default=2, help="batch size to check (default 2)")
-    p.set_defaults(func=cmd_doctor)
     return parser
 
 
