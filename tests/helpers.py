@@ -100,3 +100,28 @@ class StandInCuda:
         self.sampler = sampler
         sampler.use_graph = True  # as on a CUDA device
         return sampler
+
+
+def gmm_trajectories(out, num, batch_size):
+    """``(flow, GT set)``: ``num`` trajectories of the smooth 16-dim mixture the trainer tests
+    fit (seed 0, no interpolation measurement), stored in ``out``."""
+    import bespoke_fast as bf
+    flow = smooth_gmm(dim=16, k=6, std_range=(0.1, 0.3))
+    bf.generate_trajectories(flow, num, (16,), out, seed=0, batch_size=batch_size, progress=False,
+                             measure_interpolation=0)
+    return flow, bf.load_trajectories(out)
+
+
+def run_twice_expecting_one_fallback(sampler, x0, reason):
+    """Call ``sampler(x0)`` twice when its capture fails: exactly one "could not capture" warning
+    naming ``reason``, then eager runs. Returns ``(first, second, sampler.stats())``."""
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = sampler(x0), sampler(x0)
+    msgs = [str(w.message) for w in caught if "could not capture" in str(w.message)]
+    assert len(msgs) == 1 and reason in msgs[0], msgs
+    stats = sampler.stats()
+    assert (stats["captures"], stats["replays"], stats["eager_runs"]) == (0, 0, 2)
+    return first, second, stats
+

@@ -14,7 +14,7 @@ import torch
 import bespoke_fast as bf
 from bespoke_fast.fitting.gt import TrajectorySet, hermite
 from bespoke_fast.fitting.bespoke import lipschitz_weights, local_errors, rmse_bound_loss
-from tests.helpers import noise, smooth_gmm
+from tests.helpers import gmm_trajectories, noise, smooth_gmm
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,11 +147,7 @@ def test_gt_sets_resume_verify_and_match_direct_solves(tmp_path):
 # ----------------------------------------------------------------------------- the trainer
 @pytest.fixture(scope="module")
 def gmm_gt(tmp_path_factory):
-    flow = smooth_gmm(dim=16, k=6, std_range=(0.1, 0.3))
-    out = tmp_path_factory.mktemp("gmm_gt")
-    bf.generate_trajectories(flow, 192, (16,), out, seed=0, batch_size=96, progress=False,
-                             measure_interpolation=0)
-    return flow, bf.load_trajectories(out)
+    return gmm_trajectories(tmp_path_factory.mktemp("gmm_gt"), 192, 96)
 
 
 def test_training_beats_the_base_solver(gmm_gt):

@@ -12,7 +12,7 @@ from bespoke_fast.fitting.bns import train_bns
 from bespoke_fast.cli import main
 from bespoke_fast.fitting.stopping import (describe_stop, new_state, observe, phase_horizon,
                                    selection_score, stop_reason)
-from tests.helpers import smooth_gmm
+from tests.helpers import gmm_trajectories
 
 
 class _Params(torch.nn.Module):
@@ -54,11 +54,7 @@ def test_phase_horizon_fits_the_schedule_into_the_time_left():
 
 @pytest.fixture(scope="module")
 def gmm_gt(tmp_path_factory):
-    flow = smooth_gmm(dim=16, k=6, std_range=(0.1, 0.3))
-    out = tmp_path_factory.mktemp("stop_gt")
-    bf.generate_trajectories(flow, 160, (16,), out, seed=0, batch_size=80, progress=False,
-                             measure_interpolation=0)
-    return flow, bf.load_trajectories(out)
+    return gmm_trajectories(tmp_path_factory.mktemp("stop_gt"), 160, 80)
 
 
 def test_bespoke_training_stops_on_patience_and_keeps_the_best(gmm_gt):
