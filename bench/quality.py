@@ -60,7 +60,8 @@ from bespoke_fast.solvers.fixed import NFE_PER_STEP  # noqa: E402
 EXACT_MODELS = ["gmm-64", "digits-exact"]
 TRAINED_MODELS = ["digits-fmot", "digits-vcs", "digits-eps"]
 # None: the trainer's own default (the numbers a user gets); 1,024 held-out noises (seed 1,
-# disjoint from the training noises' seed 0); 1,544 training trajectories = BNS's 520 + 1,024
+# disjoint from the training noises' seed 0); 1,544 training trajectories (the last 256 select
+# every trained row's checkpoint)
 FULL = dict(nfes=[4, 6, 8, 10, 16, 20], num_train=1544, num_test=1024, num_val=None, iters=None,
             finetune_iters=None, train_batch=None, rtol=1e-5, bns_iters=None, bns_num_train=None,
             eval_only_num_test=1024, budget_seconds=None)
@@ -76,7 +77,8 @@ DESCRIPTIONS = {
     "rk4": "bespoke_fast.solve(method='rk4') (classic RK4), uniform grid",
     "bespoke-rk1": "bespoke_fast.train(base='rk1', n_steps=NFE): learned scale-time Euler",
     "bespoke-rk2": "bespoke_fast.train(base='rk2', n_steps=NFE/2): learned scale-time midpoint",
-    "bns": "bespoke_fast.fitting.bns.train_bns(n_steps=NFE, init='midpoint'): non-stationary",
+    "bns": "bespoke_fast.fitting.bns.train_bns(n_steps=NFE): non-stationary, started from a "
+           "Bespoke RK2 solver fitted first with half of the budget (the trainer's default)",
     "ld3-ipndm": "iPNDM on a learned time grid (LD3-style fit, bench/peers_learned.py)",
     "ld3-dpm++2m": "DPM-Solver++(2M), FM-OT data prediction, learned time grid (LD3-style fit)",
     "ld3-unipc": "UniPC bh2 order 2, FM-OT data prediction, learned time grid (LD3-style fit)",
@@ -178,7 +180,7 @@ def trained_solver(kind, base, n, name, zm, train, args, cache_tag):
 
     ``kind``: bespoke, bns, ld3 (``base`` = the classical method) or gits. Options left at None
     take the trainers' defaults; the LD3 peers get BNS's split of the same training pairs
-    (520 train / 1,024 validation by default), budget and stopping rules."""
+    (520 train / 256 validation by default), budget and stopping rules."""
     stop = _given(args, budget_seconds="budget_seconds")
     key = f"{kind}-{base}-n{n}-N{len(train)}-s{args.seed}-" + "-".join(
         f"{k}{getattr(args, k)}" for k in ("iters", "finetune_iters", "train_batch", "num_val",
@@ -193,13 +195,15 @@ def trained_solver(kind, base, n, name, zm, train, args, cache_tag):
         except Exception as e:  # stale or invalid file: retrain
             print(f"[{name}] cached solver {path} unusable ({e}); retraining", flush=True)
     common = dict(seed=args.seed, model_name=name, progress=args.progress, **stop)
-    bns_split = dict(num_train=args.bns_num_train or 520, num_val=args.num_val or 1024)
+    # every trained row selects its checkpoint on the same last 256 (--num-val) training
+    # trajectories; BNS and LD3 train on 520 pairs (BNS's Bespoke start on all the others)
+    bns_split = dict(num_train=args.bns_num_train or 520, num_val=args.num_val or 256)
     if kind == "bespoke":
         solver, report = bf.train(zm.model, train, base=base, n_steps=n, **common, **_given(
             args, iters="iters", finetune_iters="finetune_iters", batch_size="train_batch",
             val="num_val"))
     elif kind == "bns":
-        solver, report = train_bns(zm.model, train, n_steps=n, init="midpoint", **common,
+        solver, report = train_bns(zm.model, train, n_steps=n, **common,
                                    **_given(args, iters="bns_iters"), **bns_split)
     elif kind == "ld3":
         pool, val = train.split(min(bns_split["num_val"], len(train) - 1))
@@ -406,6 +410,9 @@ def parse_args(argv=None):
     p.add_argument("--trained", nargs="*", default=kinds, choices=kinds,
                    help="trained solvers and learned-grid peers (default: all)")
     p.add_argument("--no-solver-cache", action="store_true", help="always retrain")
+    p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                   help="merge the results of runs split across processes or machines (each "
+                        "DIR holds a quality.json) into --out, in the order given, and stop")
     p.add_argument("--device", default="cpu", help="device for models and solvers (default cpu)")
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument("--threads", type=int, default=1,
@@ -427,8 +434,40 @@ def parse_args(argv=None):
     return args
 
 
+def merge(dirs, out):
+    """Concatenate the records of the runs in ``dirs`` (one model never in two of them) and
+    render one table in ``out``; the plots are copied."""
+    records, seen = [], set()
+    for d in dirs:
+        path = os.path.join(d, "quality.json")
+        if not os.path.isfile(path):
+            raise SystemExit(f"quality.py --merge: {path} does not exist")
+        with open(path, encoding="utf-8") as f:
+            part = json.load(f)
+        models = {r["model"] for r in part if r.get("kind") == "gt"}
+        if models & seen:
+            raise SystemExit(f"quality.py --merge: {d} repeats model(s) {sorted(models & seen)}")
+        seen |= models
+        records += part
+        for png in sorted(os.listdir(d)):
+            if png.startswith("quality_") and png.endswith(".png") and \
+                    os.path.abspath(d) != os.path.abspath(out):
+                os.makedirs(out, exist_ok=True)
+                shutil.copyfile(os.path.join(d, png), os.path.join(out, png))
+    with open(os.path.join(dirs[0], "quality.md"), encoding="utf-8") as f:
+        top = f.read().split("\n## ")[0].splitlines()       # the header block, before any model
+    head = [line for line in top if line.startswith("* ") and not line.startswith("* machine")]
+    head.append(f"* merged from {len(dirs)} runs of the same command but --models / --out "
+                f"(run side by side on this machine): {', '.join(dirs)}")
+    write_results(out, "quality", records, quality_markdown(records, header_lines=head))
+    print(f"wrote {os.path.join(out, 'quality.json')} and quality.md", flush=True)
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

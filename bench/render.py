@@ -152,6 +152,7 @@ def quality_markdown(records: list, title: str = "Sample quality vs NFE (PSNR dB
         for n in notes:
             if n.get("model") == model:
                 lines.append(f"* note: {n['text']}")
+    lines += targets_markdown(records)
     descs = OrderedDict()
     for r in results:
         if r.get("description"):
@@ -162,6 +163,84 @@ def quality_markdown(records: list, title: str = "Sample quality vs NFE (PSNR dB
     if general:
         lines += ["", "## Notes", ""] + [f"* {n['text']}" for n in general]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- quality targets
+TARGET_FIT_SECONDS = 180.0
+
+
+def _peers_at(by_solver: dict, nfe: int) -> list:
+    """The rows a learned solver must beat at ``nfe``: every learned-grid peer and every
+    diffusers scheduler (issue 16's definition of "every peer")."""
+    return [r for (s, n), r in by_solver.items() if n == nfe
+            and (r.get("library") in ("bench/peers_learned", "diffusers"))]
+
+
+def _verdict(ok, text):
+    return ("met" if ok else "**missed**") + f" ({text})"
+
+
+def quality_targets(records: list) -> tuple:
+    """``(header, rows)``: issue 16's targets evaluated cell by cell on the per-sample PSNR
+    (set-level where the target says so), from the point estimates; "n/a" where a row is
+    missing. Models in the records' order."""
+    results = [r for r in records if r.get("kind") == "result" and r.get("psnr") is not None]
+    models = list(OrderedDict.fromkeys(r["model"] for r in results))
+    checks = [("bespoke-rk2@10 >= midpoint@20", "bespoke-rk2", 10, "midpoint", 20, 0.0, "psnr"),
+              ("BNS@10 >= bespoke-rk2@10 + 3 dB", "bns", 10, "bespoke-rk2", 10, 3.0, "psnr")]
+    beats = [(f"{s}@{n} > every peer", s, n) for s in ("bespoke-rk2", "bns") for n in (6, 8, 10)]
+    sets = [(f"set-level {s}@10 >= midpoint@10", s) for s in ("bespoke-rk2", "bns")]
+    rows = []
+    table = {m: {(r["solver"], r["nfe"]): r for r in results if r["model"] == m} for m in models}
+    for label, a, na, b, nb, margin, key in checks:
+        row = [label]
+        for m in models:
+            ra, rb = table[m].get((a, na)), table[m].get((b, nb))
+            row.append("n/a" if ra is None or rb is None else _verdict(
+                ra[key] >= rb[key] + margin, f"{ra[key]:.1f} vs {rb[key]:.1f}"
+                + (f" + {margin:g}" if margin else "")))
+        rows.append(row)
+    for label, s, n in beats:
+        row = [label]
+        for m in models:
+            mine, peers = table[m].get((s, n)), _peers_at(table[m], n)
+            if mine is None or not peers:
+                row.append("n/a")
+                continue
+            best = max(peers, key=lambda r: r["psnr"])
+            row.append(_verdict(mine["psnr"] > best["psnr"],
+                                f"{mine['psnr']:.1f} vs {best['solver']} {best['psnr']:.1f}"))
+        rows.append(row)
+    for label, s in sets:
+        row = [label]
+        for m in models:
+            mine, mid = table[m].get((s, 10)), table[m].get(("midpoint", 10))
+            row.append("n/a" if mine is None or mid is None else _verdict(
+                mine["psnr_set"] >= mid["psnr_set"],
+                f"{mine['psnr_set']:.1f} vs {mid['psnr_set']:.1f}"))
+        rows.append(row)
+    row = [f"fit <= {TARGET_FIT_SECONDS:.0f} s (each bespoke-rk2 / BNS fit)"]
+    for m in models:
+        walls = [r["train"]["wall_seconds"] for r in table[m].values()
+                 if r.get("train") and r["solver"] in ("bespoke-rk2", "bns")
+                 and r["train"].get("wall_seconds") is not None]
+        row.append("n/a" if not walls else _verdict(max(walls) <= TARGET_FIT_SECONDS,
+                                                    f"longest {max(walls):.0f} s"))
+    rows.append(row)
+    return ["target"] + models, rows
+
+
+def targets_markdown(records: list) -> list:
+    """The targets table as Markdown lines (empty when no learned solver was run)."""
+    if not any(r.get("kind") == "result" and r.get("solver") in ("bespoke-rk2", "bns")
+               for r in records):
+        return []
+    header, rows = quality_targets(records)
+    return ["", "## Targets (issue 16)", "",
+            "Per-sample PSNR point estimates unless marked set-level; \"every peer\" = every "
+            "learned-grid peer and every diffusers scheduler in the table at that NFE. Many "
+            "cells lie within each other's 95% intervals (see the tables above).", "",
+            _table(header, rows)]
 
 
 # ----------------------------------------------------------------------------- throughput

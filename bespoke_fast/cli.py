@@ -122,6 +122,7 @@ _KIND_ONLY_OPTIONS = {
     "gt_mode": "BNS trains on the GT endpoints only",
     "num_train": "bespoke trains on all but --val",
     "optimizer": "the bespoke trainer always uses Adam",
+    "init": "the bespoke trainer starts from a searched time grid",
 }
 
 
@@ -155,7 +156,14 @@ def cmd_train(args):
     opts = _train_options(args)
     # the header the trainer will use: bespoke's --base, BNS's init (its trainer's default)
     header = {"base": args.base or "rk2"} if solver_class(args.solver).header_key == "base" else {}
-    n = _nfe_to_steps(args.solver, header.get("base", "midpoint"), args.nfe)
+    if opts.get("init") not in (None, "bespoke", "midpoint", "euler"):   # a solver file to start from
+        from .solvers.files import load_solver
+        if not Path(opts["init"]).is_file():
+            raise CLIError(f"--init {opts['init']}: not bespoke, midpoint, euler or a solver file")
+        opts["init"] = load_solver(opts["init"])
+    # BNS: only the midpoint start needs an even NFE
+    n = _nfe_to_steps(args.solver, header.get("base", "midpoint" if opts.get("init") == "midpoint"
+                                                else "euler"), args.nfe)
     check_writable(args.out, "solver file")          # before the fit, not after it
     zm = _model(args)
     gt = _gt(args, zm)
@@ -384,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bespoke (RK2 scale-time) or bns (non-stationary) (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--num-train", type=int, default=None,
-                   help="training GT trajectories (default 1280 bespoke, 776 bns)")
+                   help="training GT trajectories (default 1280)")
     p.add_argument("--num-heldout", type=int, default=1024, help="held-out GT trajectories (separate seed; evaluation only) (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="training noise seed (default %(default)s)")
     p.add_argument("--heldout-seed", type=int, default=None, help="held-out noise seed (default seed + 1)")
@@ -452,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file: resume from it if present")
     p.add_argument("--optimizer", choices=("auto", "lbfgs", "adam"), default=None,
                    help="bns only (default auto: L-BFGS, then Adam when L-BFGS stalls)")
+    p.add_argument("--init", default=None, metavar="{bespoke,midpoint,euler,FILE}",
+                   help="bns only: the starting solver (default bespoke: fit a Bespoke solver of "
+                        "the same NFE first, with half the budget, and start from it; or a "
+                        "solver file of the same NFE)")
     p.add_argument("--budget-seconds", type=float, default=None,
                    help="wall-time budget of the fit; 0: none (default: the trainer's, 170 s)")
     p.add_argument("--max-iters", type=int, default=None,

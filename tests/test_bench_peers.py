@@ -239,3 +239,34 @@ def test_render_summary(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "| euler | bespoke_fast | 20.00 |" in md
     assert "fast: reference" in md and "met" in md and "hello" in md
+
+
+# ----------------------------------------------------------------------------- quality targets
+def _row(model, solver, nfe, psnr, psnr_set=None, library="bespoke_fast", wall=None):
+    r = {"kind": "result", "model": model, "solver": solver, "nfe": nfe, "psnr": psnr,
+         "psnr_set": psnr if psnr_set is None else psnr_set, "library": library}
+    if wall is not None:
+        r["train"] = {"wall_seconds": wall}
+    return r
+
+
+def test_quality_targets_judge_each_cell_against_the_strongest_peer():
+    import render
+    rows = [_row("m", "midpoint", 10, 30.0, 20.0), _row("m", "midpoint", 20, 40.0),
+            _row("m", "bespoke-rk2", 10, 41.0, 19.0, wall=150),
+            _row("m", "bns", 10, 44.5, 25.0, wall=200),
+            _row("m", "ld3-unipc", 10, 42.0, library="bench/peers_learned"),
+            _row("m", "diffusers-unipc", 10, 43.0, library="diffusers"),
+            _row("m", "torchdiffeq-rk4", 10, 99.0, library="torchdiffeq")]   # not a peer here
+    header, table = render.quality_targets(rows)
+    cells = {r[0]: r[1] for r in table}
+    assert header == ["target", "m"]
+    assert cells["bespoke-rk2@10 >= midpoint@20"] == "met (41.0 vs 40.0)"
+    assert cells["BNS@10 >= bespoke-rk2@10 + 3 dB"] == "met (44.5 vs 41.0 + 3)"
+    assert cells["bespoke-rk2@10 > every peer"] == "**missed** (41.0 vs diffusers-unipc 43.0)"
+    assert cells["bns@10 > every peer"] == "met (44.5 vs diffusers-unipc 43.0)"
+    assert cells["bespoke-rk2@6 > every peer"] == "n/a"
+    assert cells["set-level bespoke-rk2@10 >= midpoint@10"] == "**missed** (19.0 vs 20.0)"
+    assert cells["fit <= 180 s (each bespoke-rk2 / BNS fit)"] == "**missed** (longest 200 s)"
+    assert "## Targets (issue 16)" in "\n".join(render.targets_markdown(rows))
+    assert render.targets_markdown(rows[:2]) == []                 # no learned solver: no table

@@ -48,6 +48,61 @@ def test_identity_init_reproduces_the_base_solver(init, n):
     assert solver.nfe == solver.n_steps == n
 
 
+def _perturbed_bespoke(base, n, seed=0, scale=0.1):
+    solver = bf.BespokeSolver(base, n)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in solver.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return solver
+
+
+@pytest.mark.parametrize("base,n", [("rk2", 5), ("rk1", 7), ("rk2", 1)])
+def test_from_solver_samples_exactly_like_a_bespoke_solver(base, n):
+    flow, x0 = smooth_gmm(), noise(16, 8)
+    bespoke = _perturbed_bespoke(base, n)
+    bns = NonStationarySolver.from_solver(bespoke)
+    assert bns.nfe == bespoke.nfe
+    with torch.no_grad():
+        got, want = bns.sample(flow, x0), bespoke.sample(flow, x0)
+    assert (got - want).abs().max() < 1e-12
+    assert bns.meta["initialised_from"]["fingerprint"] == bespoke.fingerprint()
+    # the same model times, in call order
+    assert torch.allclose(bns.coefficients()["t"].detach(),
+                          bespoke.model_times().detach().flatten(), atol=1e-12)
+
+
+def test_from_identity_bespoke_is_the_midpoint_init():
+    bns = NonStationarySolver.from_solver(bf.BespokeSolver("rk2", 4))
+    a, b = init_coefficients(8, "midpoint")
+    c = bns.coefficients()
+    assert (c["a"] - a).abs().max() < 1e-12 and (c["b"] - b).abs().max() < 1e-12
+    assert torch.allclose(c["t"].detach(), torch.arange(8, dtype=torch.float64) / 8, atol=1e-12)
+
+
+class _NotLinear:
+    """A solver whose states are not linear in the velocities (it squares one)."""
+    nfe, kind = 2, "toy"
+
+    def sample(self, model, x0):
+        t = torch.zeros(x0.shape[0], dtype=x0.dtype)
+        u = model(x0, t)
+        return x0 + model(x0 + 0.5 * u * u, t + 0.5)
+
+
+class _LateStart(_NotLinear):
+    def sample(self, model, x0):
+        t = torch.full((x0.shape[0],), 0.1, dtype=x0.dtype)
+        return x0 + model(x0 + model(x0, t), t + 0.5)
+
+
+@pytest.mark.parametrize("solver,message", [(_NotLinear(), "not linear in its velocities"),
+                                            (_LateStart(), "0 = t_0 < t_1")])
+def test_from_solver_refuses_what_bns_cannot_write(solver, message):
+    with pytest.raises(ValueError, match=message):
+        NonStationarySolver.from_solver(solver)
+
+
 def test_midpoint_init_states_alternate_grid_and_stage_states():
     flow, x0 = smooth_gmm(), noise(4, 8)
     traj = NonStationarySolver(6, "midpoint").sample(flow, x0, return_trajectory=True)
@@ -215,8 +270,8 @@ def gmm_gt(tmp_path_factory):
 @pytest.mark.parametrize("optimizer,iters", [("lbfgs", 20), ("adam", 60)])
 def test_training_improves_validation_psnr(gmm_gt, optimizer, iters):
     flow, gt = gmm_gt
-    solver, report = train_bns(flow, gt, n_steps=4, optimizer=optimizer, iters=iters,
-                               num_train=64, num_val=64, val_every=10, progress=False)
+    solver, report = train_bns(flow, gt, n_steps=4, init="midpoint", optimizer=optimizer,
+                               iters=iters, num_train=64, num_val=64, val_every=10, progress=False)
     init, best = report["init"]["psnr"], report["best"]["psnr"]
     assert best > init + 3, (init, best)
     assert report["curve"][0]["iteration"] == 0 and report["config"]["num_val"] == 64
@@ -226,15 +281,63 @@ def test_training_improves_validation_psnr(gmm_gt, optimizer, iters):
     assert bf.evaluate(flow, solver, val)["psnr"] == pytest.approx(best, abs=1e-9)
 
 
+def test_training_from_a_bespoke_solver_starts_where_it_ends(gmm_gt):
+    flow, gt = gmm_gt
+    bespoke = _perturbed_bespoke("rk2", 2, scale=0.02)
+    _, val = gt.split(64)
+    start = bf.evaluate(flow, bespoke, val)["psnr"]
+    solver, report = train_bns(flow, gt, n_steps=4, init=bespoke, optimizer="lbfgs", iters=10,
+                               num_train=64, num_val=64, val_every=5, progress=False)
+    # the same solver in BNS form (float32 validation: summation order differs, ~1e-6 dB)
+    assert report["init"]["psnr"] == pytest.approx(start, abs=1e-4)
+    assert report["best"]["psnr"] > start
+    assert report["config"]["init"] == "bespoke"
+    with pytest.raises(ValueError, match="NFE 4, but n_steps=6"):
+        train_bns(flow, gt, n_steps=6, init=bespoke, iters=1, progress=False)
+    with pytest.raises(TypeError, match="a fitted solver"):
+        train_bns(flow, gt, n_steps=4, init=3, iters=1, progress=False)
+    with pytest.raises(ValueError, match="unknown init"):
+        train_bns(flow, gt, n_steps=4, init="rk4", iters=1, progress=False)
+
+
+@pytest.mark.parametrize("n_steps,base", [(4, "rk2"), (3, "rk1")])
+def test_default_init_fits_bespoke_first_then_starts_bns_from_it(gmm_gt, n_steps, base):
+    flow, gt = gmm_gt
+    solver, report = train_bns(flow, gt, n_steps=n_steps, optimizer="lbfgs", iters=5,
+                               max_iters=30, num_train=64, num_val=64, val_every=5,
+                               progress=False)
+    stage = report["bespoke_stage"]
+    assert stage["base"] == base and stage["num_train"] == 64       # every non-validation pair
+    # BNS's first validation is the fitted Bespoke solver, in BNS form, on the same pairs
+    assert report["init"]["psnr"] == pytest.approx(stage["best"]["psnr"], abs=1e-4)
+    _, val = gt.split(64)
+    classical = bf.evaluate(flow, f"{'midpoint' if base == 'rk2' else 'euler'}@{n_steps}", val)
+    assert report["init"]["psnr"] > classical["psnr"] + 1, classical["psnr"]
+    assert report["best"]["psnr"] >= report["init"]["psnr"]
+    assert report["config"]["init"] == "bespoke" and solver.nfe == n_steps
+
+
+def test_default_init_without_interior_knots_starts_from_midpoint(gmm_gt):
+    flow, gt = gmm_gt
+    ends = gt.subset(range(len(gt)))
+    keep = [0, len(ends.knots_t) - 1]
+    ends.knots_t, ends.knots_x, ends.knots_u = (ends.knots_t[keep], ends.knots_x[:, keep],
+                                                ends.knots_u[:, keep])
+    _, report = train_bns(flow, ends, n_steps=4, iters=1, num_train=64, num_val=64, progress=False)
+    assert "no interior knots" in report["bespoke_stage"]["note"]
+    assert report["config"]["init"] == "midpoint"
+
+
 def test_train_bns_split_and_arguments(gmm_gt):
     flow, gt = gmm_gt
     with pytest.raises(ValueError, match="cannot take 1000 training and 1000 validation pairs"):
         train_bns(flow, gt, n_steps=2, iters=1, num_train=1000, num_val=1000, progress=False)
-    _, report = train_bns(flow, gt, n_steps=2, iters=1, progress=False)   # 128 pairs: defaults shrink
+    _, report = train_bns(flow, gt, n_steps=2, init="midpoint", iters=1,
+                          progress=False)                                 # 128 pairs: defaults shrink
     assert (report["config"]["num_train"], report["config"]["num_val"]) == (64, 64)
     assert "64 training / 64 validation pairs of 128" in report["split_note"]
     with pytest.raises(ValueError, match="n_steps=3"):
-        train_bns(flow, gt, n_steps=3, iters=1, progress=False)
+        train_bns(flow, gt, n_steps=3, init="midpoint", iters=1, progress=False)
     with pytest.raises(ValueError, match="unknown optimizer"):
         train_bns(flow, gt, n_steps=2, optimizer="sgd", progress=False)
 
@@ -242,8 +345,8 @@ def test_train_bns_split_and_arguments(gmm_gt):
 @pytest.mark.parametrize("extra", [dict(optimizer="lbfgs"), dict(optimizer="adam", batch_size=16)])
 def test_checkpoint_resume_matches_an_uninterrupted_run(gmm_gt, tmp_path, extra):
     flow, gt = gmm_gt
-    kw = dict(n_steps=4, iters=20, num_train=32, num_val=32, val_every=5, checkpoint_every=10,
-              progress=False, **extra)
+    kw = dict(n_steps=4, init="midpoint", iters=20, num_train=32, num_val=32, val_every=5,
+              checkpoint_every=10, progress=False, **extra)
     full, _ = train_bns(flow, gt, **kw)
 
     def stop(it, record):

@@ -78,11 +78,16 @@ def test_fit_a_module_factory_model_from_the_cli_with_a_data_range_notice(tmp_pa
     sys.modules.pop("my_models", None)
 
 
-def test_fit_bns_trains_on_endpoint_pairs(tmp_path):
+def test_fit_bns_starts_from_a_bespoke_solver_fitted_on_the_same_gt(tmp_path):
+    lines = []
     r = bf.fit("gmm-64", solver="bns", out=tmp_path / "bns", nfe=4, num_train=40, num_heldout=16,
-               iters=2, plots=False, progress=False, log=lambda *a: None)
+               iters=2, plots=False, progress=False, log=lines.append,
+               train_kwargs={"max_iters": 6})
     assert r.report["heldout"][0]["solver"] == "bns@4"
-    assert r.report["gt"]["train"]["knots"] == 2                  # no knots: pairs only
+    assert r.report["gt"]["train"]["knots"] > 2                   # the Bespoke start needs knots
+    stage = r.report["training"]["bespoke_stage"]
+    assert stage["base"] == "rk2" and stage["num_train"] == 40 - r.report["settings"]["num_select"]
+    assert any("BNS started from a Bespoke RK2 solver" in line for line in lines)
 
 
 def test_an_interrupted_fit_resumes_to_the_uninterrupted_result(tmp_path):

@@ -113,7 +113,7 @@ def mlp_gt(tmp_path_factory):
 
 def test_bns_auto_goes_on_with_adam_when_lbfgs_stops_on_a_zoo_mlp(mlp_gt, tmp_path):
     model, gt = mlp_gt
-    kw = dict(n_steps=4, optimizer="auto", iters=4, adam_iters=12, num_train=32, num_val=32,
+    kw = dict(n_steps=4, init="midpoint", optimizer="auto", iters=4, adam_iters=12, num_train=32, num_val=32,
               val_every=4, checkpoint_every=4, budget_seconds=None, patience=None,
               progress=False, model_name="digits-fmot")
     solver, report = train_bns(model, gt, **kw)

@@ -37,7 +37,7 @@ __all__ = ["fit", "FitResult", "make_plan", "plot_error_maps", "plot_transform",
 
 SOLVERS = ("bespoke", "bns")
 # the header the fit job trains each kind with: Bespoke RK2, BNS from midpoint
-FIT_HEADERS = {"bespoke": "rk2", "bns": "midpoint"}
+FIT_HEADERS = {"bespoke": "rk2", "bns": "midpoint"}   # BNS then starts from a fitted Bespoke RK2
 _ENDPOINT_KNOTS = (0.0, 1.0)
 # smallest plan --max-disk / --budget-seconds may scale down to
 _MIN_TRAIN, _MIN_HELDOUT, _MIN_ITERS = 64, 64, 10
@@ -138,9 +138,13 @@ def make_plan(settings: dict, probe: dict) -> dict:
         steps = s["iters"] + s["finetune_iters"]
         train_evals = steps * s["batch_size"] * nfe
         val_evals = math.ceil(steps / s["val_every"]) * s["num_select"] * nfe
-    else:   # L-BFGS: about 1.3 full-batch loss evaluations per iteration
-        train_evals = int(1.3 * s["iters"] * (s["num_train"] - s["num_select"]) * nfe)
-        val_evals = math.ceil(s["iters"] / s["val_every"]) * s["num_select"] * nfe
+    else:   # the Bespoke start, then L-BFGS: about 1.3 full-batch loss evaluations per iteration
+        from .bespoke import OPTIONS as bespoke_defaults
+        from .bns import DEFAULT_NUM_TRAIN
+        steps = bespoke_defaults.iters + bespoke_defaults.finetune_iters
+        pairs = min(DEFAULT_NUM_TRAIN, s["num_train"] - s["num_select"])
+        train_evals = steps * bespoke_defaults.batch_size * nfe + int(1.3 * s["iters"] * pairs * nfe)
+        val_evals = math.ceil((steps + s["iters"]) / s["val_every"]) * s["num_select"] * nfe
     eval_evals = s["num_heldout"] * (nfe + sum(int(b.split("@")[1]) for b in baselines(nfe)))
     evals = {"gt": int(gt_evals), "train": int(train_evals), "validation": int(val_evals),
              "evaluation": int(eval_evals)}
@@ -312,8 +316,9 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
             (then give ``shape``; ``data_range`` defaults to 2, with a notice).
         nfe: network evaluations of the solver (even for bespoke: RK2 steps of 2).
         solver: ``"bespoke"`` (RK2 scale-time) or ``"bns"`` (non-stationary).
-        num_train: training GT trajectories (default 1280 bespoke, 776 BNS; the last
-            ``min(256, num_train // 5)`` select the checkpoint). num_heldout: held-out GT
+        num_train: training GT trajectories (default 1280; the last ``min(256, num_train //
+            5)`` select the checkpoint). BNS fits a Bespoke RK2 start on all the others, then
+            trains on 520 of them (``train_bns``'s default ``init="bespoke"``). num_heldout: held-out GT
             (endpoints only; only the report uses them). seed / heldout_seed: their noise seeds
             (held-out default ``seed + 1``; must differ, so the sets are disjoint).
         rtol, atol, knots, storage_dtype, adaptive_knots: GT settings
@@ -408,7 +413,7 @@ def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol,
     else:
         from .bns import OPTIONS as defaults
     num_train = check_int("num_train", num_train if num_train is not None else
-                          (1280 if solver == "bespoke" else 776), 2)
+                          1280, 2)
     iters = iters if iters is not None else (defaults.iters or 300)
     finetune_iters = (finetune_iters if finetune_iters is not None
                       else getattr(defaults, "finetune_iters", 0))
@@ -421,14 +426,13 @@ def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol,
             raise InvalidArgumentError(f"num_train must be >= {num_select + MIN_TRAIN_PAIRS} for BNS "
                                        f"({MIN_TRAIN_PAIRS} training + {num_select} selection pairs)")
     storage_dtype = str(storage_dtype_of(storage_dtype) or torch.float32).replace("torch.", "")
-    # BNS trains on endpoint pairs only: no knots needed
-    knots_t = (list(_ENDPOINT_KNOTS) if solver == "bns" else
-               default_knots(check_int("knots", knots if knots is not None else DEFAULT_KNOTS, 2)).tolist())
+    # BNS trains on endpoint pairs, but its Bespoke start needs the knots
+    knots_t = default_knots(check_int("knots", knots if knots is not None else DEFAULT_KNOTS, 2)).tolist()
     return {"model": zm.name, "shape": list(zm.shape), "data_range": zm.data_range, "nfe": nfe,
             "solver": solver, "num_train": num_train, "num_heldout": check_int("num_heldout", num_heldout),
             "num_select": num_select, "seed": seed, "heldout_seed": heldout_seed,
             "rtol": rtol, "atol": atol, "knots_t": knots_t, "storage_dtype": storage_dtype,
-            "adaptive_knots": bool(adaptive_knots) and solver == "bespoke",
+            "adaptive_knots": bool(adaptive_knots),
             "iters": check_int("iters", iters, 0), "finetune_iters": check_int("finetune_iters", finetune_iters, 0),
             "batch_size": batch_size, "val_every": defaults.val_every}
 
@@ -445,7 +449,7 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
         zm.model, s["num_train"], zm.shape, out / "gt_train", seed=s["seed"],
         knots=torch.tensor(s["knots_t"], dtype=torch.float64), storage_dtype=s["storage_dtype"],
         adaptive_knots=s["adaptive_knots"], reference_nfe=s["nfe"],
-        measure_interpolation=16 if s["solver"] == "bespoke" else 0, **gt_kwargs)
+        measure_interpolation=16, **gt_kwargs)
     log(f"[2/4] held-out GT: {s['num_heldout']} trajectories (seed {s['heldout_seed']}, endpoints "
         f"only) -> {out / 'gt_heldout'}")
     held_manifest = generate_trajectories(
@@ -465,6 +469,12 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
                                       autocast, stream, progress, train_kwargs)
         solver.save(solver_path)
         atomic_write_text(train_report_path, json.dumps(train_report, indent=1, default=str) + "\n")
+    stage = train_report.get("bespoke_stage")
+    if stage:
+        log(stage["note"] if "note" in stage else
+            f"BNS started from a Bespoke {stage['base'].upper()} solver fitted first "
+            f"(validation PSNR {stage['best']['psnr']:.2f} dB, {stage['wall_seconds']:.0f} s, "
+            f"stopped: {stage['stop_reason']})")
     if train_report.get("stop_reason"):
         log(f"training stopped: {train_report['stop_reason']}")
     log(f"[4/4] evaluating on the {len(heldout)} held-out trajectories")
@@ -479,7 +489,8 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
         "gt": {"train": _gt_summary(gt_manifest), "heldout": _gt_summary(held_manifest),
                "disjoint": "different noise seeds: counter-based noise, one stream per seed"},
         "training": {k: train_report.get(k) for k in ("config", "best", "nfe", "wall_seconds",
-                                                      "stop_reason", "bound_stop_reason")},
+                                                      "stop_reason", "bound_stop_reason",
+                                                      "bespoke_stage")},
         "files": files, "seconds_this_run": time.perf_counter() - started,
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
@@ -510,7 +521,7 @@ def _train(zm, device, s, out, micro_batch, activation_checkpointing, autocast, 
     from .bns import train_bns
     gt = load_trajectories(out / "gt_train", device=device)
     return train_bns(zm.model, gt, n_steps=s["nfe"], iters=s["iters"], num_val=s["num_select"],
-                     num_train=len(gt) - s["num_select"], seed=s["seed"], checkpoint=ckpt,
+                     seed=s["seed"], checkpoint=ckpt,
                      model_name=zm.name, progress=progress, **train_kwargs)
 
 

@@ -103,6 +103,72 @@ class NonStationarySolver(Solver):
         self.theta_b = nn.Parameter(b[rows, cols].clone())
         self.meta: dict = {}
 
+    @classmethod
+    def from_solver(cls, solver, tol: float = 1e-9) -> "NonStationarySolver":
+        """The BNS solver that samples exactly like ``solver`` (same NFE, same model calls).
+
+        Any fixed-grid solver whose states are linear in the noise and the velocities so far is
+        a BNS solver: Bespoke RK1/RK2 (the scale-time transform only changes the scalars),
+        Euler, midpoint. The coefficients are read off by running ``solver.sample`` once on a
+        probe model that returns independent random vectors (float64, batch 1, dimension
+        ``2 NFE + 16``) and solving each recorded state for them by least squares. BNS
+        evaluates the model first at ``(t = 0, x0)``; a solver that does not, that is not linear
+        in its velocities (relative residual above ``tol``), or whose model times do not increase
+        strictly below 1, is refused with a ValueError. The result starts a BNS fit from a fitted
+        Bespoke solver (``train_bns(init=solver)``): it is never worse than that solver on the
+        training loss.
+
+        Example::
+
+            >>> bns = NonStationarySolver.from_solver(BespokeSolver.load("bespoke_rk2_nfe10.json"))
+            >>> bns.nfe                                                          # 10
+        """
+        name = f"{type(solver).__name__} (kind {getattr(solver, 'kind', '?')})"
+        nfe = check_int("solver.nfe", getattr(solver, "nfe", None))
+        dim = 2 * nfe + 16
+        gen = torch.Generator().manual_seed(0)
+        x0 = torch.randn(1, dim, generator=gen, dtype=torch.float64)
+        velocities = torch.randn(nfe, 1, dim, generator=gen, dtype=torch.float64)
+        calls = []
+
+        def probe(x, t, **extras):
+            if len(calls) >= nfe:
+                raise ValueError(f"{name} called the model more than its NFE ({nfe}) times")
+            calls.append((float(t.reshape(-1)[0]), x.detach().double().clone()))
+            return velocities[len(calls) - 1].to(x.dtype)
+
+        with torch.no_grad():
+            out = solver.sample(probe, x0.clone())
+        if len(calls) != nfe:
+            raise ValueError(f"{name} called the model {len(calls)} times, not its NFE {nfe}")
+        times = torch.tensor([t for t, _ in calls], dtype=torch.float64)
+        if times[0] != 0 or not bool((times.diff() > 0).all()) or times[-1] >= 1:
+            raise ValueError(f"{name} evaluates the model at times {times.tolist()}; a BNS solver "
+                             f"needs 0 = t_0 < t_1 < ... < t_(n-1) < 1")
+        if float((calls[0][1] - x0).abs().max()) > tol:
+            raise ValueError(f"{name} does not evaluate the model at the noise x0 first")
+        states = [x for _, x in calls[1:]] + [out.detach().double()]
+        a = torch.empty(nfe, dtype=torch.float64)
+        b = torch.zeros(nfe, nfe, dtype=torch.float64)
+        for i, x in enumerate(states):           # x_{i+1} = a_i x0 + sum_{j<=i} b_ij u_j
+            basis = torch.cat([x0, velocities[:i + 1, 0]]).T        # [dim, i + 2]
+            coef = torch.linalg.lstsq(basis, x[0, :, None]).solution[:, 0]
+            residual = float((basis @ coef - x[0]).norm() / x[0].norm().clamp_min(1e-300))
+            if residual > tol:
+                raise ValueError(f"{name} is not linear in its velocities (state {i + 1}: relative "
+                                 f"residual {residual:.2e}); it cannot be written as a BNS solver")
+            a[i], b[i, :i + 1] = coef[0], coef[1:]
+        new = cls(nfe, init="midpoint" if nfe % 2 == 0 else "euler")
+        rows, cols = new._tril()
+        with torch.no_grad():
+            new.theta_t.copy_(torch.cat([times, times.new_ones(1)]).diff())
+            new.theta_a.copy_(a)
+            new.theta_b.copy_(b[rows, cols])
+        fingerprint = getattr(solver, "fingerprint", None)
+        new.meta = {"initialised_from": {"kind": getattr(solver, "kind", None),
+                                         "fingerprint": fingerprint() if fingerprint else None}}
+        return new
+
     # ------------------------------------------------------------------ sizes
     @classmethod
     def nfe_for(cls, header: str, n_steps: int) -> int:
