@@ -315,6 +315,8 @@ def test_default_init_fits_bespoke_first_then_starts_bns_from_it(gmm_gt, n_steps
     assert report["init"]["psnr"] > classical["psnr"] + 1, classical["psnr"]
     assert report["best"]["psnr"] >= report["init"]["psnr"]
     assert report["config"]["init"] == "bespoke" and solver.nfe == n_steps
+    assert report["wall_seconds"] == pytest.approx(report["bns_wall_seconds"]
+                                                   + stage["wall_seconds"])
 
 
 def test_default_init_without_interior_knots_starts_from_midpoint(gmm_gt):

@@ -278,7 +278,9 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init=OPTIONS
             goes further still. Validation samples in the GT's dtype, like deployment.
         callback: optional ``callback(iteration, record)`` after each validation.
 
-    Returns: ``(solver, report)``; the report holds the curve (iteration, loss, validation
+    Returns: ``(solver, report)``; the report holds ``bespoke_stage`` (the Bespoke start's base,
+    best validation record, stop reason and wall time; ``wall_seconds`` is the whole fit's, the
+    BNS part alone is ``bns_wall_seconds``), the curve (iteration, loss, validation
     RMSE/PSNR; iteration 0 is the initial solver), the initial and best validation figures,
     model evaluations spent (``nfe``: GT, training, validation; per-sample), the number of loss
     evaluations, ``stop_reason`` (patience, budget, max_iters, converged), ``iterations``,
@@ -483,10 +485,15 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init=OPTIONS
                     state["stop_reason"] = reason
             if checkpoint_due(ckpt, rank, done, checkpoint_every, switched, state):
                 started = save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
-    return finish(solver, model, trajectories, config, state, model_name, bar, started,
-                   init=state["init_record"], loss_evaluations=state["loss_evals"],
-                   converged=state["stop_reason"] == "converged", lbfgs_restarts=state["restarts"],
-                   stop_reason=state["stop_reason"], iterations=state["iteration"],
-                   switched_to_adam_at=state["switched_at"],
-                   lbfgs_stop_reason=state["lbfgs_stop_reason"], split_note=split_note,
-                   bespoke_stage=stage)
+    solver, report = finish(solver, model, trajectories, config, state, model_name, bar, started,
+                            init=state["init_record"], loss_evaluations=state["loss_evals"],
+                            converged=state["stop_reason"] == "converged",
+                            lbfgs_restarts=state["restarts"], stop_reason=state["stop_reason"],
+                            iterations=state["iteration"], switched_to_adam_at=state["switched_at"],
+                            lbfgs_stop_reason=state["lbfgs_stop_reason"], split_note=split_note,
+                            bespoke_stage=stage)
+    if stage and "wall_seconds" in stage:    # the fit's wall time includes its Bespoke start
+        report["bns_wall_seconds"] = report["wall_seconds"]
+        report["wall_seconds"] += stage["wall_seconds"]
+        solver.meta["training"]["wall_seconds"] = report["wall_seconds"]
+    return solver, report
