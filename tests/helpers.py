@@ -125,3 +125,12 @@ def run_twice_expecting_one_fallback(sampler, x0, reason):
     assert (stats["captures"], stats["replays"], stats["eager_runs"]) == (0, 0, 2)
     return first, second, stats
 
+
+def perturbed(solver, seed=0, scale=0.05):
+    """``solver`` with ``scale * N(0, 1)`` added to every parameter (seeded; in place):
+    a non-trivial learned solver for tests."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in solver.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return solver

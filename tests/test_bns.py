@@ -9,7 +9,7 @@ import bespoke_fast.solvers.bns as bns_module
 from bespoke_fast.fitting.bns import end_to_end_loss, train_bns
 from bespoke_fast.ops.bns import bns_step_ref
 from bespoke_fast.solvers.bns import INITS, NonStationarySolver, init_coefficients
-from tests.helpers import noise, smooth_gmm
+from tests.helpers import noise, perturbed, smooth_gmm
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -23,11 +23,7 @@ def _one_thread():
 
 
 def _perturbed(n=6, init="midpoint", seed=0, scale=0.05):
-    solver = NonStationarySolver(n, init=init)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in solver.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    solver = perturbed(NonStationarySolver(n, init=init), seed, scale)
     solver.meta = {"model": {"name": "gmm-test", "hash": "abc"}, "training": {"iters": 3},
                    "validation": {"psnr": 41.5}}
     return solver
@@ -49,12 +45,7 @@ def test_identity_init_reproduces_the_base_solver(init, n):
 
 
 def _perturbed_bespoke(base, n, seed=0, scale=0.1):
-    solver = bf.BespokeSolver(base, n)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in solver.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return solver
+    return perturbed(bf.BespokeSolver(base, n), seed, scale)
 
 
 @pytest.mark.parametrize("base,n", [("rk2", 5), ("rk1", 7), ("rk2", 1)])

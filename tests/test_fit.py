@@ -15,6 +15,7 @@ import bespoke_fast as bf
 from bespoke_fast.fitting.gt import TrajectorySet, hermite
 from bespoke_fast.fitting.bespoke import lipschitz_weights, local_errors, rmse_bound_loss
 from tests.helpers import gmm_trajectories, noise, smooth_gmm
+from tests.helpers import perturbed as perturb_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,12 +47,7 @@ def linear_gt(field, B=8, K=200):
 
 
 def perturbed(base, n, seed=0, scale=0.3):
-    solver = bf.BespokeSolver(base, n)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in solver.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return solver
+    return perturb_parameters(bf.BespokeSolver(base, n), seed, scale)
 
 
 @pytest.mark.parametrize("base", ["rk1", "rk2"])

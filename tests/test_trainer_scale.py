@@ -6,6 +6,7 @@ import torch
 import bespoke_fast as bf
 from bespoke_fast.solvers.bespoke import BespokeSolver
 from bespoke_fast.fitting.bespoke import loss_backward, model_for_loss
+from tests.helpers import perturbed
 
 
 @pytest.fixture(scope="module")
@@ -20,12 +21,7 @@ def gt64(tmp_path_factory):
 
 
 def _perturbed_solver(n_steps=3):
-    solver = BespokeSolver("rk2", n_steps).double()
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for p in solver.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return solver
+    return perturbed(BespokeSolver("rk2", n_steps).double(), seed=3, scale=0.05)
 
 
 def _grads(solver, model, batch, phase, **kw):
