@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import bespoke_fast as bf
 from bespoke_fast.cli import build_parser, main
 
 
@@ -48,6 +49,14 @@ def test_gt_train_eval_flow(gt_dir, tmp_path, capsys):
     assert set(results[0]) >= {"solver", "nfe", "rmse", "psnr"}
     by_name = {r["solver"]: r["psnr"] for r in results}
     assert by_name["s.json"] > by_name["euler@6"]
+    # a BNS fit started from that bespoke solver file: its first validation is the same solver
+    bns = tmp_path / "bns.json"
+    assert main(["train", "--model", "gmm-64", "--gt", str(gt_dir), "--solver", "bns", "--nfe",
+                 "6", "--init", str(solver), "--iters", "3", "--val", "32", "--out", str(bns),
+                 "--quiet", "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe"] == 6
+    meta = bf.load_solver(bns).meta["training"]
+    assert meta["init"] == "bespoke" and meta["init_fingerprint"]
 
 
 @pytest.mark.parametrize("argv,message", [
