@@ -1,4 +1,5 @@
-"""Tiny random-weight diffusers pipelines (CPU): a fitted bespoke solver against the pipeline's
+"""Tiny random-weight diffusers pipelines (CPU): a fitted bespoke solver (and a BNS solver started
+from it) against the pipeline's
 FlowMatchEuler, DPM-Solver++(2M) and UniPC at equal NFE, the cost of bf16 time quantisation,
 the fast path against pipe(...), and wall time per image of both loops.
 
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 import bespoke_fast as bf
+from bespoke_fast.fitting.bns import train_bns
 from bespoke_fast.integrations import diffusers as bd
 from bespoke_fast.io import atomic_write_text
 from bespoke_fast.metrics import rmse_psnr
@@ -61,7 +63,8 @@ def peer_schedulers(pipe):
             "UniPC": UniPCMultistepScheduler(**flow)}
 
 
-def quality(nfe=10, num_gt=48, num_val=16, iters=60, finetune_iters=60, guidance=3.0, out_dir=None):
+def quality(nfe=10, num_gt=48, num_val=16, iters=60, finetune_iters=60, guidance=3.0, out_dir=None,
+            bns_iters=30):
     pipe, table, model = sd3_setup(guidance=guidance)
     work = Path(out_dir or tempfile.mkdtemp())
     P = table["prompt_embeds"].shape[0]
@@ -84,9 +87,18 @@ def quality(nfe=10, num_gt=48, num_val=16, iters=60, finetune_iters=60, guidance
         rows[name] = {k: v for k, v in bf.evaluate(model, spec, val).items() if k in ("rmse", "psnr", "psnr_set")}
     rows["bespoke-rk2 (BespokeScheduler in pipe)"] = rmse_psnr(
         pipeline_sample(pipe, bd.BespokeScheduler.from_solver(solver), table, val, guidance, nfe), val.x1)
+    # BNS started from that bespoke solver (the BNS trainer's default start), same pairs
+    t0 = time.perf_counter()
+    bns, _ = train_bns(model, gt, n_steps=nfe, init=solver, iters=bns_iters, adam_iters=bns_iters,
+                       num_val=num_val, num_train=len(gt) - num_val, val_every=10,
+                       budget_seconds=None, progress=False)
+    bns_seconds = time.perf_counter() - t0
+    rows["bns (BNSScheduler in pipe)"] = rmse_psnr(
+        pipeline_sample(pipe, bd.BNSScheduler.from_solver(bns), table, val, guidance, nfe), val.x1)
     pipe.scheduler = default
     return {"nfe": nfe, "num_gt": num_gt, "num_val": num_val, "guidance_scale": guidance,
-            "gt_seconds": gt_seconds, "fit_seconds": fit_seconds, "rows": rows}, solver, (pipe, table, model, val)
+            "gt_seconds": gt_seconds, "fit_seconds": fit_seconds, "bns_fit_seconds": bns_seconds,
+            "bns_iters": bns_iters, "rows": rows}, solver, (pipe, table, model, val)
 
 
 def time_quantisation(solver, model, val):
