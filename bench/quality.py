@@ -457,8 +457,9 @@ def merge(dirs, out):
     with open(os.path.join(dirs[0], "quality.md"), encoding="utf-8") as f:
         top = f.read().split("\n## ")[0].splitlines()       # the header block, before any model
     head = [line for line in top if line.startswith("* ") and not line.startswith("* machine")]
+    names = [os.path.basename(os.path.normpath(d)) for d in dirs]   # no machine paths
     head.append(f"* merged from {len(dirs)} runs of the same command but --models / --out "
-                f"(run side by side on this machine): {', '.join(dirs)}")
+                f"(run side by side on this machine): {', '.join(names)}")
     write_results(out, "quality", records, quality_markdown(records, header_lines=head))
     print(f"wrote {os.path.join(out, 'quality.json')} and quality.md", flush=True)
     return 0
