@@ -15,7 +15,10 @@ For each model (zoo: ``gmm-64``, ``digits-exact``; the trained ``digits-fmot``, 
    * ``bespoke-rk1`` / ``bespoke-rk2``: ``bespoke_fast.train`` on the training trajectories only
      (``--iters`` bound-phase iterations + ``--finetune-iters`` end-to-end; the last ``--num-val``
      training trajectories pick the best iterate), trained solvers cached too,
-   * ``bns`` when ``bespoke_fast.fitting.bns.train_bns`` exists,
+   * ``bns``: ``train_bns`` with its defaults (a Bespoke RK2 start fitted first with half of
+     the budget, then BNS on 520 pairs),
+   * learned-grid peers (``bench/peers_learned.py``): LD3-style iPNDM / DPM-Solver++(2M) /
+     UniPC and GITS-style midpoint, fitted on the same pairs with the same budget,
    * peers: torchdiffeq fixed-grid ``odeint`` (euler, midpoint, rk4) on the same uniform grid,
      flow_matching ``ODESolver`` (midpoint, ``step_size = 1/steps``), diffusers
      ``FlowMatchEulerDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (dpmsolver++ 2M) and
@@ -26,10 +29,15 @@ For each model (zoo: ``gmm-64``, ``digits-exact``; the trained ``digits-fmot``, 
    recorded (``nfe_measured``) and any mismatch with the nominal NFE is flagged in the table.
 
 Writes ``OUT/quality.json`` (records: ``kind`` = gt / result / note), ``OUT/quality.md`` (one
-PSNR table per model, rows solver, columns NFE) and ``OUT/quality_<model>.png`` (PSNR vs NFE).
+PSNR table per model, rows solver, columns NFE, then issue 16's targets judged cell by cell)
+and ``OUT/quality_<model>.png`` (PSNR vs NFE).
 
     python bench/quality.py --quick --out /tmp/q          # smoke run, ~1 min on 2 CPU cores
-    python bench/quality.py                               # full run, ~20 min on 2 CPU cores
+    python bench/quality.py --train-nfes 10               # defaults at NFE 10: ~30 min of one core
+    # split across processes (or machines), then one table:
+    python bench/quality.py --models gmm-64 digits-exact --out runs/A &
+    python bench/quality.py --models digits-fmot digits-vcs digits-eps --out runs/B
+    python bench/quality.py --merge runs/A runs/B --out bench/results/DATE-cpu/quality
 """
 from __future__ import annotations
 
