@@ -419,8 +419,8 @@ def parse_args(argv=None):
                    help="trained solvers and learned-grid peers (default: all)")
     p.add_argument("--no-solver-cache", action="store_true", help="always retrain")
     p.add_argument("--merge", nargs="+", default=None, metavar="DIR",
-                   help="merge the results of runs split across processes or machines (each "
-                        "DIR holds a quality.json) into --out, in the order given, and stop")
+                   help="merge the results of runs split by model or by NFE across processes "
+                        "or machines (each DIR holds a quality.json) into --out, and stop")
     p.add_argument("--device", default="cpu", help="device for models and solvers (default cpu)")
     p.add_argument("--progress", action="store_true", help="progress bars")
     p.add_argument("--threads", type=int, default=1,
@@ -443,32 +443,56 @@ def parse_args(argv=None):
 
 
 def merge(dirs, out):
-    """Concatenate the records of the runs in ``dirs`` (one model never in two of them) and
-    render one table in ``out``; the plots are copied."""
-    records, seen = [], set()
+    """Merge the records of runs split by model or by NFE (``dirs``, in order) into one table in
+    ``out``, with the plots redrawn from the merged records. A model's GT must be the same in
+    every run; an untrained row met twice must agree (it is kept once); a trained row met twice
+    is refused (which fit would be the result?)."""
+    records, gts, rows, head = [], {}, {}, []
     for d in dirs:
         path = os.path.join(d, "quality.json")
         if not os.path.isfile(path):
             raise SystemExit(f"quality.py --merge: {path} does not exist")
         with open(path, encoding="utf-8") as f:
             part = json.load(f)
-        models = {r["model"] for r in part if r.get("kind") == "gt"}
-        if models & seen:
-            raise SystemExit(f"quality.py --merge: {d} repeats model(s) {sorted(models & seen)}")
-        seen |= models
-        records += part
-        for png in sorted(os.listdir(d)):
-            if png.startswith("quality_") and png.endswith(".png") and \
-                    os.path.abspath(d) != os.path.abspath(out):
-                os.makedirs(out, exist_ok=True)
-                shutil.copyfile(os.path.join(d, png), os.path.join(out, png))
+        name = os.path.basename(os.path.normpath(d))           # no machine paths
+        for r in part:
+            if r.get("kind") == "gt":
+                same = ("num_test", "num_train", "seed", "test_seed", "rtol", "model_hash")
+                if r["model"] in gts:
+                    if any(gts[r["model"]].get(k) != r.get(k) for k in same):
+                        raise SystemExit(f"quality.py --merge: {name} has another GT for "
+                                         f"{r['model']} than an earlier run")
+                    continue
+                gts[r["model"]] = r
+            elif r.get("kind") == "result":
+                key = (r["model"], r["solver"], r["nfe"])
+                if key in rows:
+                    if r.get("train") or rows[key].get("train"):
+                        raise SystemExit(f"quality.py --merge: {name} fits {key[1]}@{key[2]} on "
+                                         f"{key[0]} again; merge runs with disjoint fits")
+                    if abs(rows[key]["psnr"] - r["psnr"]) > 1e-6:
+                        raise SystemExit(f"quality.py --merge: {name} disagrees on {key[1]}@"
+                                         f"{key[2]} for {key[0]} ({r['psnr']} vs "
+                                         f"{rows[key]['psnr']})")
+                    continue
+                rows[key] = r
+            records.append(r)
+        with open(os.path.join(d, "quality.md"), encoding="utf-8") as f:
+            top = f.read().split("\n## ")[0].splitlines()    # the header block, before any model
+        head += [f"* run {name}: {line[2:]}" for line in top
+                 if line.startswith(("* command", "* settings"))]
     with open(os.path.join(dirs[0], "quality.md"), encoding="utf-8") as f:
-        top = f.read().split("\n## ")[0].splitlines()       # the header block, before any model
-    head = [line for line in top if line.startswith("* ") and not line.startswith("* machine")]
-    names = [os.path.basename(os.path.normpath(d)) for d in dirs]   # no machine paths
-    head.append(f"* merged from {len(dirs)} runs of the same command but --models / --out "
-                f"(run side by side on this machine): {', '.join(names)}")
+        top = f.read().split("\n## ")[0].splitlines()
+    head += [line for line in top if line.startswith("* ")
+             and not line.startswith(("* machine", "* command", "* settings"))]
+    head.append(f"* merged from {len(dirs)} runs (run side by side or one after the other on "
+                f"this machine)")
+    order = EXACT_MODELS + TRAINED_MODELS           # the bench's model order, others after
+    records.sort(key=lambda r: order.index(r.get("model")) if r.get("model") in order
+                 else len(order))
     write_results(out, "quality", records, quality_markdown(records, header_lines=head))
+    for model in gts:
+        plot(records, out, model)
     print(f"wrote {os.path.join(out, 'quality.json')} and quality.md", flush=True)
     return 0
 

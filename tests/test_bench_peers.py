@@ -270,3 +270,34 @@ def test_quality_targets_judge_each_cell_against_the_strongest_peer():
     assert cells["fit <= 180 s (each bespoke-rk2 / BNS fit)"] == "**missed** (longest 200 s)"
     assert "## Targets (issue 16)" in "\n".join(render.targets_markdown(rows))
     assert render.targets_markdown(rows[:2]) == []                 # no learned solver: no table
+
+
+def _run_dir(path, records):
+    """A run folder as bench/quality.py writes it (quality.json and the header of quality.md)."""
+    path.mkdir()
+    (path / "quality.json").write_text(json.dumps(records))
+    (path / "quality.md").write_text(f"# Sample quality\n\n* command: `{path.name}`\n"
+                                     f"* settings: s\n* intervals: i\n\n## m\n")
+    return str(path)
+
+
+def test_quality_merge_joins_runs_split_by_nfe_and_refuses_a_fit_met_twice(tmp_path):
+    import quality
+    gt = {"kind": "gt", "model": "gmm-64", "num_test": 4, "num_train": 8, "seed": 0,
+          "test_seed": 1, "rtol": 1e-5, "atol": 1e-5, "model_hash": "h"}
+    mid = _row("gmm-64", "midpoint", 6, 30.0)
+    a = _run_dir(tmp_path / "A", [gt, mid, _row("gmm-64", "bns", 6, 40.0, wall=10)])
+    b = _run_dir(tmp_path / "B", [gt, mid, _row("gmm-64", "bns", 8, 45.0, wall=10)])
+    quality.merge([a, b], str(tmp_path / "M"))
+    merged = json.loads((tmp_path / "M" / "quality.json").read_text())
+    keys = [(r["kind"], r.get("solver"), r.get("nfe")) for r in merged]
+    assert keys.count(("gt", None, None)) == 1 and keys.count(("result", "midpoint", 6)) == 1
+    assert ("result", "bns", 8) in keys and ("result", "bns", 6) in keys
+    md = (tmp_path / "M" / "quality.md").read_text()
+    assert "* run A: command" in md and "* run B: command" in md and str(tmp_path) not in md
+    again = _run_dir(tmp_path / "C", [gt, _row("gmm-64", "bns", 6, 41.0, wall=10)])
+    with pytest.raises(SystemExit, match="fits bns@6 on gmm-64 again"):
+        quality.merge([a, again], str(tmp_path / "N"))
+    other = _run_dir(tmp_path / "D", [{**gt, "model_hash": "other"}])
+    with pytest.raises(SystemExit, match="another GT for gmm-64"):
+        quality.merge([a, other], str(tmp_path / "O"))
