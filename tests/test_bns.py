@@ -310,6 +310,26 @@ def test_default_init_fits_bespoke_first_then_starts_bns_from_it(gmm_gt, n_steps
                                                    + stage["wall_seconds"])
 
 
+def test_default_init_resumes_to_the_uninterrupted_result(gmm_gt, tmp_path):
+    flow, gt = gmm_gt
+    kw = dict(n_steps=4, optimizer="lbfgs", iters=20, max_iters=20, num_train=32, num_val=32,
+              val_every=5, checkpoint_every=5, budget_seconds=None, progress=False)
+    full, _ = train_bns(flow, gt, **kw)
+
+    def stop(it, record):
+        if it >= 10:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "bns.ckpt"
+    with pytest.raises(KeyboardInterrupt):          # after the Bespoke start, inside BNS
+        train_bns(flow, gt, checkpoint=ckpt, callback=stop, **kw)
+    assert (tmp_path / "bns.ckpt.bespoke").is_file()
+    resumed, report = train_bns(flow, gt, checkpoint=ckpt, **kw)
+    for name, p in full.named_parameters():
+        assert torch.equal(p, getattr(resumed, name)), name
+    assert report["bespoke_stage"]["base"] == "rk2"
+
+
 def test_default_init_without_interior_knots_starts_from_midpoint(gmm_gt):
     flow, gt = gmm_gt
     ends = gt.subset(range(len(gt)))

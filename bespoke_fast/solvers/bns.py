@@ -109,9 +109,11 @@ class NonStationarySolver(Solver):
 
         Any fixed-grid solver whose states are linear in the noise and the velocities so far is
         a BNS solver: Bespoke RK1/RK2 (the scale-time transform only changes the scalars),
-        Euler, midpoint. The coefficients are read off by running ``solver.sample`` once on a
-        probe model that returns independent random vectors (float64, batch 1, dimension
-        ``2 NFE + 16``) and solving each recorded state for them by least squares. BNS
+        Euler, midpoint. The coefficients are read off by running ``solver.sample`` on a probe
+        model (float64, batch 1): with the noise ``e_0`` and velocities ``u_j = e_(j+1)`` (unit
+        vectors), each recorded state's entries are its coefficients, exactly and bit for bit the
+        same on every run; a second run with random noise and velocities checks that the solver
+        is linear in them. BNS
         evaluates the model first at ``(t = 0, x0)``; a solver that does not, that is not linear
         in its velocities (relative residual above ``tol``), or whose model times do not increase
         strictly below 1, is refused with a ValueError. The result starts a BNS fit from a fitted
@@ -125,39 +127,47 @@ class NonStationarySolver(Solver):
         """
         name = f"{type(solver).__name__} (kind {getattr(solver, 'kind', '?')})"
         nfe = check_int("solver.nfe", getattr(solver, "nfe", None))
-        dim = 2 * nfe + 16
-        gen = torch.Generator().manual_seed(0)
-        x0 = torch.randn(1, dim, generator=gen, dtype=torch.float64)
-        velocities = torch.randn(nfe, 1, dim, generator=gen, dtype=torch.float64)
-        calls = []
 
-        def probe(x, t, **extras):
-            if len(calls) >= nfe:
-                raise ValueError(f"{name} called the model more than its NFE ({nfe}) times")
-            calls.append((float(t.reshape(-1)[0]), x.detach().double().clone()))
-            return velocities[len(calls) - 1].to(x.dtype)
+        def run(x0, velocities):          # (model times, model inputs, output) of one sample
+            calls = []
 
-        with torch.no_grad():
-            out = solver.sample(probe, x0.clone())
-        if len(calls) != nfe:
-            raise ValueError(f"{name} called the model {len(calls)} times, not its NFE {nfe}")
-        times = torch.tensor([t for t, _ in calls], dtype=torch.float64)
+            def probe(x, t, **extras):
+                if len(calls) >= nfe:
+                    raise ValueError(f"{name} called the model more than its NFE ({nfe}) times")
+                calls.append((float(t.reshape(-1)[0]), x.detach().double().clone()))
+                return velocities[len(calls) - 1].to(x.dtype)
+
+            with torch.no_grad():
+                out = solver.sample(probe, x0.clone())
+            if len(calls) != nfe:
+                raise ValueError(f"{name} called the model {len(calls)} times, not its NFE {nfe}")
+            return ([t for t, _ in calls], [x for _, x in calls] + [out.detach().double()])
+
+        # one-hot probe: x0 = e_0, u_j = e_(j+1), so each state's entries ARE its coefficients
+        # (read off, no solve: bit-reproducible, hence a stable fingerprint for checkpoints)
+        eye = torch.eye(nfe + 1, dtype=torch.float64)
+        t_list, states = run(eye[:1], eye[1:, None])
+        times = torch.tensor(t_list, dtype=torch.float64)
         if times[0] != 0 or not bool((times.diff() > 0).all()) or times[-1] >= 1:
             raise ValueError(f"{name} evaluates the model at times {times.tolist()}; a BNS solver "
                              f"needs 0 = t_0 < t_1 < ... < t_(n-1) < 1")
-        if float((calls[0][1] - x0).abs().max()) > tol:
+        if not torch.equal(states[0], eye[:1]):
             raise ValueError(f"{name} does not evaluate the model at the noise x0 first")
-        states = [x for _, x in calls[1:]] + [out.detach().double()]
-        a = torch.empty(nfe, dtype=torch.float64)
-        b = torch.zeros(nfe, nfe, dtype=torch.float64)
-        for i, x in enumerate(states):           # x_{i+1} = a_i x0 + sum_{j<=i} b_ij u_j
-            basis = torch.cat([x0, velocities[:i + 1, 0]]).T        # [dim, i + 2]
-            coef = torch.linalg.lstsq(basis, x[0, :, None]).solution[:, 0]
-            residual = float((basis @ coef - x[0]).norm() / x[0].norm().clamp_min(1e-300))
-            if residual > tol:
+        coef = torch.cat([x for x in states[1:]])                  # [n, n + 1]: (a_i, b_i0, ...)
+        a = coef[:, 0].clone()
+        b = torch.tril(coef[:, 1:])
+        # the check: random noise and velocities must give the same states (linearity)
+        gen = torch.Generator().manual_seed(0)
+        dim = 2 * nfe + 16
+        x0 = torch.randn(1, dim, generator=gen, dtype=torch.float64)
+        u = torch.randn(nfe, 1, dim, generator=gen, dtype=torch.float64)
+        _, got = run(x0, u)
+        for i, x in enumerate(got[1:]):       # x_{i+1} = a_i x0 + sum_{j<=i} b_ij u_j
+            want = a[i] * x0 + (b[i, :, None, None] * u).sum(0)
+            residual = float((x - want).norm() / want.norm().clamp_min(1e-300))
+            if residual > tol or bool(coef[i, i + 2:].ne(0).any()):
                 raise ValueError(f"{name} is not linear in its velocities (state {i + 1}: relative "
                                  f"residual {residual:.2e}); it cannot be written as a BNS solver")
-            a[i], b[i, :i + 1] = coef[0], coef[1:]
         new = cls(nfe, init="midpoint" if nfe % 2 == 0 else "euler")
         rows, cols = new._tril()
         with torch.no_grad():
