@@ -90,6 +90,18 @@ def test_fit_bns_starts_from_a_bespoke_solver_fitted_on_the_same_gt(tmp_path):
     assert any("BNS started from a Bespoke RK2 solver" in line for line in lines)
 
 
+def test_overwrite_replaces_a_bns_fit_and_its_bespoke_start_checkpoint(tmp_path):
+    from bespoke_fast._checks import MismatchError
+    kw = dict(solver="bns", out=tmp_path / "f", num_train=40, num_heldout=16, iters=2,
+              plots=False, progress=False, log=lambda *a: None, train_kwargs={"max_iters": 4})
+    bf.fit("gmm-64", nfe=4, **kw)
+    assert (tmp_path / "f" / "train.ckpt.bespoke").is_file()
+    with pytest.raises(MismatchError, match="other settings"):
+        bf.fit("gmm-64", nfe=6, **kw)
+    r = bf.fit("gmm-64", nfe=6, overwrite=True, **kw)       # the old checkpoints go too
+    assert r.solver.nfe == 6 and r.report["training"]["bespoke_stage"]["base"] == "rk2"
+
+
 def test_an_interrupted_fit_resumes_to_the_uninterrupted_result(tmp_path):
     kw = dict(SMALL, iters=4, finetune_iters=2, plots=False, log=lambda *a: None)
     ref = bf.fit("gmm-64", out=tmp_path / "ref", **kw).solver

@@ -397,7 +397,7 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
 
 def _remove_fit(out: Path):
     """Delete what a fit wrote in ``out`` except the GT folders (the GT itself replaces those)."""
-    for pattern in ("plan.json", "train.ckpt", "train_report.json", "report.json", "report.md",
+    for pattern in ("plan.json", "train.ckpt*", "train_report.json", "report.json", "report.md",
                     "error_maps.png", "transform.png", "*_nfe*.json"):
         for f in out.glob(pattern):
             f.unlink()
