@@ -270,7 +270,9 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init=OPTIONS
             with the best validation PSNR are kept (the initial solver included).
         seed: seeds Adam's batch order (the result is a deterministic function of the inputs on CPU).
         checkpoint: path; saved every ``checkpoint_every`` iterations (atomically). If it exists,
-            training resumes from it and ends with exactly the parameters of an uninterrupted run.
+            training resumes from it and ends with exactly the parameters of an uninterrupted run
+            (iteration-capped runs; a wall-time budget ends wherever the time runs out). The
+            Bespoke start keeps its own checkpoint beside it, ``<checkpoint>.bespoke``.
         dtype: dtype of the sampler's state while training (default float64: float32 rounding
             of the loss stalls L-BFGS, see ``end_to_end_loss``); ``None``: the GT's dtype.
         model_dtype: dtype the model is called in while training (default: the GT's, which
