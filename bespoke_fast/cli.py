@@ -156,7 +156,8 @@ def cmd_train(args):
     opts = _train_options(args)
     # the header the trainer will use: bespoke's --base, BNS's init (its trainer's default)
     header = {"base": args.base or "rk2"} if solver_class(args.solver).header_key == "base" else {}
-    if opts.get("init") not in (None, "bespoke", "midpoint", "euler"):   # a solver file to start from
+    from .solvers.bns import INITS
+    if opts.get("init") not in (None, "bespoke", *INITS):   # a solver file to start from
         from .solvers.files import load_solver
         if not Path(opts["init"]).is_file():
             raise CLIError(f"--init {opts['init']}: not bespoke, midpoint, euler or a solver file")

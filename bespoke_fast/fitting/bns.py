@@ -138,8 +138,9 @@ def _check_init(init, n_steps: int):
     or a fitted solver of NFE ``n_steps``."""
     if isinstance(init, str):
         check_choice("init", init, ("bespoke",) + INITS)
-        if init == "midpoint" and n_steps % 2:
-            NonStationarySolver(n_steps, init=init)          # raises the one-line error
+        problem = NonStationarySolver.header_problem(init, n_steps)
+        if problem:
+            raise InvalidArgumentError(problem)
         return
     if not hasattr(init, "sample") or not hasattr(init, "nfe"):
         raise InvalidTypeError(f"init must be 'bespoke', one of {', '.join(INITS)} or a fitted "

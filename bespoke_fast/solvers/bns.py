@@ -153,7 +153,7 @@ class NonStationarySolver(Solver):
                              f"needs 0 = t_0 < t_1 < ... < t_(n-1) < 1")
         if not torch.equal(states[0], eye[:1]):
             raise ValueError(f"{name} does not evaluate the model at the noise x0 first")
-        coef = torch.cat([x for x in states[1:]])                  # [n, n + 1]: (a_i, b_i0, ...)
+        coef = torch.cat(states[1:])                               # [n, n + 1]: (a_i, b_i0, ...)
         a = coef[:, 0].clone()
         b = torch.tril(coef[:, 1:])
         # the check: random noise and velocities must give the same states (linearity)
