@@ -121,9 +121,18 @@ _KIND_ONLY_OPTIONS = {
     "finetune_iters": "BNS has no fine-tune phase: its loss is end-to-end already",
     "gt_mode": "BNS trains on the GT endpoints only",
     "num_train": "bespoke trains on all but --val",
-    "optimizer": "the bespoke trainer always uses Adam",
-    "init": "the bespoke trainer starts from a searched time grid",
+    "optimizer": "the bespoke trainer uses Adam, then polishes with L-BFGS",
+    "polish_iters": "BNS has no polish phase: its default optimizer is L-BFGS already",
 }
+
+
+def _start_names(solver_kind: str) -> tuple:
+    """The named starts ``--init`` takes for ``solver_kind`` (else it is a solver file)."""
+    if solver_kind == "bns":
+        from .solvers.bns import INITS
+        return ("bespoke",) + INITS
+    from .fitting.bespoke import INITS
+    return INITS
 
 
 def _train_options(args) -> dict:
@@ -156,11 +165,11 @@ def cmd_train(args):
     opts = _train_options(args)
     # the header the trainer will use: bespoke's --base, BNS's init (its trainer's default)
     header = {"base": args.base or "rk2"} if solver_class(args.solver).header_key == "base" else {}
-    from .solvers.bns import INITS
-    if opts.get("init") not in (None, "bespoke", *INITS):   # a solver file to start from
+    names = _start_names(args.solver)
+    if opts.get("init") not in (None, *names):   # a solver file to start from
         from .solvers.files import load_solver
         if not Path(opts["init"]).is_file():
-            raise CLIError(f"--init {opts['init']}: not bespoke, midpoint, euler or a solver file")
+            raise CLIError(f"--init {opts['init']}: not {', '.join(names)} or a solver file")
         opts["init"] = load_solver(opts["init"])
     # BNS: only the midpoint start needs an even NFE
     n = _nfe_to_steps(args.solver, header.get("base", "midpoint" if opts.get("init") == "midpoint"
@@ -178,12 +187,22 @@ def cmd_train(args):
     best = report["best"]
     _emit(args, {"out": str(args.out), "nfe": solver.nfe, "best": best, "nfe_spent": report["nfe"],
                  "wall_seconds": report["wall_seconds"], "stop_reason": report["stop_reason"],
-                 "iterations": report["iterations"]},
+                 "iterations": report["iterations"], "start": report.get("start")},
           [f"saved {args.solver} solver (NFE {solver.nfe}) to {args.out}",
            f"validation: RMSE {best['rmse']:.3e}, PSNR {best['psnr']:.2f} dB "
            f"(set {best['psnr_set']:.2f} dB) "
            f"(iteration {best['iteration']}, {report['wall_seconds']:.1f} s)",
-           describe_stop(report)])
+           describe_stop(report)] + _start_line(report))
+
+
+def _start_line(report) -> list:
+    """The screened start of a bespoke fit (``init="auto"``), as one line; none otherwise."""
+    start = report.get("start") or (report.get("bespoke_stage") or {}).get("start")
+    if not start:
+        return []
+    trial = {c["start"]: c["psnr"] for c in start["candidates"]}
+    return [f"start: {start['chosen']} grid (its trial {trial[start['chosen']]:.2f} dB; "
+            f"{len(trial)} starts screened in {start['wall_seconds']:.1f} s)"]
 
 
 def cmd_eval(args):
@@ -445,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the trainer's)")
     p.add_argument("--finetune-iters", type=int, default=None,
                    help="end-to-end fine-tune iterations after the bound phase (bespoke only)")
+    p.add_argument("--polish-iters", type=int, default=None,
+                   help="full-batch L-BFGS iterations after the fine-tune (bespoke only; "
+                        "default 200, 0: none)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--val", type=int, default=None,
@@ -461,10 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file: resume from it if present")
     p.add_argument("--optimizer", choices=("auto", "lbfgs", "adam"), default=None,
                    help="bns only (default auto: L-BFGS, then Adam when L-BFGS stalls)")
-    p.add_argument("--init", default=None, metavar="{bespoke,midpoint,euler,FILE}",
-                   help="bns only: the starting solver (default bespoke: fit a Bespoke solver of "
-                        "the same NFE first, with half the budget, and start from it; or a "
-                        "solver file of the same NFE)")
+    p.add_argument("--init", default=None, metavar="NAME|FILE",
+                   help="the starting solver. bespoke: auto (default: the best of a few starting "
+                        "grids after a short trial each), searched or identity; bns: bespoke "
+                        "(default: fit a Bespoke solver of the same NFE first, with half the "
+                        "budget, and start from it), midpoint or euler. Or a solver file of the "
+                        "same kind (bespoke) or NFE (bns)")
     p.add_argument("--budget-seconds", type=float, default=None,
                    help="wall-time budget of the fit; 0: none (default: the trainer's, 170 s)")
     p.add_argument("--max-iters", type=int, default=None,

@@ -42,6 +42,7 @@ def test_gt_train_eval_flow(gt_dir, tmp_path, capsys):
                  "--device", "cpu"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["nfe"] == 6 and solver.is_file()
+    assert summary["start"]["chosen"] in [c["start"] for c in summary["start"]["candidates"]]
     assert main(["eval", "--model", "gmm-64", "--gt", str(gt_dir), "--json", "--device", "cpu",
                  str(solver), "midpoint@6", "euler@6"]) == 0
     results = json.loads(capsys.readouterr().out)["results"]
@@ -73,3 +74,18 @@ def test_clear_errors(gt_dir, capsys, argv, message):
     assert main(argv + ["--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_train_bespoke_start_and_polish_options(gt_dir, tmp_path, capsys):
+    base = ["train", "--model", "gmm-64", "--gt", str(gt_dir), "--nfe", "4", "--iters", "5",
+            "--finetune-iters", "5", "--val", "32", "--device", "cpu", "--quiet"]
+    capsys.readouterr()
+    assert main(base + ["--out", str(tmp_path / "auto.json")]) == 0
+    out = capsys.readouterr().out
+    assert "start: " in out and "6 starts screened" in out
+    assert main(base + ["--init", "identity", "--polish-iters", "0", "--json",
+                        "--out", str(tmp_path / "id.json")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["start"] is None and summary["iterations"] == 10
+    t = bf.BespokeSolver.load(tmp_path / "id.json").meta["training"]
+    assert t["init"] == "identity" and t["polish_iters"] == 0

@@ -149,7 +149,8 @@ def gmm_gt(tmp_path_factory):
 def test_training_beats_the_base_solver(gmm_gt):
     flow, gt = gmm_gt
     solver, report = bf.train(flow, gt, base="rk2", n_steps=3, iters=120, finetune_iters=40,
-                              batch_size=64, lr=1e-2, val=64, val_every=40, progress=False)
+                              polish_iters=0, batch_size=64, lr=1e-2, val=64, val_every=40,
+                              init="searched", progress=False)
     _, val = gt.split(64)
     base = bf.evaluate(flow, "midpoint@6", val)["psnr"]
     ours = bf.evaluate(flow, solver, val)["psnr"]
@@ -159,6 +160,25 @@ def test_training_beats_the_base_solver(gmm_gt):
     assert [(r["iteration"], r["phase"]) for r in report["curve"]] == [
         (40, "bound"), (80, "bound"), (120, "bound"), (160, "finetune")]
     assert solver.meta["model"]["hash"] and solver.meta["validation"]["psnr"] == report["best"]["psnr"]
+
+
+def test_the_lbfgs_polish_goes_beyond_the_adam_fine_tune(gmm_gt):
+    flow, gt = gmm_gt
+    kw = dict(base="rk2", n_steps=3, iters=40, finetune_iters=40, batch_size=64, lr=1e-2,
+              val=64, val_every=20, init="searched", progress=False, patience=None,
+              budget_seconds=None)
+    adam, adam_report = bf.train(flow, gt, polish_iters=0, **kw)
+    polished, report = bf.train(flow, gt, polish_iters=30, **kw)
+    _, val = gt.split(64)
+    # the same run up to the fine-tune's end, then L-BFGS on the whole training set
+    assert report["curve"][:len(adam_report["curve"])] == adam_report["curve"]
+    polish = [r for r in report["curve"] if r["phase"] == "polish"]
+    assert [r["iteration"] for r in polish][:3] == [90, 100, 110]
+    assert report["phase_stop_reasons"]["finetune"] == "max_iters"
+    assert report["best"]["phase"] == "polish"
+    gain = bf.evaluate(flow, polished, val)["psnr"] - bf.evaluate(flow, adam, val)["psnr"]
+    assert gain > 0.5, gain
+    assert report["nfe"]["train"] > adam_report["nfe"]["train"] + 30 * 128 * 6
 
 
 def test_online_gt_mode_trains_too(gmm_gt):
@@ -192,8 +212,9 @@ _CHILD = textwrap.dedent("""
         print("iter", i, flush=True)
     solver, _ = bf.train(flow, gt, base="rk2", n_steps=3, iters=30, batch_size=32, lr=1e-2, val=64,
                          val_every=1, checkpoint=sys.argv[2] or None, checkpoint_every=1,
-                         finetune_iters=10, progress=False, callback=cb, patience=None,
-                         budget_seconds=None)  # a fixed schedule: kill points at iterations 12, 33
+                         finetune_iters=10, polish_iters=20, init="searched", progress=False,
+                         callback=cb, patience=None, budget_seconds=None)
+    # a fixed schedule: kill points at iterations 12 (bound), 33 (fine-tune), 50 (polish)
     solver.save(sys.argv[3])
 """)
 
@@ -209,7 +230,7 @@ def test_sigkill_and_restart_ends_with_the_uninterrupted_parameters(gmm_gt, tmp_
     subprocess.run([sys.executable, str(script), str(gt_dir), "", str(tmp_path / "full.json")],
                    check=True, env=env, capture_output=True)
     ckpt, out = tmp_path / "ckpt.pt", tmp_path / "resumed.json"
-    for kill_at in ("iter 12", "iter 33"):  # once in the bound phase, once in the fine-tune
+    for kill_at in ("iter 12", "iter 33", "iter 50"):   # once in each phase
         proc = subprocess.Popen([sys.executable, str(script), str(gt_dir), str(ckpt), str(out)],
                                 stdout=subprocess.PIPE, text=True, env=env)
         for line in proc.stdout:

@@ -61,8 +61,8 @@ def test_bespoke_training_stops_on_patience_and_keeps_the_best(gmm_gt):
     flow, gt = gmm_gt
     # a learning rate so small that nothing improves by min_delta: patience ends both phases
     solver, report = bf.train(flow, gt, base="rk2", n_steps=3, iters=200, finetune_iters=200,
-                              lr=1e-7, batch_size=32, val=48, val_every=5, patience=2,
-                              min_delta=0.5, budget_seconds=None, progress=False)
+                              polish_iters=0, lr=1e-7, batch_size=32, val=48, val_every=5,
+                              patience=2, min_delta=0.5, budget_seconds=None, progress=False)
     assert report["bound_stop_reason"] == "patience" and report["stop_reason"] == "patience"
     # bound: the first validation improves (from nothing), two more do not; the fine-tune
     # starts from the best bound iterate, so its first two validations already do not
@@ -78,8 +78,11 @@ def test_bespoke_training_stops_on_the_budget_and_on_max_iters(gmm_gt):
     _, report = bf.train(flow, gt, base="rk1", n_steps=3, iters=10 ** 6, finetune_iters=10 ** 6,
                          batch_size=16, val=48, val_every=10 ** 6, budget_seconds=0.5,
                          patience=None, progress=False)
+    # each phase ends at its share of the budget; the polish (one timed L-BFGS iteration) at all of it
     assert report["stop_reason"] == "budget" and report["bound_stop_reason"] == "budget"
-    assert report["wall_seconds"] < 30 and report["curve"][-1]["phase"] == "finetune"
+    assert report["phase_stop_reasons"] == {"bound": "budget", "finetune": "budget",
+                                            "polish": "budget"}
+    assert report["wall_seconds"] < 30 and report["curve"][-1]["phase"] == "polish"
     _, report = bf.train(flow, gt, base="rk1", n_steps=3, iters=6, finetune_iters=100,
                          max_iters=9, batch_size=16, val=48, val_every=4, budget_seconds=None,
                          progress=False)

@@ -49,8 +49,9 @@ def test_micro_batches_give_the_full_batch_gradient_in_float64(gt64, phase):
 
 def test_checkpointing_and_micro_batching_train_to_the_plain_parameters(gt64):
     model, gt = gt64
-    kw = dict(base="rk2", n_steps=3, iters=3, finetune_iters=2, batch_size=8, val=4, val_every=1,
-              progress=False)
+    # no polish: L-BFGS's line search would amplify the rounding differences of the chunked sums
+    kw = dict(base="rk2", n_steps=3, iters=3, finetune_iters=2, polish_iters=0, init="searched",
+              batch_size=8, val=4, val_every=1, progress=False)
     plain, _ = bf.train(model, gt, **kw)
     ckpt, _ = bf.train(model, gt, activation_checkpointing=True, **kw)
     both, _ = bf.train(model, gt, activation_checkpointing=True, micro_batch=3, **kw)

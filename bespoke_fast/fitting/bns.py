@@ -33,8 +33,8 @@ from .._checks import InvalidArgumentError, InvalidTypeError, check_choice, chec
 from ..solvers.bns import INITS, NonStationarySolver
 from ..utils import dist_info
 from .common import (average_gradients, check_gt_matches, checkpoint_due, finish, frozen,
-                     gt_split_fingerprint, load_checkpoint, save_checkpoint, show_validation,
-                     validate_solver)
+                     gt_split_fingerprint, lbfgs_advance, load_checkpoint, new_lbfgs_state,
+                     save_checkpoint, show_validation, validate_solver)
 from .gt import TrajectorySet
 from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon, rank0_decides,
                        stop_reason)
@@ -181,7 +181,7 @@ def _bespoke_start(model, pool: TrajectorySet, val_set: TrajectorySet, n_steps: 
                            Path(str(checkpoint) + ".bespoke"))
     return solver, {"base": base, "num_train": len(pool), "best": report["best"],
                     "stop_reason": report["stop_reason"], "wall_seconds": report["wall_seconds"],
-                    "nfe": report["nfe"]}
+                    "nfe": report["nfe"], "start": report["start"]}
 
 
 @dataclass(frozen=True)
@@ -363,9 +363,8 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init=OPTIONS
               "select": select, "max_iters": max_iters, "gt_seed": trajectories.meta.get("seed")}
     gen = torch.Generator().manual_seed(seed * 1000 + rank)
     first = "adam" if optimizer == "adam" else "lbfgs"
-    state = {"iteration": 0, "curve": [], "nfe_train": 0, "nfe_val": 0, "loss_evals": 0,
-             "converged": False, "wall_total": 0.0, "last_loss": None, "restarted": False,
-             "restarts": 0, **new_stop_state(), "phase": first, "phase_start": 0,
+    state = {"iteration": 0, "curve": [], "nfe_train": 0, "nfe_val": 0, "wall_total": 0.0,
+             **new_lbfgs_state(), **new_stop_state(), "phase": first, "phase_start": 0,
              "phase_wall": 0.0, "horizon": None, "switched_at": None, "lbfgs_stop_reason": None}
 
     def make_optim(kind):
@@ -428,35 +427,9 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init=OPTIONS
                 state["loss_evals"] += 1
                 done = k + 1
             else:
-                # L-BFGS keeps its direction memory across calls: run up to the next
-                # validation / checkpoint iteration in one call (one extra evaluation per call)
                 stop = _next_stop(k, state["phase_start"] + cap, val_every, checkpoint_every)
-                if budget_seconds is not None and k > state["phase_start"]:
-                    # end the call near the budget (an L-BFGS iteration can take seconds)
-                    per = (elapsed() - state["phase_wall"]) / (k - state["phase_start"])
-                    stop = min(stop, k + max(1, int((budget_seconds - elapsed()) / per)))
-                elif budget_seconds is not None:
-                    # the phase's first call: one iteration, to time it (measured on the exact
-                    # digits flow: 25 untimed iterations overran a 30 s budget by 15 s)
-                    stop = k + 1
-                group = optim.param_groups[0]
-                group["max_iter"], group["max_eval"] = stop - k, 4 * (stop - k) + 4
-                lb = optim.state[solver.theta_t]
-                iters_before, evals_before = lb.get("n_iter", 0), state["loss_evals"]
-                optim.step(closure)
+                done = lbfgs_advance(optim, closure, state, k, stop, budget_seconds, elapsed)
                 loss = state["last_loss"]
-                done = k + lb["n_iter"] - iters_before
-                # fewer iterations than asked, with evaluations to spare: the gradient is ~0 or
-                # the tolerances stopped it. Often a line search that float32 rounding of the
-                # loss defeated: drop the curvature memory and go on; converged when a fresh
-                # start makes no more than one iteration either.
-                if done < stop and state["loss_evals"] - evals_before < group["max_eval"]:
-                    state["converged"] = state["restarted"] and done - k <= 1
-                    state["restarted"] = True
-                    optim.state.clear()
-                    state["restarts"] += 1
-                else:
-                    state["restarted"] = False
             state["iteration"] = done
             bar.update(done - k)
             in_phase = done - state["phase_start"]

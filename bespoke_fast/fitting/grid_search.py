@@ -10,7 +10,12 @@ trajectories by Hermite interpolation: no extra ODE solves). Dynamic programming
 trajectories: seconds for the bundled models.
 
 :func:`searched_solver` writes the result as a :class:`BespokeSolver` (the base solver on that
-grid, scale 1), the starting point of ``bespoke_fast.train`` (``init="searched"``, the default).
+grid, scale 1). It is one of the starts ``bespoke_fast.train`` screens by default
+(``init="auto"``, :func:`candidate_starts`), with the base solver on a few generic grids
+(:data:`GRID_FAMILIES`): the searched grid minimises the sum of one-step errors, which is not
+the end-to-end error the fit maximises, and the fit ends in the basin it starts in (measured at
+NFE 6, held-out PSNR after the default fit: digits-eps 32.1 dB from the searched grid, 35.6
+from ``data-dense-3``; digits-fmot 36.5 and 37.5 from ``data-dense-2``).
 """
 from __future__ import annotations
 
@@ -22,7 +27,19 @@ from .._checks import InvalidArgumentError, call_model, check_choice, check_int
 from .gt import TrajectorySet
 from ..solvers.bespoke import BespokeSolver
 
-__all__ = ["search_grid", "searched_solver"]
+__all__ = ["search_grid", "searched_solver", "grid_solver", "family_grid", "GRID_FAMILIES",
+           "candidate_starts"]
+
+# generic starting grids over t (0 noise ... 1 data) as functions of the uniform r in [0, 1]:
+# uniform, denser towards the data end (``1 - (1 - r)^p``: where the velocity of the trained
+# digits models and of EDM-style schedules changes fastest) and denser towards the noise end
+GRID_FAMILIES = {
+    "uniform": lambda r: r,
+    "data-dense-1.5": lambda r: 1 - (1 - r) ** 1.5,
+    "data-dense-2": lambda r: 1 - (1 - r) ** 2,
+    "data-dense-3": lambda r: 1 - (1 - r) ** 3,
+    "noise-dense-1.5": lambda r: r ** 1.5,
+}
 
 
 def search_grid(model, trajectories: TrajectorySet, n_steps: int, method: str = "midpoint",
@@ -64,14 +81,20 @@ def search_grid(model, trajectories: TrajectorySet, n_steps: int, method: str = 
     return c[path[::-1]]
 
 
-def searched_solver(model, trajectories: TrajectorySet, base: str, n_steps: int,
-                    **kwargs) -> BespokeSolver:
-    """The base solver (``"rk1"``: Euler, ``"rk2"``: midpoint) on :func:`search_grid`'s grid,
-    as a :class:`BespokeSolver` with scale 1 (it samples exactly like that base solver)."""
+def family_grid(name: str, n_steps: int) -> torch.Tensor:
+    """The ``n_steps + 1`` times (float64, 0 ... 1) of the :data:`GRID_FAMILIES` grid ``name``."""
+    check_choice("grid family", name, tuple(GRID_FAMILIES))
+    r = torch.linspace(0, 1, check_int("n_steps", n_steps) + 1, dtype=torch.float64)
+    return GRID_FAMILIES[name](r)
+
+
+def grid_solver(base: str, grid: torch.Tensor) -> BespokeSolver:
+    """The base solver (``"rk1"``: Euler, ``"rk2"``: midpoint) on the time ``grid`` (``[n + 1]``,
+    0 ... 1 increasing) as a :class:`BespokeSolver` with scale 1: it samples exactly like that
+    base solver on that grid."""
     check_choice("base", base, ("rk1", "rk2"))
-    grid = search_grid(model, trajectories, n_steps, "euler" if base == "rk1" else "midpoint",
-                       **kwargs)
-    dt = grid.diff()
+    grid = torch.as_tensor(grid, dtype=torch.float64)
+    n_steps, dt = grid.numel() - 1, grid.diff()
     if base == "rk1":
         t, tdot = grid, n_steps * dt
     else:   # grid and half points; tdot = dt / dr with dr = 1 / n per step
@@ -80,3 +103,26 @@ def searched_solver(model, trajectories: TrajectorySet, base: str, n_steps: int,
     m = t.numel() - 1
     return BespokeSolver.from_tables(base, t, tdot, torch.ones(m + 1, dtype=torch.float64),
                                      torch.zeros(m, dtype=torch.float64))
+
+
+def searched_solver(model, trajectories: TrajectorySet, base: str, n_steps: int,
+                    **kwargs) -> BespokeSolver:
+    """The base solver (``"rk1"``: Euler, ``"rk2"``: midpoint) on :func:`search_grid`'s grid,
+    as a :class:`BespokeSolver` with scale 1 (it samples exactly like that base solver)."""
+    check_choice("base", base, ("rk1", "rk2"))
+    return grid_solver(base, search_grid(model, trajectories, n_steps,
+                                         "euler" if base == "rk1" else "midpoint", **kwargs))
+
+
+def candidate_starts(model, trajectories: TrajectorySet, base: str, n_steps: int,
+                     **search_kwargs) -> dict:
+    """``{name: BespokeSolver}``: the starts the bespoke trainer screens (``init="auto"``): the
+    base solver on the searched grid (:func:`searched_solver`) and on each
+    :data:`GRID_FAMILIES` grid. The searched grid is left out where ``n_steps`` exceeds the
+    search's candidate times."""
+    starts = {}
+    if n_steps <= search_kwargs.get("candidates", 64):
+        starts["searched"] = searched_solver(model, trajectories, base, n_steps, **search_kwargs)
+    for name in GRID_FAMILIES:
+        starts[name] = grid_solver(base, family_grid(name, n_steps))
+    return starts

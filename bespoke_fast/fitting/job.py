@@ -124,6 +124,21 @@ def _probe(zm, device, batch, rtol, atol, knots):
     return per_eval, stats["nfe"] + knots
 
 
+def _bespoke_evals(iters, finetune_iters, batch, num_train, val_every, num_select, nfe):
+    """Upper bounds on a bespoke fit's (training, validation) model evaluations at its caps: the
+    screened start, the bound phase and fine-tune (``batch`` per iteration), the polish (about
+    1.3 full-batch passes per L-BFGS iteration)."""
+    from .bespoke import OPTIONS, POLISH_PAIRS, POLISH_VAL_EVERY, SCREEN_ITERS
+    from .grid_search import GRID_FAMILIES
+    starts = len(GRID_FAMILIES) + 1
+    polish = OPTIONS.polish_iters
+    train = ((starts * SCREEN_ITERS + iters + finetune_iters) * batch * nfe
+             + int(1.3 * polish * min(POLISH_PAIRS, num_train) * nfe))
+    validations = (starts + math.ceil((iters + finetune_iters) / val_every)
+                   + math.ceil(polish / POLISH_VAL_EVERY))
+    return train, validations * num_select * nfe
+
+
 def make_plan(settings: dict, probe: dict) -> dict:
     """The plan for ``settings`` (counts, iterations) given the probe's timings: trajectories,
     disk bytes, model evaluations (per-sample forwards) and ETA seconds."""
@@ -134,17 +149,19 @@ def make_plan(settings: dict, probe: dict) -> dict:
             + s["num_heldout"] * bytes_per_trajectory(s["shape"], len(_ENDPOINT_KNOTS)))
     gt_evals = probe["gt_evals_per_trajectory"] * s["num_train"] + (
         (probe["gt_evals_per_trajectory"] - K + len(_ENDPOINT_KNOTS)) * s["num_heldout"])
+    from .bespoke import OPTIONS as bespoke_defaults
     if s["solver"] == "bespoke":
-        steps = s["iters"] + s["finetune_iters"]
-        train_evals = steps * s["batch_size"] * nfe
-        val_evals = math.ceil(steps / s["val_every"]) * s["num_select"] * nfe
+        train_evals, val_evals = _bespoke_evals(s["iters"], s["finetune_iters"], s["batch_size"],
+                                                s["num_train"] - s["num_select"], s["val_every"],
+                                                s["num_select"], nfe)
     else:   # the Bespoke start, then L-BFGS: about 1.3 full-batch loss evaluations per iteration
-        from .bespoke import OPTIONS as bespoke_defaults
         from .bns import DEFAULT_NUM_TRAIN
-        steps = bespoke_defaults.iters + bespoke_defaults.finetune_iters
+        train_evals, val_evals = _bespoke_evals(
+            bespoke_defaults.iters, bespoke_defaults.finetune_iters, bespoke_defaults.batch_size,
+            s["num_train"] - s["num_select"], bespoke_defaults.val_every, s["num_select"], nfe)
         pairs = min(DEFAULT_NUM_TRAIN, s["num_train"] - s["num_select"])
-        train_evals = steps * bespoke_defaults.batch_size * nfe + int(1.3 * s["iters"] * pairs * nfe)
-        val_evals = math.ceil((steps + s["iters"]) / s["val_every"]) * s["num_select"] * nfe
+        train_evals += int(1.3 * s["iters"] * pairs * nfe)
+        val_evals += math.ceil(s["iters"] / s["val_every"]) * s["num_select"] * nfe
     eval_evals = s["num_heldout"] * (nfe + sum(int(b.split("@")[1]) for b in baselines(nfe)))
     evals = {"gt": int(gt_evals), "train": int(train_evals), "validation": int(val_evals),
              "evaluation": int(eval_evals)}
