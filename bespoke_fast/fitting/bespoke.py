@@ -375,7 +375,8 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
             in the GT's dtype). Peak memory grows linearly with ``micro_batch`` (the whole
             batch without it): the bound phase calls the model on all n steps of a chunk at
             once (n x micro_batch samples per call, one call per RK stage), the fine-tune
-            phase n times in sequence; checkpointing keeps one call's activations instead of
+            phase n times in sequence, the polish as the fine-tune on chunks of
+            ``micro_batch`` (else ``batch_size``), its sampler state in float64; checkpointing keeps one call's activations instead of
             all of them. Measured on a 35M-parameter UNet: ``bench/fit_cost.py --unet``.
 
     Returns: ``(solver, report)``; the report holds the curve (iteration, phase, loss, validation
@@ -487,8 +488,10 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
 
     def closure():      # the polish: loss and gradient on its whole batch, float64 state
         optim.zero_grad(set_to_none=True)
-        loss, nfe = loss_backward(solver, model, polish_set, "finetune", micro_batch=batch_size,
-                                  loss_model=loss_model, dtype=torch.float64)
+        # in chunks of the micro-batch (memory as in the fine-tune), else of the batch size
+        loss, nfe = loss_backward(solver, model, polish_set, "finetune",
+                                  micro_batch=micro_batch or batch_size, loss_model=loss_model,
+                                  dtype=torch.float64)
         average_gradients(solver.parameters(), world)
         state["nfe_train"] += nfe
         state["loss_evals"] += 1
