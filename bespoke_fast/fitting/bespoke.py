@@ -41,7 +41,8 @@ from ..solvers.bespoke import BespokeSolver
 from ..utils import dist_info
 from .common import (average_gradients, check_gt_matches, checkpoint_due, cosine_lr, finish,
                      frozen, gt_split_fingerprint, in_dtype, lbfgs_advance, load_checkpoint,
-                     new_lbfgs_state, save_checkpoint, show_validation, validate_solver)
+                     new_lbfgs, new_lbfgs_state, save_checkpoint, show_validation,
+                     validate_solver)
 from .gt import TrajectorySet
 from .gt_storage import StreamedTrajectories
 from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon, rank0_decides,
@@ -448,8 +449,7 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
 
     def make_optim(phase):
         if phase == "polish":
-            return torch.optim.LBFGS(solver.parameters(), lr=1.0, max_iter=1, history_size=100,
-                                     line_search_fn="strong_wolfe")
+            return new_lbfgs(solver.parameters())
         return torch.optim.Adam(solver.parameters(), lr=lr if phase == "bound" else config["finetune_lr"])
 
     optim = make_optim(state["phase"])
@@ -535,9 +535,8 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
             in_phase = done - state["phase_start"]
             capped = in_phase >= cap or done >= max_iters
             out_of_time = phase_budget is not None and elapsed() >= phase_budget
-            every = POLISH_VAL_EVERY if phase == "polish" else val_every
-            validated = (in_phase % every == 0 if phase == "polish" else done % every == 0) \
-                or capped or out_of_time or state["converged"]
+            validated = (in_phase % POLISH_VAL_EVERY == 0 if phase == "polish"
+                         else done % val_every == 0) or capped or out_of_time or state["converged"]
             if validated:
                 record = {"iteration": done, "loss": float(loss), "phase": phase,
                           **validate_solver(solver, model, val_set)}

@@ -33,8 +33,8 @@ from .._checks import InvalidArgumentError, InvalidTypeError, check_choice, chec
 from ..solvers.bns import INITS, NonStationarySolver
 from ..utils import dist_info
 from .common import (average_gradients, check_gt_matches, checkpoint_due, finish, frozen,
-                     gt_split_fingerprint, lbfgs_advance, load_checkpoint, new_lbfgs_state,
-                     save_checkpoint, show_validation, validate_solver)
+                     gt_split_fingerprint, lbfgs_advance, load_checkpoint, new_lbfgs,
+                     new_lbfgs_state, save_checkpoint, show_validation, validate_solver)
 from .gt import TrajectorySet
 from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon, rank0_decides,
                        stop_reason)
@@ -375,8 +375,7 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init=OPTIONS
     def make_optim(kind):
         if kind == "adam":
             return torch.optim.Adam(solver.parameters(), lr=lr if optimizer == "adam" else adam_lr)
-        return torch.optim.LBFGS(solver.parameters(), lr=lr, max_iter=1, history_size=100,
-                                 line_search_fn="strong_wolfe")
+        return new_lbfgs(solver.parameters(), lr)
 
     optim = make_optim(first)
     ckpt = Path(checkpoint) if checkpoint else None

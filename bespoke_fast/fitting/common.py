@@ -20,8 +20,8 @@ from .gt import TrajectorySet
 
 __all__ = ["frozen", "validate_solver", "load_checkpoint", "save_checkpoint", "cosine_lr",
            "average_gradients", "gt_split_fingerprint", "check_gt_matches",
-           "show_validation", "checkpoint_due", "finish", "lbfgs_advance", "new_lbfgs_state",
-           "in_dtype"]
+           "show_validation", "checkpoint_due", "finish", "new_lbfgs", "lbfgs_advance",
+           "new_lbfgs_state", "in_dtype"]
 
 
 @contextmanager
@@ -179,6 +179,14 @@ def in_dtype(model, dtype):
     def call(x, t, **extras):
         return model(x.to(dtype), t.to(dtype), **extras).to(x.dtype)
     return call
+
+
+def new_lbfgs(params, lr: float = 1.0):
+    """The L-BFGS optimizer :func:`lbfgs_advance` drives: one iteration per step at
+    construction (the driver sets each call's length), 100 directions of memory, strong-Wolfe
+    line search."""
+    return torch.optim.LBFGS(params, lr=lr, max_iter=1, history_size=100,
+                             line_search_fn="strong_wolfe")
 
 
 def new_lbfgs_state() -> dict:

@@ -131,8 +131,9 @@ def _bespoke_evals(iters, finetune_iters, batch, num_train, val_every, num_selec
     from .bespoke import OPTIONS, POLISH_PAIRS, POLISH_VAL_EVERY, SCREEN_ITERS
     from .grid_search import GRID_FAMILIES
     starts = len(GRID_FAMILIES) + 1
-    polish = OPTIONS.polish_iters
-    train = ((starts * SCREEN_ITERS + iters + finetune_iters) * batch * nfe
+    trial = min(SCREEN_ITERS, iters + finetune_iters)       # as the trainer caps them
+    polish = min(OPTIONS.polish_iters, finetune_iters)
+    train = ((starts * trial + iters + finetune_iters) * batch * nfe
              + int(1.3 * polish * min(POLISH_PAIRS, num_train) * nfe))
     validations = (starts + math.ceil((iters + finetune_iters) / val_every)
                    + math.ceil(polish / POLISH_VAL_EVERY))
