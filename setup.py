@@ -1,6 +1,14 @@
 """bespoke_fast: learned Bespoke solvers for flow models, with fused Triton kernels and a
 whole-loop CUDA-graph sampler. See README.md."""
+import sys
+
 from setuptools import setup
+
+if "develop" in sys.argv[1:]:
+    # `setup.py develop` (pip < 21.3, or setuptools < 64 with --no-build-isolation) ignores
+    # package_dir, so bespoke_fast.kernels would silently not import: refuse it.
+    sys.exit("bespoke_fast: editable installs need pip >= 21.3 and setuptools >= 64 (PEP 660); "
+             "run `python -m pip install -U pip setuptools` and install again")
 
 setup(
     name="bespoke_fast",
@@ -13,7 +21,7 @@ setup(
     packages=["bespoke_fast", "bespoke_fast.solvers", "bespoke_fast.ops", "bespoke_fast.engine",
               "bespoke_fast.zoo", "bespoke_fast.kernels", "bespoke_fast.integrations",
               "bespoke_fast.fitting"],
-    package_dir={"bespoke_fast.kernels": "kernels"},
+    package_dir={"bespoke_fast.kernels": "kernels/bespoke_fast_kernels"},
     package_data={"bespoke_fast.zoo": ["weights/*.safetensors", "weights/*.json"]},
     install_requires=["torch>=2.1", "numpy", "tqdm", "safetensors"],
     extras_require={

@@ -12,8 +12,8 @@ Layout (the README's "Layout" section has the tree): ``solvers/`` (the one solve
 solvers), ``ops/`` (each reference op beside the dispatch to its Triton twin; the table layouts
 in ``ops/table.py``), ``engine/`` (``FastSampler`` and one program per solver kind), ``fitting/``
 (GT, the two trainers on shared helpers, evaluation, the fit job), and the
-Triton kernels, which live in the repository's top-level ``kernels/`` folder and install as
-``bespoke_fast.kernels``.
+Triton kernels, which live in the repository's top-level ``kernels/`` folder
+(``kernels/bespoke_fast_kernels/``) and install as ``bespoke_fast.kernels``.
 
 Importing this package is cheap: it loads submodules on first use, needs neither triton nor a
 GPU, and queries no GPU.

@@ -70,7 +70,7 @@ _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 # they call (models in bespoke_fast, e.g. models.py and the zoo, ARE reported)
 _MACHINERY = {os.path.join(_PKG_DIR, f) for f in ("capture.py", "_checks.py")}
 _MACHINERY_DIRS = tuple(os.path.join(_PKG_DIR, d) + os.sep for d in ("engine", "ops"))
-# the kernels: bespoke_fast/kernels when installed, the repository's kernels/ when editable
+# the kernels: bespoke_fast/kernels when installed, under the repository's kernels/ when editable
 _KERNEL_DIRS = tuple(os.path.join(d, "kernels") + os.sep
                      for d in (_PKG_DIR, os.path.dirname(_PKG_DIR)))
 

@@ -13,7 +13,7 @@ BACKENDS = ("auto", "reference", "triton")
 def triton_available() -> bool:
     """True when ``bespoke_fast.kernels`` imports (triton installed). Queries no GPU."""
     try:
-        from .. import kernels  # noqa: F401  (installed from kernels/ via package_dir)
+        from .. import kernels  # noqa: F401  (from kernels/bespoke_fast_kernels/ via package_dir)
     except Exception:  # ImportError, or triton failing to initialise
         return False
     return True
