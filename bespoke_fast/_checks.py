@@ -61,8 +61,11 @@ class NonFiniteError(BespokeFastError, FloatingPointError):
     """The model (or a solver) produced NaN or Inf; the message names where."""
 
 
-class MissingDependencyError(BespokeFastError, ImportError):
-    """An optional package a feature needs is not installed; the message says what to install."""
+class MissingDependencyError(BespokeFastError, ModuleNotFoundError):
+    """An optional package a feature needs is not installed; the message says what to install.
+
+    A ``ModuleNotFoundError`` (so an ``ImportError`` too): ``pytest.importorskip`` skips on it,
+    and ``except ImportError`` still catches it."""
 
 
 class OutputError(BespokeFastError, OSError):

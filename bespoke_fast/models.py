@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ._checks import check_choice
+from ._checks import MissingDependencyError, check_choice
 
 __all__ = [
     "GaussianPath", "PATHS", "as_velocity", "VelocityAdapter", "cfg", "GuidedModel",
@@ -396,7 +396,8 @@ def digits_data() -> torch.Tensor:
     try:
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the digits data needs scikit-learn: pip install scikit-learn") from e
+        raise MissingDependencyError("the digits data needs scikit-learn: pip install scikit-learn",
+                                     name="sklearn") from e
     images = torch.tensor(load_digits().images, dtype=torch.float32)
     return (images / 8.0 - 1.0).reshape(-1, 1, 8, 8)
 

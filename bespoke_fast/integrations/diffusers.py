@@ -37,13 +37,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._checks import MissingDependencyError
+
 try:
     import diffusers
     from diffusers.configuration_utils import ConfigMixin, register_to_config
     from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError("bespoke_fast.integrations.diffusers needs diffusers and transformers: "
-                      "pip install bespoke_fast[diffusers]") from e
+    raise MissingDependencyError("bespoke_fast.integrations.diffusers needs diffusers and "
+                                 "transformers: pip install bespoke_fast[diffusers]",
+                                 name="diffusers") from e
 
 from ..models import GaussianPath, GuidedModel, as_velocity, cfg
 from ..ops import table as T

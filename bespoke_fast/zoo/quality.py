@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .._checks import MissingDependencyError
 from ..io import save_figure
 from ..solvers.fixed import solve
 from ..utils import infer_device
@@ -184,7 +185,8 @@ def save_sample_grid(samples: torch.Tensor, path, nrow: int = 10, n: int = 100, 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - optional dependency
-        raise ImportError("save_sample_grid needs matplotlib: pip install matplotlib") from e
+        raise MissingDependencyError("save_sample_grid needs matplotlib: pip install matplotlib",
+                                     name="matplotlib") from e
     x = samples[:n].float().clamp(-1, 1).reshape(-1, 8, 8).cpu().numpy()
     k = len(x)
     ncol = nrow
