@@ -44,7 +44,9 @@ class StandInCuda:
     capture checker (``bespoke_fast.capture.HostSyncDetector``, strict, every tensor counted as
     a device tensor), so anything a real capture rejects raises there, as on a GPU; "replay"
     reruns the captured state's loop. Records what the engine asked for: capture error modes,
-    streams made, graphs reset after a failed capture.
+    streams made and set, graphs reset after a failed capture, and the private pools closed and
+    released by hand (as a real ``reset()`` does not for a capture that never ended);
+    ``capturing`` is True inside a capture.
 
     Use ``cuda = StandInCuda(monkeypatch); sampler = cuda.attach(FastSampler(...))``.
     """
@@ -56,6 +58,8 @@ class StandInCuda:
         from bespoke_fast.capture import HostSyncDetector
 
         self.modes, self.streams, self.resets, self.replays, self.problems = [], [], 0, 0, []
+        self.capturing, self.set_streams = False, []
+        self.pools, self.closed_pools, self.released_pools = [], [], []
         outer = self
 
         class Stream:
@@ -69,6 +73,14 @@ class StandInCuda:
         current = Stream(made=False)
 
         class Graph:
+            ended = False
+
+            def pool(self):  # as CUDAGraph.pool(): only after a capture that ended
+                if not self.ended:
+                    raise RuntimeError("Called CUDAGraph::pool() without a preceding successful "
+                                       "capture.")
+                return self.capture_pool
+
             def replay(self):
                 outer.replays += 1
                 state = next(s for s in outer.sampler._states.values() if s.graph is self)
@@ -78,22 +90,35 @@ class StandInCuda:
                 outer.resets += 1
 
         @contextlib.contextmanager
-        def graph(g, stream=None, capture_error_mode="global"):
+        def graph(g, pool=None, stream=None, capture_error_mode="global"):
             outer.modes.append(capture_error_mode)
+            g.capture_pool = pool
             detector = HostSyncDetector(device_types=None, strict=True)
+            outer.capturing = True
             try:
                 with detector:
                     yield
+                g.ended = True
             finally:
+                outer.capturing = False
                 outer.problems += detector.problems
+
+        def graph_pool_handle():
+            outer.pools.append((0, len(outer.pools) + 1))
+            return outer.pools[-1]
 
         for name, value in dict(device=lambda d=None: contextlib.nullcontext(),
                                 stream=lambda s=None: contextlib.nullcontext(),
                                 current_stream=lambda d=None: current, Stream=Stream,
-                                CUDAGraph=Graph, graph=graph, set_stream=lambda s: None,
-                                synchronize=lambda d=None: None,
+                                CUDAGraph=Graph, graph=graph, set_stream=outer.set_streams.append,
+                                synchronize=lambda d=None: None, current_device=lambda: 0,
+                                graph_pool_handle=graph_pool_handle,
                                 empty_cache=lambda: None).items():
             monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool",
+                            lambda index, pool: outer.closed_pools.append(pool), raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_releasePool",
+                            lambda index, pool: outer.released_pools.append(pool), raising=False)
         monkeypatch.setattr(engine, "_SIDE_STREAMS", {})  # no stream left from another test
 
     def attach(self, sampler):

@@ -17,7 +17,8 @@ from bespoke_fast.models import GaussianMixtureFlow, cfg
 from bespoke_fast.noise import noise_for_indices
 from bespoke_fast.solvers.bespoke import BespokeSolver
 from bespoke_fast.solvers.bns import NonStationarySolver
-from tests.helpers import GPU_RUN, require_kernels, run_twice_expecting_one_fallback
+from tests.helpers import (GPU_RUN, StandInCuda, require_kernels,
+                           run_twice_expecting_one_fallback)
 
 SHAPE = (2, 3)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -421,57 +422,6 @@ def test_reference_path_reuses_the_same_buffers_every_step(monkeypatch, base, mo
 
 
 # ----------------------------------------------------------------------------- graph control flow
-class _FakeCuda:
-    """Stand-ins for the torch.cuda calls of FastSampler._capture/_execute, so the warm-up /
-    capture / fallback control flow runs on CPU. "Capture" runs the loop eagerly (its effects are
-    discarded by the sampler, which reloads x0 before replaying); "replay" reruns the loop."""
-
-    def __init__(self, monkeypatch):
-        import contextlib
-        self.capturing, self.set_streams, self.replays = False, [], 0
-        fake = self
-
-        class Stream:
-            def __init__(self, device=None):
-                pass
-
-            def wait_stream(self, other):
-                pass
-
-        class Graph:
-            def replay(self):
-                fake.replays += 1
-                st = next(iter(fake.sampler._states.values()))
-                fake.sampler._loop(st)
-
-        @contextlib.contextmanager
-        def graph(g, stream=None, capture_error_mode="global"):
-            fake.capture_error_mode = capture_error_mode
-            fake.capturing = True
-            try:
-                yield
-            except Exception as e:  # like capture_end failing on an invalidated capture
-                raise RuntimeError("CUDA error: operation failed due to a previous error "
-                                   "during capture") from e
-            finally:
-                fake.capturing = False
-
-        cuda = torch.cuda
-        monkeypatch.setattr(cuda, "device", lambda d: contextlib.nullcontext())
-        monkeypatch.setattr(cuda, "stream", lambda s: contextlib.nullcontext())
-        monkeypatch.setattr(cuda, "current_stream", lambda d=None: Stream())
-        monkeypatch.setattr(cuda, "Stream", Stream)
-        monkeypatch.setattr(cuda, "CUDAGraph", Graph)
-        monkeypatch.setattr(cuda, "graph", graph)
-        monkeypatch.setattr(cuda, "set_stream", lambda s: fake.set_streams.append(s))
-        monkeypatch.setattr(cuda, "synchronize", lambda d=None: None)
-
-    def attach(self, sampler):
-        self.sampler = sampler
-        sampler.use_graph = True  # as on a CUDA device
-        return sampler
-
-
 class CaptureSensitive(nn.Module):
     def __init__(self, fake, fail):
         super().__init__()
@@ -486,7 +436,7 @@ class CaptureSensitive(nn.Module):
 
 @pytest.mark.parametrize("kind", ["rk2", "bns"])
 def test_graph_control_flow_capture_then_replay(monkeypatch, kind):
-    fake = _FakeCuda(monkeypatch)
+    fake = StandInCuda(monkeypatch)
     model, solver = CaptureSensitive(fake, fail=False), perturbed(kind, 2 if kind == "rk2" else 3)
     sampler = fake.attach(FastSampler(model, solver, SHAPE, 4, backend="reference", warmup=2))
     x0 = noise(4)
@@ -501,7 +451,7 @@ def test_graph_control_flow_capture_then_replay(monkeypatch, kind):
 
 
 def test_graph_control_flow_capture_failure_warns_once_and_runs_eagerly(monkeypatch):
-    fake = _FakeCuda(monkeypatch)
+    fake = StandInCuda(monkeypatch)
     model, solver = CaptureSensitive(fake, fail=True), perturbed("rk1", 3)
     sampler = fake.attach(FastSampler(model, solver, SHAPE, 4, backend="reference"))
     x0 = noise(4)

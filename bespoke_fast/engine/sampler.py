@@ -45,8 +45,11 @@ CUDA graph (device cuda and ``cuda_graph=True``)
 
     If the capture raises (the model syncs with the host: ``.item()``, ``.cpu()``, printing a
     CUDA tensor, data-dependent shapes, ...), the sampler warns ONCE for that key with the
-    reason, frees the failed graph and its private memory pool at once (``graph.reset()``,
-    ``empty_cache``), and runs the same loop eagerly for that key from then on.
+    reason, frees the failed graph and releases its private memory pool at once (the capture
+    runs on a pool of the sampler's own, released explicitly because ``graph.reset()`` skips
+    the pool of a capture that never ended; blocks the failure's traceback still holds are
+    freed by the next ``empty_cache``), and runs the same loop eagerly for that key from then
+    on. The cuBLAS workspace of the side stream stays, as after any cuBLAS call on a stream.
     ``bespoke_fast.check_capturable`` (CLI: ``bespoke-fast doctor``) finds such models on CPU,
     before a GPU run. Host-side values a model
     reads during capture (Python RNG, counters) are frozen into the graph: such models should
@@ -118,13 +121,36 @@ def _side_stream(device: torch.device):
     return stream
 
 
-def _release_graph(graph) -> None:
-    """After a failed capture: free the graph and its private memory pool now (``reset``), not
-    whenever the garbage collector gets to it; then hand the cached blocks back."""
+def _release_failed_capture(graph, pool) -> None:
+    """After a failed capture: free the graph and hand its private memory pool back now.
+
+    ``CUDAGraph.reset()`` releases a graph's pool only when its capture ENDED; a capture that
+    raised inside (the usual failure: a host sync) never ended, so the pool, with every block
+    the loop allocated before the failure, would stay reserved for the life of the process.
+    The capture runs on a pool of ours (``pool``, from ``graph_pool_handle``), so this closes
+    and releases that pool explicitly when the capture did not end. Blocks that the failure's
+    traceback still holds return to the pool when it dies; the next ``empty_cache`` (or the
+    allocator's own retry on out-of-memory) frees them."""
+    index = torch.cuda.current_device()
+    try:
+        graph.pool()  # raises unless the capture ended, in which case reset() releases the pool
+        ended = True
+    except RuntimeError:
+        ended = False
+    if not ended:
+        try:  # capture_end closes the pool before it fails in some torch versions, not others
+            torch._C._cuda_endAllocateToPool(index, pool)
+        except RuntimeError:
+            pass
     try:
         graph.reset()
-    except Exception:  # pragma: no cover - capture_begin itself failed: nothing was allocated
+    except RuntimeError:  # pragma: no cover - capture_begin itself failed
         pass
+    if not ended:
+        try:
+            torch._C._cuda_releasePool(index, pool)
+        except RuntimeError:  # pragma: no cover - capture_begin failed before making the pool
+            pass
     torch.cuda.empty_cache()
 
 
@@ -323,14 +349,16 @@ class FastSampler:
                     self._loop(st)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
+            pool = torch.cuda.graph_pool_handle()  # ours, so a failed capture can release it
             try:
                 # thread_local: another thread's CUDA calls (a data loader pinning memory) do
                 # not invalidate this capture; this thread's own illegal calls still do
-                with torch.cuda.graph(graph, stream=side, capture_error_mode="thread_local"):
+                with torch.cuda.graph(graph, pool=pool, stream=side,
+                                      capture_error_mode="thread_local"):
                     self._loop(st)
             except Exception as e:  # the model did something a capture cannot record
                 torch.cuda.set_stream(current)  # graph.__exit__ skips restoring it when capture_end raises
-                _release_graph(graph)  # the half-captured graph's private memory pool
+                _release_failed_capture(graph, pool)  # the half-captured graph's private pool
                 graph = None
                 try:
                     torch.cuda.synchronize(dev)
