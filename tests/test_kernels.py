@@ -24,10 +24,15 @@ from bespoke_fast.ops.bns import bns_step_ref  # noqa: E402
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 interp = pytest.mark.skipif(
     not INTERPRETED,
-    reason="CPU kernel tests need TRITON_INTERPRET=1 (off on GPU runs; the gpu tests cover them)")
+    reason="CPU kernel tests need TRITON_INTERPRET=1 (off on GPU runs, where each test runs on "
+           "cuda as its [cuda] case, or test_gpu_large covers it at large sizes)")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 compiled = pytest.mark.skipif(INTERPRETED, reason="needs compiled kernels: TRITON_INTERPRET=1 is "
                                                   "set (run with BESPOKE_FAST_GPU_TESTS=1)")
+# the same test on CPU through the interpreter, and on a GPU with compiled kernels
+on_each_device = pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=interp),
+    pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda, compiled])])
 
 # --------------------------------------------------------------------------- tolerances
 # The fp32 state output: the kernel upcasts u exactly like the reference and runs the same fp32
@@ -116,11 +121,11 @@ def _call(fn, op, x, xm, u, table, step, **kw):
 
 def check_op(op, shape, dtype, guidance, model_in_mode, step, out_mode, table, device="cpu",
              seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=g).to(device)
-    xm = torch.randn(shape, generator=g).to(device)
+    g = torch.Generator(device=device).manual_seed(seed)  # made on the device: no host copies
+    x = torch.randn(shape, generator=g, device=device)
+    xm = torch.randn(shape, generator=g, device=device)
     ushape = ((2 * shape[0],) + tuple(shape[1:])) if guidance else tuple(shape)
-    u = torch.randn(ushape, generator=g).to(device=device, dtype=dtype)
+    u = torch.randn(ushape, generator=g, device=device).to(dtype)
     ref32 = _call(getattr(ops, op + "_ref"), op, x, xm, u.float(), table, step, guidance=guidance)
 
     mi = mi_flat = None
@@ -170,22 +175,22 @@ def test_op_matches_reference(op, guidance, model_in, dtype):
             k += 1
 
 
-@interp
+@on_each_device
 @pytest.mark.parametrize("op", OPS)
-def test_model_in_layout_follows_shape_like_reference(op):
+def test_model_in_layout_follows_shape_like_reference(op, device):
     """As in the reference, a [2B] model_in gets both halves (even without guidance) and a [B]
     one gets the state once (even with guidance)."""
-    table = make_table()
-    check_op(op, (3, 17), torch.bfloat16, False, "twice", 1, "poisoned", table)
-    check_op(op, (3, 17), torch.bfloat16, True, "once", 2, "poisoned", table)
+    table = make_table(device=device)
+    check_op(op, (3, 17), torch.bfloat16, False, "twice", 1, "poisoned", table, device=device)
+    check_op(op, (3, 17), torch.bfloat16, True, "once", 2, "poisoned", table, device=device)
 
 
-@interp
-def test_wrong_row_is_detected():
+@on_each_device
+def test_wrong_row_is_detected(device):
     """Rows differ, so each step gives a different answer: the kernel reads row `step`."""
-    table = make_table()
-    x = torch.randn(4, 33)
-    u = torch.randn(4, 33)
+    table = make_table(device=device)
+    x = torch.randn(4, 33, device=device)
+    u = torch.randn(4, 33, device=device)
     results = [K.rk1_step(x, u, table, s) for s in range(N_ROWS)]
     for s in range(N_ROWS):
         assert_state(results[s], ops.rk1_step_ref(x, u, table, s), f"step {s}")
@@ -197,10 +202,10 @@ def test_wrong_row_is_detected():
     assert_state(K.rk1_step(x, u, table2, 2), ops.rk1_step_ref(x, u, table2, 2), "updated table")
 
 
-@interp
-def test_backend_dispatch_reaches_kernels():
-    table = make_table()
-    x, u = torch.randn(2, 50), torch.randn(4, 50).bfloat16()
+@on_each_device
+def test_backend_dispatch_reaches_kernels(device):
+    table = make_table(device=device)
+    x, u = torch.randn(2, 50, device=device), torch.randn(4, 50, device=device).bfloat16()
     got = ops.rk1_step(x, u, table, 1, guidance=True, backend="triton")
     assert_state(got, ops.rk1_step_ref(x, u, table, 1, guidance=True))
 
@@ -223,14 +228,14 @@ def _velocity(x, t):
     return -x * t.view(-1, *([1] * (x.dim() - 1))) + torch.sin(x)
 
 
-@interp
+@on_each_device
 @pytest.mark.parametrize("base", ["rk1", "rk2"])
-def test_trajectory_matches_reference(base):
+def test_trajectory_matches_reference(base, device):
     """A whole n=4 trajectory through the kernels (in place, model input refreshed by the kernel)
     equals the reference trajectory."""
     n, shape = 4, (3, 257)
-    table = _rk2_table(n)
-    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    table = _rk2_table(n).to(device)
+    x0 = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
 
     def run(rk1, s1, s2, fused):
         x = x0.clone()
@@ -254,27 +259,27 @@ def test_trajectory_matches_reference(base):
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
 
-@interp
+@on_each_device
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-def test_bns_step_matches_reference(dtype):
+def test_bns_step_matches_reference(dtype, device):
     n = 10
-    g = torch.Generator().manual_seed(3)
-    ta = torch.randn(n, generator=g)
-    tb = torch.randn(n, n, generator=g).tril()
+    g = torch.Generator(device=device).manual_seed(3)
+    ta = torch.randn(n, generator=g, device=device)
+    tb = torch.randn(n, n, generator=g, device=device).tril()
     k = 0
     for shape in [(1,), (4099,), (2, 3, 167)]:
-        x0 = torch.randn(shape, generator=g)
-        us = torch.randn((n,) + shape, generator=g).to(dtype)
+        x0 = torch.randn(shape, generator=g, device=device)
+        us = torch.randn((n,) + shape, generator=g, device=device).to(dtype)
         us_short = us[:5].contiguous()  # only rows 0..i are needed
         for i, buf in [(0, us), (4, us_short), (n - 1, us), (-1, us)]:
             mi_mode = (None, "once", "twice")[k % 3]
             what = f"bns {shape} {dtype} i={i} model_in={mi_mode}"
             ref = bns_step_ref(x0, buf, i, ta, tb, None)
-            out, out_flat = poisoned(shape, torch.float32)
+            out, out_flat = poisoned(shape, torch.float32, device)
             mi = mi_flat = None
             if mi_mode:
                 mshape = ((2 * shape[0],) + shape[1:]) if mi_mode == "twice" else shape
-                mi, mi_flat = poisoned(mshape, dtype)
+                mi, mi_flat = poisoned(mshape, dtype, device)
             got = K.bns_step(x0, buf, i, ta, tb, out, model_in=mi)
             assert got is out
             assert_state(got, ref, what)
@@ -285,9 +290,9 @@ def test_bns_step_matches_reference(dtype):
                 assert_tail(mi_flat, mi.numel(), what + " model_in")
             k += 1
     # out=None allocates; rows beyond i are never read (poison them)
-    us = torch.randn((n, 7), generator=g).to(dtype)
+    us = torch.randn((n, 7), generator=g, device=device).to(dtype)
     us[3:] = float("nan")
-    x0 = torch.randn(7, generator=g)
+    x0 = torch.randn(7, generator=g, device=device)
     assert_state(K.bns_step(x0, us, 2, ta, tb, None), bns_step_ref(x0, us, 2, ta, tb, None), "bns")
 
 
@@ -306,11 +311,11 @@ def test_bns_ref_matches_formula():
 
 
 # --------------------------------------------------------------------------- bad input
-@interp
-def test_bad_inputs_raise_clear_errors():
-    table = make_table()
-    x, u = torch.randn(4, 6), torch.randn(4, 6)
-    nc = torch.randn(6, 4).t()  # [4, 6], not contiguous
+@on_each_device
+def test_bad_inputs_raise_clear_errors(device):
+    table = make_table(device=device)
+    x, u = torch.randn(4, 6, device=device), torch.randn(4, 6, device=device)
+    nc = torch.randn(6, 4, device=device).t()  # [4, 6], not contiguous
     with pytest.raises(ValueError, match="x must be contiguous"):
         K.rk1_step(nc, u, table, 0)
     with pytest.raises(ValueError, match="u must be contiguous"):
@@ -322,21 +327,21 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="model_in must be contiguous"):
         K.rk2_stage1(x, u, table, 0, model_in=nc)
     with pytest.raises(ValueError, match=r"u must have shape \(4, 6\)"):
-        K.rk1_step(x, torch.randn(4, 7), table, 0)
+        K.rk1_step(x, torch.randn(4, 7, device=device), table, 0)
     with pytest.raises(ValueError, match=r"u1 must have shape \(8, 6\)"):
         K.rk2_stage1(x, u, table, 0, guidance=True)  # guidance needs [2B, ...]
     with pytest.raises(ValueError, match="x_mid must have shape"):
-        K.rk2_stage2(x, torch.randn(4, 5), u, table, 0)
+        K.rk2_stage2(x, torch.randn(4, 5, device=device), u, table, 0)
     with pytest.raises(ValueError, match="out must have shape"):
-        K.rk1_step(x, u, table, 0, out=torch.empty(4, 5))
+        K.rk1_step(x, u, table, 0, out=torch.empty(4, 5, device=device))
     with pytest.raises(ValueError, match="model_in must have shape"):
-        K.rk1_step(x, u, table, 0, model_in=torch.empty(3, 6))
+        K.rk1_step(x, u, table, 0, model_in=torch.empty(3, 6, device=device))
     with pytest.raises(ValueError, match="x must have dtype float32"):
         K.rk1_step(x.bfloat16(), u, table, 0)
     with pytest.raises(ValueError, match="u must have dtype"):
         K.rk1_step(x, u.double(), table, 0)
     with pytest.raises(ValueError, match="out must have dtype float32"):
-        K.rk1_step(x, u, table, 0, out=torch.empty(4, 6, dtype=torch.bfloat16))
+        K.rk1_step(x, u, table, 0, out=torch.empty(4, 6, dtype=torch.bfloat16, device=device))
     with pytest.raises(ValueError, match="table must have dtype float32"):
         K.rk1_step(x, u, table.double(), 0)
     with pytest.raises(ValueError, match=r"table must have shape \[n, 8\]"):
@@ -346,11 +351,14 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(TypeError, match="step must be a Python int"):
         K.rk1_step(x, u, table, torch.tensor(0))
     with pytest.raises(ValueError, match="x0 must be contiguous"):
-        K.bns_step(nc, torch.randn(3, 4, 6), 0, torch.randn(3), torch.randn(3, 3), None)
+        K.bns_step(nc, torch.randn(3, 4, 6, device=device), 0, torch.randn(3, device=device),
+                   torch.randn(3, 3, device=device), None)
     with pytest.raises(ValueError, match="us must have shape"):
-        K.bns_step(x, torch.randn(2, 4, 6), 2, torch.randn(3), torch.randn(3, 3), None)
+        K.bns_step(x, torch.randn(2, 4, 6, device=device), 2, torch.randn(3, device=device),
+                   torch.randn(3, 3, device=device), None)
     with pytest.raises(ValueError, match="table_b must have shape"):
-        K.bns_step(x, torch.randn(3, 4, 6), 2, torch.randn(3), torch.randn(3, 2), None)
+        K.bns_step(x, torch.randn(3, 4, 6, device=device), 2, torch.randn(3, device=device),
+                   torch.randn(3, 2, device=device), None)
 
 
 # --------------------------------------------------------------------------- GPU
@@ -406,6 +414,7 @@ def test_gpu_int64_offsets():
     torch.testing.assert_close(x[:4096], ref_head, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.gpu  # runs where the kernels are compiled: the GPU run
 @compiled
 def test_cpu_tensors_without_interpreter_raise():
     """With compiled kernels (interpreter off) CPU tensors get a clear error, not a Triton crash."""

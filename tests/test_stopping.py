@@ -3,6 +3,7 @@ optimizer that goes on with Adam when L-BFGS stops, and the CLI saying why train
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -73,16 +74,26 @@ def test_bespoke_training_stops_on_patience_and_keeps_the_best(gmm_gt):
     assert "validation per-sample score did not improve" in describe_stop(report)
 
 
-def test_bespoke_training_stops_on_the_budget_and_on_max_iters(gmm_gt):
+def test_bespoke_training_stops_on_the_budget_and_on_max_iters(gmm_gt, monkeypatch):
     flow, gt = gmm_gt
-    _, report = bf.train(flow, gt, base="rk1", n_steps=3, iters=10 ** 6, finetune_iters=10 ** 6,
-                         batch_size=16, val=48, val_every=10 ** 6, budget_seconds=0.5,
-                         patience=None, progress=False)
+    # a clock that counts model evaluations, 50 us each: the 0.5 s budget is 10,000 sample-
+    # evaluations, the same on an idle or a loaded machine (the wall clock made this test flaky)
+    evaluations = [0]
+    hook = flow.register_forward_pre_hook(lambda m, args: evaluations.__setitem__(
+        0, evaluations[0] + args[0].shape[0]))
+    monkeypatch.setattr(time, "perf_counter", lambda: evaluations[0] * 5e-5)
+    try:
+        _, report = bf.train(flow, gt, base="rk1", n_steps=3, iters=10 ** 6,
+                             finetune_iters=10 ** 6, batch_size=16, val=48, val_every=10 ** 6,
+                             budget_seconds=0.5, init="identity", patience=None, progress=False)
+    finally:
+        hook.remove()
     # each phase ends at its share of the budget; the polish (one timed L-BFGS iteration) at all of it
     assert report["stop_reason"] == "budget" and report["bound_stop_reason"] == "budget"
     assert report["phase_stop_reasons"] == {"bound": "budget", "finetune": "budget",
                                             "polish": "budget"}
     assert report["wall_seconds"] < 30 and report["curve"][-1]["phase"] == "polish"
+    monkeypatch.undo()
     _, report = bf.train(flow, gt, base="rk1", n_steps=3, iters=6, finetune_iters=100,
                          max_iters=9, batch_size=16, val=48, val_every=4, budget_seconds=None,
                          progress=False)

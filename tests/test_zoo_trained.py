@@ -105,6 +105,7 @@ def test_net_budget(models):
         assert meta["flops_per_sample"] == net.flops_per_sample() <= 800_000, name
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_net_cuda_graph_capturable():
     net = DigitsMLP().cuda().eval()
