@@ -38,3 +38,13 @@ def test_citation_pattern_reads_ranges():
     text = "see docs/method.md sections 3-5 and method.md section 7"
     found = [(int(m.group(1)), m.group(2)) for m in CITATION.finditer(text)]
     assert found == [(3, "5"), (7, None)]
+
+
+def test_every_relative_link_in_the_docs_exists():
+    """README.md and docs/*.md link results and code by relative paths: each must exist."""
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, broken
