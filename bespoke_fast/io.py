@@ -29,8 +29,8 @@ MAX_DEPTH = 32
 MAX_INT_DIGITS = 20
 
 __all__ = ["model_fingerprint", "fingerprint_configs", "model_identity", "check_model_identity",
-           "sha256_file", "atomic_write", "atomic_write_text", "write_with_sidecar", "read_sidecar", "save_figure",
-           "verified_sidecar", "check_writable", "read_json_bounded",
+           "sha256_file", "atomic_write", "atomic_write_text", "write_with_sidecar", "read_sidecar",
+           "save_figure", "verified_sidecar", "check_writable", "read_json_bounded",
            "claim_run_dir", "check_shard_plan", "seal", "unseal", "identity_hash",
            "remove_stale_temp_files", "MAX_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS"]
 

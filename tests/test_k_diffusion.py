@@ -92,7 +92,8 @@ class GMMDenoiser(torch.nn.Module):
         v = c * c * tau2 + s * s
         logp = (-0.5 * ((xk - c * self.mu[None]) ** 2).sum(-1, keepdim=True) / v
                 - 0.5 * xk.shape[-1] * torch.log(v))
-        d = (torch.softmax(logp, 1) * (self.mu[None] + c * tau2 / v * (xk - c * self.mu[None]))).sum(1)
+        post = self.mu[None] + c * tau2 / v * (xk - c * self.mu[None])     # E[x0 | x, k]
+        d = (torch.softmax(logp, 1) * post).sum(1)
         if scale is not None:
             d = d * (scale.to(F64).reshape(-1, 1) if isinstance(scale, torch.Tensor) else scale)
         return d.reshape(x.shape).to(x.dtype)
@@ -122,7 +123,8 @@ def test_time_change_ends_inverse_and_affine_scales(param):
     tc = SigmaTime(param, lo, hi)
     t = torch.linspace(0, 1, 101, dtype=F64)
     sig = tc.sigma(t)
-    assert float(sig[0]) == pytest.approx(hi, rel=1e-15) and float(sig[-1]) == pytest.approx(lo, rel=1e-13)
+    assert float(sig[0]) == pytest.approx(hi, rel=1e-15)
+    assert float(sig[-1]) == pytest.approx(lo, rel=1e-13)
     assert bool((sig.diff() < 0).all())
     _close(tc.time(sig), t, 1e-12)
     for f in (tc.scale, tc.noise):               # affine in t: the Euler equivalence rests on it
@@ -139,7 +141,8 @@ def test_velocity_model_is_the_exact_mixture_flow_in_changed_time(param):
     """velocity_model(exact denoiser) against the library's own exact FM-OT mixture flow.
 
     The flow state is ``y = m x_fm(t')`` with ``m = s c + q`` (edm: s + q; const: s),
-    ``t' = s c / m`` and ``dt'/dt = kappa / m^2``, so ``u = m' x_fm + (kappa / m) u_fm(t', x_fm)``."""
+    ``t' = s c / m`` and ``dt'/dt = kappa / m^2``, so
+    ``u = m' x_fm + (kappa / m) u_fm(t', x_fm)``."""
     lo, hi = RANGES[param]
     d = GMMDenoiser(param)
     model = velocity_model(d, param, sigma_min=lo, sigma_max=hi)
@@ -472,3 +475,46 @@ def test_the_adapter_adds_no_host_read_to_the_captured_loop(kind):
     model = velocity_model(GMMDenoiser("edm"), "edm", *RANGES["edm"])
     report = bf.check_capturable(model, solver, (8,))
     assert report.ok, str(report)
+
+
+def test_fast_sampler_is_kept_per_model_only_with_cuda_graph(monkeypatch):
+    import bespoke_fast.engine as engine
+    built = []
+
+    class Counting(engine.FastSampler):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs.get("cuda_graph"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "FastSampler", Counting)
+    lo, hi = RANGES["edm"]
+    solver = bf.BespokeSolver("rk1", 3)
+    sigmas = solver_sigmas(solver, "edm", lo, hi)
+    x, d1, d2 = _noise("edm").float(), GMMDenoiser("edm"), GMMDenoiser("edm")
+    kept = sampler(solver, parameterization="edm", sigma_min=lo, sigma_max=hi, fast=True,
+                   cuda_graph=True)
+    first = kept(d1, x, sigmas, disable=True)
+    _close(kept(d1, x, sigmas, disable=True), first, 0)            # replayed: the same sampler
+    assert built == [True]
+    kept(d2, x, sigmas, disable=True)                              # another model: a new one
+    kept.release()
+    kept(d2, x, sigmas, disable=True)
+    assert built == [True, True, True]
+    fresh = sampler(solver, parameterization="edm", sigma_min=lo, sigma_max=hi, fast=True)
+    fresh(d1, x, sigmas, disable=True)
+    fresh(d1, x, sigmas, disable=True)
+    assert built == [True, True, True, False, False]               # nothing kept alive
+
+
+def test_a_half_precision_start_runs_in_float32_and_comes_back_in_its_dtype():
+    lo, hi = RANGES["edm"]
+    solver = bf.BespokeSolver("rk2", 3)
+    run = sampler(solver, parameterization="edm", sigma_min=lo, sigma_max=hi)
+    sigmas = solver_sigmas(solver, "edm", lo, hi)
+    x = _noise("edm").float()
+    d = GMMDenoiser("edm")
+    half = run(d, x.bfloat16(), sigmas, disable=True)
+    assert half.dtype == torch.bfloat16
+    assert all(c.dtype == torch.float32 for c in d.calls)          # sigma in float32
+    full = run(d, x.bfloat16().float(), sigmas, disable=True)
+    _close(half.float(), full, 1e-2)

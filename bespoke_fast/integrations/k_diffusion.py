@@ -3,8 +3,9 @@ solver wherever ``sample_*(model, x, sigmas, ...)`` is called (k-diffusion, Comf
 
 k-diffusion's convention
     ``model(x, sigma[B], **extra_args) -> denoised`` returns the clean estimate of ``x`` at noise
-    level ``sigma`` (the data, ``x0`` in k-diffusion's words; method.md calls it ``x1``), with either ``x = x0 + sigma n`` (``parameterization="edm"``: EDM and every
-    variance-exploding denoiser, e.g. SD 1.x / SDXL behind ``CompVisDenoiser`` or ComfyUI's EPS
+    level ``sigma`` (the data: ``x0`` in k-diffusion's words, ``x1`` in method.md's), with
+    either ``x = x0 + sigma n`` (``parameterization="edm"``: EDM and every variance-exploding
+    denoiser, e.g. SD 1.x / SDXL behind ``CompVisDenoiser`` or ComfyUI's EPS
     and V_PREDICTION model sampling) or ``x = (1 - sigma) x0 + sigma n`` (``"const"``: flow
     models such as SD3 and Flux, ComfyUI's CONST). Both follow the same ODE,
     ``dx/dsigma = (x - D(x, sigma)) / sigma``, from ``sigmas[0] = sigma_max`` (the start is
@@ -15,8 +16,8 @@ The time change (docs/method.md section 9)
     Flow time ``t`` in [0, 1] (noise at 0, data at 1) and the flow state ``y = s(t) x`` with::
 
         s(t) = (1 - t) / sigma_max + t            q(t) = s(t) sigma(t) = 1 - t (1 - sigma_min)
-        sigma(t) = q(t) / s(t)                    t(sigma) = (1 - sigma / sigma_max)
-                                                             / (sigma (1 - 1 / sigma_max) + 1 - sigma_min)
+        sigma(t) = q(t) / s(t)
+        t(sigma) = (1 - sigma / sigma_max) / (sigma (1 - 1 / sigma_max) + 1 - sigma_min)
         u(t, y) = (kappa D(y / s, sigma(t)) - (1 - sigma_min) y) / q(t),
         kappa = 1 - sigma_min / sigma_max
 
@@ -74,7 +75,8 @@ def _sigma_value(name: str, value) -> float:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.detach().cpu().reshape(()).item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise InvalidTypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+        raise InvalidTypeError(f"{name} must be a real number, got {type(value).__name__} "
+                               f"{value!r}")
     value = float(value)
     if not math.isfinite(value):
         raise InvalidArgumentError(f"{name} must be finite, got {value!r}")
@@ -121,8 +123,8 @@ class SigmaTime:
         lo, hi = _sigma_value("sigma_min", sigma_min), _sigma_value("sigma_max", sigma_max)
         if lo < 0 or (lo == 0 and not allow_zero_min):
             raise InvalidArgumentError(
-                f"sigma_min must be > 0, got {lo!r}: it is the last non-zero sigma of the schedules "
-                f"you sample with (a denoiser is not evaluated at sigma = 0)")
+                f"sigma_min must be > 0, got {lo!r}: it is the last non-zero sigma of the "
+                f"schedules you sample with (a denoiser is not evaluated at sigma = 0)")
         if hi <= lo:
             raise InvalidArgumentError(f"sigma_max must be > sigma_min, got sigma_min={lo!r}, "
                                        f"sigma_max={hi!r}")
@@ -135,7 +137,8 @@ class SigmaTime:
         self.decay = 1.0 - lo
 
     def config(self) -> dict:
-        """``{"parameterization", "sigma_min", "sigma_max"}`` (JSON-able; recorded in solver files)."""
+        """``{"parameterization", "sigma_min", "sigma_max"}``: JSON-able, recorded in solver
+        files."""
         return {"parameterization": self.parameterization, "sigma_min": self.sigma_min,
                 "sigma_max": self.sigma_max}
 
@@ -207,7 +210,8 @@ class KDiffusionVelocity(nn.Module):
         self.time = time
 
     def fingerprint_config(self) -> dict:
-        """Part of the model's identity, and recorded with a fitted solver (:func:`fitted_range`)."""
+        """Part of the model's identity, and recorded with a fitted solver
+        (:func:`fitted_range`)."""
         return {_CONFIG_KEY: self.time.config()}
 
     def extra_repr(self) -> str:
@@ -267,9 +271,9 @@ class KDiffusionDenoiser(nn.Module):
         y = x.to(work) * _bcast(s, x)
         u = self.model(y.to(x.dtype), t.to(x.dtype), **extras)
         if not isinstance(u, torch.Tensor) or u.shape != x.shape:
+            got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
             raise ModelContractError(f"the velocity model must return a tensor shaped like its "
-                                     f"input {tuple(x.shape)}, got "
-                                     f"{tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__}")
+                                     f"input {tuple(x.shape)}, got {got}")
         d = (_bcast(q, x) * u.to(work) + tc.decay * y) / tc.kappa
         return d.to(x.dtype)
 
