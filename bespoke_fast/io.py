@@ -28,9 +28,9 @@ MAX_BYTES = 1 << 20
 MAX_DEPTH = 32
 MAX_INT_DIGITS = 20
 
-__all__ = ["model_fingerprint", "model_identity", "check_model_identity", "sha256_file",
-           "atomic_write", "atomic_write_text", "write_with_sidecar", "read_sidecar", "save_figure",
-           "verified_sidecar", "check_writable", "read_json_bounded",
+__all__ = ["model_fingerprint", "fingerprint_configs", "model_identity", "check_model_identity",
+           "sha256_file", "atomic_write", "atomic_write_text", "write_with_sidecar", "read_sidecar",
+           "save_figure", "verified_sidecar", "check_writable", "read_json_bounded",
            "claim_run_dir", "check_shard_plan", "seal", "unseal", "identity_hash",
            "remove_stale_temp_files", "MAX_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS"]
 
@@ -133,7 +133,7 @@ def sha256_file(path) -> str:
 
 
 # ----------------------------------------------------------------------------- identities
-def _fingerprint_configs(model) -> list:
+def fingerprint_configs(model) -> list:
     """Settings that change what a model computes but live outside its tensors (a guidance
     scale, the class list of a conditioning function): objects opt in by defining
     ``fingerprint_config() -> dict`` (JSON-able), on the model itself or any submodule."""
@@ -148,7 +148,7 @@ def model_fingerprint(model) -> str:
     scale); for a model without any of these (a plain function, a stateless module),
     ``"callable:<module>.<qualname>"`` (documented in the module docstring)."""
     state = model.state_dict() if isinstance(model, torch.nn.Module) else {}
-    configs = _fingerprint_configs(model)
+    configs = fingerprint_configs(model)
     if not state and not configs:
         fn = getattr(model, "__func__", model)
         if not hasattr(fn, "__qualname__"):

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 import torch
 
 from .._checks import InvalidFileError, MismatchError
-from ..io import atomic_write, check_writable, model_fingerprint
+from ..io import atomic_write, check_writable, fingerprint_configs, model_fingerprint
 from ..metrics import rmse_psnr
 from .gt import TrajectorySet
 
@@ -153,6 +153,7 @@ def finish(solver, model, trajectories, config, state, model_name, bar, started,
     bar.close()
     state["wall_total"] += time.perf_counter() - started
     solver.load_state_dict(state["best"])
+    configs = fingerprint_configs(model)
     report = {
         "config": config,
         "curve": state["curve"],
@@ -169,6 +170,8 @@ def finish(solver, model, trajectories, config, state, model_name, bar, started,
         "training": {**config, "wall_seconds": report["wall_seconds"], "nfe": report["nfe"]},
         "validation": state["best_record"],
     }
+    if configs:  # the model's settings (a guidance scale, a k-diffusion sigma range), readable:
+        solver.meta["model"]["config"] = configs    # integrations.k_diffusion.fitted_range
     return solver, report
 
 

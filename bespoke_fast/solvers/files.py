@@ -26,7 +26,8 @@ Layout (format version 1)::
       "n_steps": n, "nfe": NFE,
       "parameters": {name: [floats], ...},  the raw (unconstrained) parameters: the source of truth
       "tables": {name: [floats], ...},      derived, for people and other tools; checked on load
-      "model": {"name": ..., "hash": ...},  what it was fitted to (may be empty)
+      "model": {"name": ..., "hash": ...},  what it was fitted to (may be empty; "config": the
+                                            model's settings, e.g. a k-diffusion sigma range)
       "training": {...}, "validation": {...},
       "package_version": "x.y.z"
     }
