@@ -34,8 +34,10 @@ setup(
         # flow_matching and diffusers: the peer-conversion tests check our adapters to them, and
         # the diffusers integration tests; nvidia-ml-py: the telemetry test runs against a fake
         # NVML on CPU machines
+        # torchsde: k_diffusion.sampling's one dependency beyond these (k-diffusion itself
+        # installs --no-deps: its requirements pull torchvision, which replaces torch)
         "test": ["pytest", "pytest-benchmark", "torchdiffeq", "scipy", "scikit-learn", "matplotlib",
-                 "flow_matching", "diffusers", "transformers", "nvidia-ml-py"],
+                 "flow_matching", "diffusers", "transformers", "nvidia-ml-py", "torchsde"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "torchdiffeq", "flow_matching", "diffusers",
                   "matplotlib"],
         "viz": ["matplotlib"],
