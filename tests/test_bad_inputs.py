@@ -236,7 +236,12 @@ CLI_CASES = [
     ("solver duplicate keys", ["eval", *MODEL, "--gt", "GT", "TMP/s.json"],
      lambda b, t, m: (t / "s.json").write_text((b / "ours.json").read_text().replace(
          '"nfe": 4', '"nfe": 4, "nfe": 4')), "duplicate key 'nfe'"),
-    ("solver missing", ["eval", *MODEL, "--gt", "GT", "TMP/none.json"], None, "neither a solver file"),
+    ("solver missing", ["eval", *MODEL, "--gt", "GT", "TMP/none.json"], None,
+     "solver file not found: "),
+    ("solver missing (sample)", ["sample", *MODEL, "--solver", "TMP/none.json", "--num", "4",
+                                 "--out", "OUT"], None, "solver file not found: "),
+    ("solver spec unknown", ["eval", *MODEL, "--gt", "GT", "midpoint10"], None,
+     "neither a solver file nor 'method@NFE'"),
     ("sample rerun other num", ["sample", *MODEL, "--solver", "SOLVER", "--num", "16", "--out", "OUT"],
      lambda b, t, m: main(["sample", *MODEL, "--solver", str(b / "ours.json"), "--num", "8",
                            "--out", str(t / "out")]), "num was 8, now 16"),
@@ -676,3 +681,31 @@ def test_a_damaged_plan_or_training_report_is_named_and_overwrite_recovers(tmp_p
             bf.fit("gmm-64", out=out, **FIT)
         again = bf.fit("gmm-64", out=out, overwrite=True, **FIT)
         assert again.solver.nfe == 4 and json.loads((out / name).read_text())
+
+
+def test_a_scaled_down_fit_plan_keeps_the_selection_share(tmp_path):
+    plan = bf.fit("gmm-64", out=tmp_path / "f", plan_only=True, max_disk=8e6, log=lambda *a: None)
+    t = plan["trajectories"]
+    assert t["train"] < 1280 and t["model_selection"] <= t["train"] // 5
+    assert t["train"] - t["model_selection"] >= 64 and not (tmp_path / "f").exists()
+
+
+def test_fast_sampler_check_finite_tells_x0_extras_and_model_apart():
+    from tests.bad_models import nan_late
+    solver = bf.BespokeSolver("rk2", 2)
+    good = bf.FastSampler(load("gmm-64").model, solver, (64,), 4, check_finite=True)
+    x0 = torch.randn(4, 64)
+    assert torch.isfinite(good(x0)).all()
+    x0[2, 5] = float("nan")
+    with pytest.raises(bf.NonFiniteError, match="x0 row 2 is NaN/Inf: the input noise"):
+        good(x0)
+    with pytest.raises(bf.NonFiniteError, match="the extra 'w' holds NaN/Inf"):
+        good(torch.randn(4, 64), w=torch.tensor([float("nan")]))
+    bad = bf.FastSampler(nan_late().model, solver, (4,), 4, check_finite=True)
+    with pytest.raises(bf.NonFiniteError, match="sample 0 of the batch is NaN/Inf although x0 "
+                                                "and the extras are finite: the model"):
+        bad(torch.randn(4, 4))
+    quiet = bf.FastSampler(nan_late().model, solver, (4,), 4)        # default: no host sync
+    assert not torch.isfinite(quiet(torch.randn(4, 4))).any()
+    with pytest.raises(bf.NonFiniteError, match="holds NaN/Inf already"):
+        solver.sample(load("gmm-64").model, x0, check_finite=True)

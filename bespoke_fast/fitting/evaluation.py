@@ -40,8 +40,8 @@ def parse_solver_spec(spec):
             raise InvalidArgumentError(f"{spec!r}: {method} uses {per} NFE per step, so NFE must be a positive "
                              f"multiple of {per}")
         return spec, (lambda model, x0, **ex: solve(model, x0, method, n_steps=nfe // per, **ex)), nfe
-    if Path(spec).is_file():
-        from ..solvers.files import load_solver
+    if Path(spec).is_file() or spec.endswith(".json") or "/" in spec:
+        from ..solvers.files import load_solver     # a missing file: the message 'sample' gives
         solver = load_solver(spec)
         return Path(spec).name, solver.sample, solver.nfe
     raise InvalidArgumentError(f"solver {spec!r} is neither a solver file nor 'method@NFE' "

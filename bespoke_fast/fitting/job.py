@@ -185,10 +185,23 @@ def make_plan(settings: dict, probe: dict) -> dict:
             "train_budget_seconds": train_budget, "probe": probe}
 
 
+def _num_select(num_train: int, solver: str) -> int:
+    """The last trajectories of the training GT that select the checkpoint: a fifth, at most
+    256 (BNS: at least its minimum of validation pairs)."""
+    num_select = max(1, min(256, num_train // 5))
+    if solver == "bns":
+        from .bns import MIN_VAL_PAIRS
+        num_select = max(num_select, MIN_VAL_PAIRS)
+    return num_select
+
+
 def _scaled(settings, scale):
     s = dict(settings)
-    s["num_train"] = max(min(_MIN_TRAIN + settings["num_select"], settings["num_train"]),
-                         int(settings["num_train"] * scale))
+    smallest = next(n for n in range(_MIN_TRAIN, 10 * _MIN_TRAIN)
+                    if n - _num_select(n, settings["solver"]) >= _MIN_TRAIN)
+    s["num_train"] = max(min(smallest, settings["num_train"]), int(settings["num_train"] * scale))
+    if s["num_train"] < settings["num_train"]:     # the selection share shrinks with the set
+        s["num_select"] = min(settings["num_select"], _num_select(s["num_train"], s["solver"]))
     s["num_heldout"] = max(min(_MIN_HELDOUT, settings["num_heldout"]), int(settings["num_heldout"] * scale))
     for key in ("iters", "finetune_iters"):
         if settings[key]:
@@ -494,10 +507,9 @@ def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol,
     finetune_iters = (finetune_iters if finetune_iters is not None
                       else getattr(defaults, "finetune_iters", 0))
     batch_size = check_int("batch_size", batch_size if batch_size is not None else defaults.batch_size)
-    num_select = max(1, min(256, num_train // 5))     # the last ones pick the checkpoint
+    num_select = _num_select(num_train, solver)     # the last ones pick the checkpoint
     if solver == "bns":
-        from .bns import MIN_TRAIN_PAIRS, MIN_VAL_PAIRS
-        num_select = max(num_select, MIN_VAL_PAIRS)
+        from .bns import MIN_TRAIN_PAIRS
         if num_train < num_select + MIN_TRAIN_PAIRS:
             raise InvalidArgumentError(f"num_train must be >= {num_select + MIN_TRAIN_PAIRS} for BNS "
                                        f"({MIN_TRAIN_PAIRS} training + {num_select} selection pairs)")
