@@ -193,6 +193,13 @@ def cmd_train(args):
     args.out = _solver_out(args.out)                 # before the fit, not after it
     zm = _model(args)
     gt = _gt(args, zm)
+    if "val" in opts and args.val is None and opts["val"] > len(gt) // 5:
+        # the default hold-out of a bespoke fit is for sets of >= 1,280: shrink it, as BNS does
+        opts["val"] = max(1, len(gt) // 5)
+        if not args.quiet:
+            print(f"bespoke-fast train: the GT set has {len(gt)} trajectories: holding out the last "
+                  f"{opts['val']} (a fifth) for validation and training on {len(gt) - opts['val']} "
+                  f"(--val sets it)", file=sys.stderr)
     from .fitting.stopping import describe_stop
     train, _ = trainer_for(args.solver)
     solver, report = train(zm.model, gt, n_steps=n, seed=args.seed, checkpoint=args.checkpoint,
@@ -528,8 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--val", type=int, default=None,
-                   help="held-out trajectories (default: bespoke 256; bns 1024, fewer when the GT "
-                        "set is small, at least 16)")
+                   help="held-out trajectories (default: bespoke 256, a fifth of the GT set when "
+                        "that is fewer; bns 1024, fewer when the GT set is small, at least 16)")
     p.add_argument("--num-train", type=int, default=None,
                    help="bns only: training pairs (default 520, fewer when the GT set is small, at "
                         "least 16)")

@@ -198,6 +198,15 @@ CLI_CASES = [
      lambda b, t, m: _edit_json(t / "gt" / "manifest.json",
                                 lambda d: d["shards"][1].update(sha256="0" * 64)),
      "damaged (its checksum does not match its content); rerun the same 'bespoke-fast gt'"),
+    ("manifest data_range edited and resealed", ["eval", *MODEL, "--gt", "GTCOPY", "midpoint@4"],
+     lambda b, t, m: _edit_json(t / "gt" / "manifest.json", lambda d: d.update(data_range=20),
+                                reseal=True),
+     "its data_range (20) differs from its run identity's (2.0): edited by hand?"),
+    ("manifest and its run identity edited and resealed", ["eval", *MODEL, "--gt", "GTCOPY",
+                                                           "midpoint@4"],
+     lambda b, t, m: _edit_json(t / "gt" / "manifest.json", lambda d: d.update(data_range=20) or
+                                d["run"].update(data_range=20), reseal=True),
+     "its shards belong to another run than its identity"),
     ("manifest without shards", ["eval", *MODEL, "--gt", "GTCOPY", "midpoint@4"],
      lambda b, t, m: _edit_json(t / "gt" / "manifest.json", lambda d: d.pop("shards"), reseal=True),
      "missing or malformed 'shards'"),
@@ -709,3 +718,24 @@ def test_fast_sampler_check_finite_tells_x0_extras_and_model_apart():
     assert not torch.isfinite(quiet(torch.randn(4, 4))).any()
     with pytest.raises(bf.NonFiniteError, match="holds NaN/Inf already"):
         solver.sample(load("gmm-64").model, x0, check_finite=True)
+
+
+def test_bespoke_train_shrinks_its_default_hold_out_on_a_small_gt_set(tmp_path, capsys):
+    assert main(["gt", *LINEAR, "--num", "64", "--out", str(tmp_path / "g")]) == 0
+    out = tmp_path / "s.json"
+    capsys.readouterr()
+    assert main(["train", "--model", "tests.bad_models:linear", "--device", "cpu", "--gt",
+                 str(tmp_path / "g"), "--nfe", "4", "--iters", "1", "--finetune-iters", "0",
+                 "--polish-iters", "0", "--init", "identity", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "holding out the last 12 (a fifth) for validation and training on 52 (--val sets it)" in err
+    assert json.loads(out.read_text())["training"]["num_val"] == 12
+
+
+def test_training_bars_show_the_budget_not_an_eta_from_the_iteration_cap(base, tmp_path, capsys):
+    assert main(["train", "--model", "gmm-64", "--device", "cpu", "--gt", str(base / "gt"),
+                 "--nfe", "4", "--iters", "3", "--finetune-iters", "0", "--polish-iters", "0",
+                 "--val", "16", "--init", "identity", "--budget-seconds", "100",
+                 "--out", str(tmp_path / "s.json")]) == 0
+    err = capsys.readouterr().err
+    assert "of a 100 s budget" in err and "<" not in err.split("fit bespoke", 1)[1], err

@@ -38,8 +38,8 @@ from .. import __version__
 from .._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError, MissingFileError,
                       NonFiniteError, check_int, check_positive, model_error)
 from ..io import (MANIFEST_MAX_BYTES, Inventory, atomic_write_text, check_shard_plan, claim_run_dir,
-                 identity_hash, model_fingerprint, model_identity, read_json_bounded, read_sidecar,
-                 remove_stale_temp_files, seal, sha256_file, unseal, verified_sidecar,
+                 first_difference, identity_hash, model_fingerprint, model_identity,
+                 read_json_bounded, read_run_record, read_sidecar, remove_stale_temp_files, seal, sha256_file, unseal, verified_sidecar,
                  write_with_sidecar)
 from .gt_storage import (StorageOptions, StreamedTrajectories, bytes_per_trajectory, decode_knots,
                          split_point)
@@ -427,7 +427,29 @@ def read_manifest(out) -> dict:
     if not ok:
         raise _manifest_error(path, "damaged (missing or malformed 'shards', 'num', 'shape' or "
                                     "'knots_t')")
+    _check_against_run(path, doc)
     return doc
+
+
+def _check_against_run(path: Path, doc: dict) -> None:
+    """A manifest edited and resealed by hand: its fields must equal its run identity, its shards
+    must belong to that run (identity hash), and the folder's run record must name the same run."""
+    run = doc.get("run")
+    if not isinstance(run, dict):
+        raise _manifest_error(path, "damaged (no run identity)")
+    for key in ("model", "num", "shape", "dtype", "seed", "rtol", "atol", "batch_size", "knots_t",
+                "data_range"):
+        if key in run and doc.get(key) != run[key]:
+            raise _manifest_error(path, f"its {key} ({doc.get(key)!r:.40}) differs from its run "
+                                        f"identity's ({run[key]!r:.40}): edited by hand?")
+    run_hash = identity_hash(run)
+    if any(s.get("run", run_hash) != run_hash for s in doc["shards"]):
+        raise _manifest_error(path, "its shards belong to another run than its identity: edited "
+                                    "by hand?")
+    state, recorded, _ = read_run_record(path.parent)
+    if state in ("ours", "legacy") and recorded != run:
+        raise _manifest_error(path, f"it describes another run than {path.parent / 'run.json'} "
+                                    f"({first_difference(recorded, run)}): edited by hand?")
 
 
 def _reusable_manifest(out, identity, run, n_shards):
