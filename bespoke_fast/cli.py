@@ -193,7 +193,8 @@ def cmd_train(args):
     args.out = _solver_out(args.out)                 # before the fit, not after it
     zm = _model(args)
     gt = _gt(args, zm)
-    if "val" in opts and args.val is None and opts["val"] > len(gt) // 5:
+    if (args.solver == "bespoke" and args.val is None and isinstance(opts.get("val"), int)
+            and opts["val"] > len(gt) // 5):
         # the default hold-out of a bespoke fit is for sets of >= 1,280: shrink it, as BNS does
         opts["val"] = max(1, len(gt) // 5)
         if not args.quiet:
