@@ -42,7 +42,7 @@ _LAZY = {
     **{name: "_checks" for name in (
         "BespokeFastError", "InvalidArgumentError", "InvalidTypeError", "InvalidFileError",
         "SolverFileError", "MissingFileError", "MismatchError", "ModelContractError",
-        "NonFiniteError", "OutputError", "MissingDependencyError")},
+        "NonFiniteError", "OutputError", "MissingDependencyError", "ModelError")},
 }
 _SUBMODULES = ("models", "solvers", "io", "ops", "fitting", "engine", "metrics", "zoo", "cli",
                "capture", "sampling", "utils")

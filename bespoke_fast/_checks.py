@@ -16,7 +16,8 @@ import numbers
 import torch
 
 __all__ = ["BespokeFastError", "InvalidArgumentError", "InvalidTypeError", "InvalidFileError",
-           "SolverFileError", "MissingFileError", "MismatchError", "ModelContractError", "NonFiniteError",
+           "SolverFileError", "MissingFileError", "MismatchError", "ModelContractError", "ModelError",
+           "NonFiniteError",
            "OutputError", "MissingDependencyError", "check_int", "check_choice", "check_positive", "check_state",
            "call_model", "time_vector"]
 
@@ -55,6 +56,80 @@ class MismatchError(BespokeFastError, ValueError):
 class ModelContractError(BespokeFastError, TypeError, ValueError):
     """The model broke the velocity contract (returned a non-tensor, another shape or dtype).
     Both a ``TypeError`` and a ``ValueError``, as the separate checks were before."""
+
+
+class ModelError(BespokeFastError, RuntimeError):
+    """The user's model raised an exception: the message names the call (which samples, the
+    time, the input shape) and the model's own message; ``__cause__`` is the original."""
+
+
+def model_error(e: BaseException, where: str, x=None, t=None) -> ModelError:
+    """A one-line :class:`ModelError` for exception ``e`` raised by the model ``where`` (e.g.
+    ``"at GT samples 0..255"``), with the time ``t`` (first entry) and input ``x``'s shape."""
+    parts = [where]
+    if t is not None:
+        try:
+            parts.append(f"t={float(torch.as_tensor(t).reshape(-1)[0]):.3g}")
+        except (RuntimeError, ValueError, IndexError):
+            pass
+    if isinstance(x, torch.Tensor):
+        parts.append(f"input shape {tuple(x.shape)}")
+    text = " ".join(str(e).split()) or "(no message)"
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return ModelError(f"the model raised {type(e).__name__} {', '.join(parts)}: {text}; "
+                      f"--debug shows the traceback")
+
+
+def _model_files(model) -> set:
+    """Source files of ``model``'s code: its class (or function) and its submodules' classes,
+    except bespoke_fast's and torch's own."""
+    import inspect
+    import os
+    skip = (os.path.dirname(os.path.abspath(__file__)),
+            os.path.dirname(os.path.abspath(torch.__file__)))
+    parts = list(model.modules()) if isinstance(model, torch.nn.Module) else [model]
+    files = set()
+    for part in parts:
+        target = getattr(part, "__func__", part)
+        target = target if inspect.isfunction(target) else type(target)
+        try:
+            f = os.path.abspath(inspect.getfile(target))
+        except (TypeError, OSError):
+            continue
+        if not f.startswith(skip):
+            files.add(f)
+    return files
+
+
+def raised_by_model(e: BaseException, model) -> bool:
+    """Whether ``e`` was raised inside the code of ``model`` (a frame of its traceback is in
+    the source file of the model's class or function, or of one of its submodules' classes):
+    the user's model, not a bug of the library."""
+    import os
+    files = _model_files(model)
+    tb = e.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) in files:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def probe_model(model, shape, device="cpu", extras=None, dtype=torch.float32) -> None:
+    """One call of ``model`` at batch 2 (t = 0.5, fixed noise) before any plan or work: a model
+    that raises, or breaks the velocity contract for ``shape``, fails here in one line
+    (:class:`ModelError` / :class:`ModelContractError`)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *shape, generator=g, dtype=dtype).to(device)
+    t = torch.full((2,), 0.5, dtype=dtype, device=device)
+    try:
+        with torch.no_grad():
+            call_model(model, x, t, dict(extras or {}))
+    except BespokeFastError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the user's model: reported in one line
+        raise model_error(e, "on the probe call (batch 2, before any work)", x, t) from e
 
 
 class NonFiniteError(BespokeFastError, FloatingPointError):
@@ -130,6 +205,10 @@ def call_model(model, x: torch.Tensor, t: torch.Tensor, extras: dict, check_fini
         raise ModelContractError(f"the model returned dtype {u.dtype} for an input of dtype {x.dtype}; "
                         f"expected {want} (cast inside the model, or wrap it)")
     if check_finite and not bool(torch.isfinite(u).all()):
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(f"the state given to the model at t={float(t.reshape(-1)[0]):.6g} "
+                                 f"holds NaN/Inf already (x0, the extras or an earlier step), "
+                                 f"so its velocity does too")
         raise NonFiniteError(f"the model returned a non-finite velocity (NaN or Inf) at "
                                  f"t={float(t.reshape(-1)[0]):.6g}")
     return u

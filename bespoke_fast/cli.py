@@ -42,20 +42,33 @@ def _device(name):
 
 
 def _model(args):
+    """The ``--model`` (a bundled name, a factory or a diffusers pipeline); a factory's model
+    gets one probe call at batch 2 before any work (see ``_checks.probe_model``)."""
+    from ._checks import probe_model
     from .zoo import resolve_model
     if args.model.startswith("diffusers:"):
         try:
-            return _diffusers_model(args)
+            zm = _diffusers_model(args)
         except (ValueError, FileNotFoundError, ImportError) as e:
             raise CLIError(str(e)) from e
-    return resolve_model(args.model, device=_device(args.device))
+        args.model_object = zm.model
+        return zm
+    device = _device(args.device)
+    zm = resolve_model(args.model, device=device)
+    args.model_object = zm.model
+    if ":" in args.model:
+        probe_model(zm.model, zm.shape, device, zm.extras)
+    return zm
+
+
+_DIFFUSERS_COMMANDS = ("gt", "train", "eval")     # the commands that take --model diffusers:DIR
 
 
 def _diffusers_model(args):
     """``--model diffusers:DIR``: a local pipeline folder, conditioned by --prompts / --classes
     (or by the table stored in the --gt directory)."""
     from .integrations.diffusers import cli_model
-    if args.command not in ("gt", "train", "eval"):
+    if args.command not in _DIFFUSERS_COMMANDS:
         raise CLIError(f"{args.command} does not take diffusers pipelines; use "
                        f"bespoke_fast.integrations.diffusers.fast_pipeline from Python")
     opt = {k: getattr(args, k, None) for k in ("prompts", "classes", "guidance_scale", "height",
@@ -87,12 +100,16 @@ def _emit(args, summary, human_lines):
 def cmd_gt(args):
     from .fitting.gt import generate_trajectories
     zm = _model(args)
+    extra = ()
+    if getattr(zm, "conditioning", None):
+        from .integrations.diffusers import CONDITIONING_FILE
+        extra = (CONDITIONING_FILE,)
     manifest = generate_trajectories(zm.model, args.num, zm.shape, args.out, seed=args.seed,
                                      rtol=args.rtol, atol=args.atol, knots=args.knots,
                                      batch_size=args.batch_size, model_name=zm.name,
                                      data_range=zm.data_range, progress=not args.quiet,
                                      extras_fn=getattr(zm, "condition", None),
-                                     overwrite=args.overwrite)
+                                     overwrite=args.overwrite, extra_files=extra)
     if getattr(zm, "conditioning", None):  # the table the stored prompt indices refer to
         from .integrations.diffusers import CONDITIONING_FILE, save_conditioning
         save_conditioning(Path(args.out) / CONDITIONING_FILE, zm.conditioning, zm.guidance_scale)
@@ -159,7 +176,6 @@ def _train_options(args) -> dict:
 
 
 def cmd_train(args):
-    from .io import check_writable
     from .fitting import trainer_for
     from .solvers.base import solver_class
     opts = _train_options(args)
@@ -174,9 +190,17 @@ def cmd_train(args):
     # BNS: only the midpoint start needs an even NFE
     n = _nfe_to_steps(args.solver, header.get("base", "midpoint" if opts.get("init") == "midpoint"
                                                 else "euler"), args.nfe)
-    check_writable(args.out, "solver file")          # before the fit, not after it
+    args.out = _solver_out(args.out)                 # before the fit, not after it
     zm = _model(args)
     gt = _gt(args, zm)
+    if (args.solver == "bespoke" and args.val is None and isinstance(opts.get("val"), int)
+            and opts["val"] > len(gt) // 5):
+        # the default hold-out of a bespoke fit is for sets of >= 1,280: shrink it, as BNS does
+        opts["val"] = max(1, len(gt) // 5)
+        if not args.quiet:
+            print(f"bespoke-fast train: the GT set has {len(gt)} trajectories: holding out the last "
+                  f"{opts['val']} (a fifth) for validation and training on {len(gt) - opts['val']} "
+                  f"(--val sets it)", file=sys.stderr)
     from .fitting.stopping import describe_stop
     train, _ = trainer_for(args.solver)
     solver, report = train(zm.model, gt, n_steps=n, seed=args.seed, checkpoint=args.checkpoint,
@@ -193,6 +217,31 @@ def cmd_train(args):
            f"(set {best['psnr_set']:.2f} dB) "
            f"(iteration {best['iteration']}, {report['wall_seconds']:.1f} s)",
            describe_stop(report)] + _start_line(report))
+
+
+def _solver_out(raw) -> Path:
+    """``train --out``: a file name (not a folder, not ``dir/``) that can be written, and that
+    holds nothing but a solver file already (a file of the user's is never replaced)."""
+    from .io import check_writable
+    text = str(raw)
+    path = Path(text)
+    if text.endswith(("/", "\\")) or path.is_dir():
+        raise CLIError(f"--out {text} is a directory (a folder name); give the solver file's "
+                       f"name, e.g. {path / 'solver.json'}")
+    if path.is_symlink() and not path.exists():
+        raise CLIError(f"--out {text}: a symbolic link to {path.readlink()}, which does not exist")
+    if path.exists():
+        from .io import read_json_bounded
+        from .solvers.base import FORMAT
+        try:
+            ours = read_json_bounded(path, "solver file").get("format") == FORMAT
+        except (BespokeFastError, AttributeError):
+            ours = False
+        if not ours:
+            raise CLIError(f"--out {text}: the file exists and is not a bespoke_fast solver file; "
+                           f"refusing to replace it: move it, or pick another --out")
+    check_writable(path, "solver file")
+    return path
 
 
 def _start_line(report) -> list:
@@ -220,12 +269,25 @@ def cmd_eval(args):
                   f"not held-out ones (make test GT with another --seed)", file=sys.stderr)
         results.append(evaluate(zm.model, spec, gt, model_name=zm.name,
                                 allow_model_mismatch=args.allow_model_mismatch))
+    bad = [r for r in results if r.get("nonfinite")]
+    if bad and not args.allow_nonfinite:
+        r = bad[0]
+        raise CLIError(f"{r['solver']} produced NaN/Inf for {r['nonfinite']} of {len(gt)} samples "
+                       f"(the first: GT trajectory {r['first_nonfinite']}), so its metrics are NaN; "
+                       f"the model or the solver is not finite at some time it evaluates; pass "
+                       f"--allow-nonfinite to print the rows marked")
     lines = [f"{'solver':<28} {'NFE':>4} {'RMSE':>10} {'PSNR (dB) [95% CI]':>22} "
              f"{'PSNR set [95% CI]':>22} {'mode flips':>10}"]
     lines += [f"{r['solver']:<28} {r['nfe']:>4} {r['rmse']:>10.3e} {format_ci(r, 'psnr'):>22} "
-              f"{format_ci(r, 'psnr_set'):>22} {r.get('mode_flips', float('nan')):>10.4f}" for r in results]
-    lines.append(f"({len(gt)} GT trajectories, data range {gt.data_range}; intervals: bootstrap "
-                 f"over the trajectories{'' if len(gt) >= 1024 else '; fewer than 1,024: wide'})")
+              f"{format_ci(r, 'psnr_set'):>22} "
+              + (f"{r['mode_flips']:>10.4f}" if "mode_flips" in r else f"{'-':>10}")
+              + (f"  NaN/Inf in {r['nonfinite']} samples" if r.get("nonfinite") else "")
+              for r in results]
+    notes = ["intervals: bootstrap over the trajectories"
+             + ("" if len(gt) >= 1024 else "; fewer than 1,024: wide")]
+    if any("mode_flips" not in r for r in results):
+        notes.append("mode flips: '-' where the model has no known modes")
+    lines.append(f"({len(gt)} GT trajectories, data range {gt.data_range}; {'; '.join(notes)})")
     _emit(args, {"results": results}, lines)
 
 
@@ -238,6 +300,9 @@ def cmd_sample(args):
         if not triton_available():
             raise MissingDependencyError("--backend triton needs the 'triton' package: pip install "
                                          "\"bespoke_fast[triton]\" (or use --backend reference)")
+        if not str(_device(args.device)).startswith("cuda"):
+            raise CLIError(f"--backend triton needs a CUDA device, and --device {args.device} is "
+                           f"the CPU here; use --backend reference (or auto) on CPU")
     solver = load_solver(args.solver)
     zm = _model(args)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.model_dtype]
@@ -326,11 +391,12 @@ def _command(sub, name, func, help, description, gt=False, epilog=None, **defaul
     ``--json``, ``--quiet``, ``--threads``, ``--debug``; ``--gt`` with ``gt=True``), running
     ``func``; ``defaults`` override option defaults (e.g. the demo's ``threads=1``)."""
     p = sub.add_parser(name, help=help, description=description, epilog=epilog)
+    pipelines = ", or diffusers:LOCAL_PIPELINE_DIR" if name in _DIFFUSERS_COMMANDS else ""
     p.add_argument("--model", default="digits-fmot",
                    help="bundled model name (gmm-64, digits-exact, digits-fmot, digits-vcs, "
-                        "digits-eps), package.module:factory (factory() returns (model, "
-                        "shape[, data_range]), a dict with those keys or a ZooModel), or "
-                        "diffusers:LOCAL_PIPELINE_DIR "
+                        "digits-eps), package.module:factory or path/to/file.py:factory "
+                        "(imported from the current folder first; factory() returns (model, "
+                        f"shape[, data_range]), a dict with those keys or a ZooModel){pipelines} "
                         "(default: %(default)s)")
     if gt:
         p.add_argument("--gt", required=True, type=Path, help="GT directory made by 'bespoke-fast gt'")
@@ -470,8 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--val", type=int, default=None,
-                   help="held-out trajectories (default: bespoke 256; bns 1024, fewer when the GT "
-                        "set is small, at least 16)")
+                   help="held-out trajectories (default: bespoke 256, a fifth of the GT set when "
+                        "that is fewer; bns 1024, fewer when the GT set is small, at least 16)")
     p.add_argument("--num-train", type=int, default=None,
                    help="bns only: training pairs (default 520, fewer when the GT set is small, at "
                         "least 16)")
@@ -499,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", choices=("per-sample", "set", "rmse"), default="per-sample",
                    help="validation score for the kept checkpoint and for patience (default "
                         "per-sample PSNR: the papers' metric and the least noisy on multi-modal data)")
-    p.add_argument("--out", type=Path, required=True, help="solver file to write (.json)")
+    p.add_argument("--out", required=True,
+                   help="solver file to write (.json); an existing file there is replaced only "
+                        "if it is a solver file")
     _diffusers_options(p)
 
     p = _command(sub, "eval", cmd_eval,
@@ -507,6 +575,9 @@ def build_parser() -> argparse.ArgumentParser:
                  description="Evaluate solver files and baselines (name@NFE: euler, midpoint, "
                              "heun, rk4) against the GT endpoints.", gt=True)
     p.add_argument("solvers", nargs="+", metavar="SOLVER", help="solver file or method@NFE")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="print rows with NaN/Inf samples, marked (default: such a row is an "
+                        "error, exit code 2)")
     _diffusers_options(p)
     _allow_mismatch(p)
 
@@ -515,11 +586,15 @@ def build_parser() -> argparse.ArgumentParser:
                  description="Sample with FastSampler (triton + one CUDA graph on GPU, the "
                              "pure-torch reference on CPU) into DIR/samples_*.npy shards and a "
                              "manifest.json. Sample i's noise depends only on (seed, i), so "
-                             "results do not depend on the batch size; reruns resume.")
+                             "results do not depend on the batch size, up to the model's own "
+                             "rounding (a batched matmul may move a value by an ulp); reruns "
+                             "resume, also with another --batch-size.")
     p.add_argument("--solver", required=True, type=Path, help="solver file (.json)")
     p.add_argument("--num", type=int, required=True, help="number of samples")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="samples per sampler call (default %(default)s); a rerun with another "
+                        "one resumes")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
     p.add_argument("--model-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="dtype the model runs in (the solver state stays fp32)")
     p.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
@@ -562,7 +637,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 -- only the user's errors are mapped; bugs re-raise
-        message = _user_error(e)
+        message = _user_error(e, getattr(args, "model_object", None))
         if message is None or args.debug:
             raise
         print(f"bespoke-fast {args.command}: error: {message}", file=sys.stderr)
@@ -576,10 +651,15 @@ _USER_ERRNOS = {errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENO
                 errno.ENOSPC, errno.EROFS, errno.ENAMETOOLONG, getattr(errno, "EDQUOT", -1)}
 
 
-def _user_error(e: BaseException):
-    """The one-line message for a user-fixable error, or None for a bug (see the docstring)."""
+def _user_error(e: BaseException, model=None):
+    """The one-line message for a user-fixable error, or None for a bug (see the docstring). An
+    exception raised inside the user's ``model`` (its code is in the traceback) is the model's:
+    one line too."""
+    from ._checks import model_error, raised_by_model
     if isinstance(e, (CLIError, BespokeFastError)):
         text = str(e)
+    elif model is not None and isinstance(e, Exception) and raised_by_model(e, model):
+        text = str(model_error(e, "(in a call of the solver or the trainer)"))
     elif isinstance(e, OSError) and e.errno in _USER_ERRNOS:
         text = f"{e.strerror}: {e.filename}" if e.filename else str(e)
         if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
@@ -590,7 +670,14 @@ def _user_error(e: BaseException):
 
 
 def _fill_defaults(args):
-    """Options given as None take the defaults of what they feed (train: ``_train_options``)."""
+    """Options given as None take the defaults of what they feed (train: ``_train_options``);
+    a leading ``~`` of a path option is the home folder, as in a shell."""
+    for name in ("out", "gt", "solver", "checkpoint", "prompts"):
+        value = getattr(args, name, None)
+        if isinstance(value, Path) or (name == "out" and isinstance(value, str)):
+            trailing = "/" if str(value).endswith("/") else ""
+            expanded = Path(value).expanduser()
+            setattr(args, name, str(expanded) + trailing if isinstance(value, str) else expanded)
     if args.command == "gt" and args.knots is None:
         from .fitting.gt import DEFAULT_KNOTS
         args.knots = DEFAULT_KNOTS

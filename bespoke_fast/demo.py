@@ -56,7 +56,8 @@ def run_demo(model: str = "digits-fmot", nfe: int = 10, out="bespoke_demo", num_
     started = time.perf_counter()
     result = fit(model, nfe=nfe, solver="bespoke", out=out, num_train=num_gt, num_heldout=num_val,
                  seed=seed, iters=iters, finetune_iters=finetune_iters, device=device,
-                 progress=progress, log=log, overwrite=True)   # the demo owns `out`
+                 progress=progress, log=log, overwrite=True,   # the demo owns `out`
+                 extra_files=("psnr_vs_nfe.png", "summary.json"))
     report, solver = result.report, result.solver
     heldout = load_trajectories(out / "gt_heldout", device=device)
     zm = result.model

@@ -31,7 +31,8 @@ MAX_INT_DIGITS = 20
 __all__ = ["model_fingerprint", "fingerprint_configs", "model_identity", "check_model_identity",
            "sha256_file", "atomic_write", "atomic_write_text", "write_with_sidecar", "read_sidecar",
            "save_figure", "verified_sidecar", "check_writable", "read_json_bounded",
-           "claim_run_dir", "check_shard_plan", "seal", "unseal", "identity_hash",
+           "claim_run_dir", "check_shard_plan", "seal", "unseal", "identity_hash", "Inventory",
+           "read_run_record", "prepare_out_dir", "first_difference", "temp_prefix", "file_mode",
            "remove_stale_temp_files", "MAX_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS"]
 
 
@@ -45,7 +46,8 @@ def atomic_write(path, data) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)
@@ -60,6 +62,25 @@ def atomic_write(path, data) -> None:
     finally:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
+
+
+# the longest file name most file systems take is 255 bytes; a temp name adds ".", "." and
+# mkstemp's 8 random characters + ".tmp"
+_TEMP_NAME_KEEP = 200
+
+
+def temp_prefix(name: str) -> str:
+    """The prefix of the temp files :func:`atomic_write` makes for ``name``: ``"." + name + "."``,
+    with ``name`` cut to 200 characters so that the temp name stays within 255 bytes."""
+    return f".{name[:_TEMP_NAME_KEEP]}."
+
+
+def file_mode() -> int:
+    """The mode a new file gets under the current umask (``0o666 & ~umask``): what ``open()``
+    would give; ``tempfile.mkstemp`` alone always gives 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _output_error(path, e: OSError) -> OutputError:
@@ -250,15 +271,20 @@ def read_json_bounded(path, what: str = "JSON file", max_bytes: int = MAX_BYTES,
 
 
 # ----------------------------------------------------------------------------- run directories
-# Shared by the GT sets (gt.py) and the sample folders (sampling.py): a folder holds the output
-# of ONE run, identified by a dict of everything that determines its bytes ("run identity",
-# stored in RUN_FILE before any shard is written). A rerun with the same identity resumes; with
-# another one it stops (MismatchError naming the field) unless overwrite=True, which deletes the
-# files of the old run (and only those). Manifests are written last and sealed with the sha256
-# of their own canonical JSON, so any damage to them is detected on read.
+# Shared by the GT sets (gt.py), the sample folders (sampling.py) and the fit job (job.py): a
+# folder holds the output of ONE run, identified by a dict of everything that determines its
+# bytes ("run identity"), stored with the run's inventory (the names of every file it may create,
+# claimed before any is written) in the sealed run record RUN_FILE. A rerun with the same identity
+# resumes; with another one it stops (MismatchError naming the field) unless overwrite=True,
+# which deletes the files of the old run's inventory, and only those. A file the inventory does
+# not list is the user's: a run never replaces it (it refuses, naming the file), and --overwrite
+# refuses a folder that holds any. Manifests are written last and sealed with the sha256 of their
+# own canonical JSON, so any damage to them is detected on read.
 RUN_FILE = "run.json"
+RUN_FORMAT = "bespoke_fast.run"
 MAX_SHARDS = 1_000_000
 MANIFEST_MAX_BYTES = 256 << 20
+_TEMP_RE = re.compile(r"^\.(.+)\.[A-Za-z0-9_]+\.tmp$")
 
 
 def _canonical(doc) -> bytes:
@@ -296,55 +322,229 @@ def _first_difference(old, new, prefix=""):
     return prefix.rstrip("."), old, new
 
 
+def first_difference(old, new) -> str:
+    """``"field was OLD, now NEW"`` for the first differing (dotted) field of two dicts."""
+    field, a, b = _first_difference(old, new)
+    return f"{field or 'the record'} was {_short(a)}, now {_short(b)}"
+
+
 def _short(value, limit=60):
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def claim_run_dir(out, identity: dict, owned, overwrite: bool = False, what: str = "run",
-                  rank: int = 0, grouped: bool = False) -> None:
-    """Make ``out`` the folder of the run ``identity`` (see the block comment above).
+class Inventory:
+    """The files a run may create in its folder (its claim), as stored in its run record.
 
-    ``owned``: glob patterns of the files a run of this kind writes (shards, sidecars, manifest,
-    temp files); ``overwrite`` deletes exactly those, plus RUN_FILE, first. Raises
-    :class:`MismatchError` naming the first differing field when ``out`` holds files of another
-    run, or of an unknown one. Only rank 0 deletes; in a process group (``grouped``) only rank 0
-    writes RUN_FILE (the caller then meets the others at a barrier)."""
+    ``files``: plain names; ``series``: ``(prefix, suffix, count)`` for the numbered files
+    ``f"{prefix}{k:05d}{suffix}"``, ``0 <= k < count`` (``count=None``: any k, only for records
+    of older versions); ``dirs``: sub-folders that hold runs of their own (never deleted here).
+    The run record and the temp files :func:`atomic_write` makes for any of these names belong
+    to the run too.
+
+    Example::
+
+        >>> inv = Inventory(["manifest.json"], [("shard_", ".json", 3)])
+        >>> inv.owns("shard_00002.json"), inv.owns("shard_00003.json"), inv.owns("notes.json")
+        (True, False, False)
+    """
+
+    def __init__(self, files=(), series=(), dirs=()):
+        self.files = sorted(set(files) | {RUN_FILE})
+        self.series = [(str(p), str(x), None if n is None else int(n)) for p, x, n in series]
+        self.dirs = sorted(set(dirs))
+
+    def _owns_name(self, name: str) -> bool:
+        if name in self.files or name in self.dirs:
+            return True
+        for prefix, suffix, count in self.series:
+            if name.startswith(prefix) and name.endswith(suffix) and len(name) > len(prefix) + len(suffix):
+                middle = name[len(prefix):len(name) - len(suffix)]
+                if (middle.isdigit() and middle.isascii() and f"{int(middle):05d}" == middle
+                        and (count is None or int(middle) < count)):
+                    return True
+        return False
+
+    def owns(self, name: str) -> bool:
+        """Whether ``name`` (a name in the run's folder) is one of this run's files."""
+        if self._owns_name(name):
+            return True
+        m = _TEMP_RE.match(name)
+        if m is None:
+            return False
+        base = m.group(1)
+        return self._owns_name(base) or (len(base) == _TEMP_NAME_KEEP and any(
+            f[:_TEMP_NAME_KEEP] == base for f in self.files))
+
+    def is_temp(self, name: str) -> bool:
+        """Whether ``name`` is a temp file :func:`atomic_write` left for one of these files."""
+        return _TEMP_RE.match(name) is not None and self.owns(name)
+
+    def unbounded(self) -> "Inventory":
+        """The same names with every series unbounded (for a record that lists none)."""
+        return Inventory(self.files, [(p, x, None) for p, x, _ in self.series], self.dirs)
+
+    def to_json(self) -> dict:
+        return {"files": self.files, "series": [list(s) for s in self.series], "dirs": self.dirs}
+
+    @classmethod
+    def from_json(cls, doc) -> "Inventory":
+        """Parse a stored inventory; ``ValueError`` when it is malformed."""
+        ok = (isinstance(doc, dict) and isinstance(doc.get("files"), list)
+              and isinstance(doc.get("series"), list) and isinstance(doc.get("dirs"), list)
+              and all(_plain_name(f) for f in doc["files"] + doc["dirs"])
+              and all(isinstance(s, list) and len(s) == 3 and isinstance(s[0], str)
+                      and isinstance(s[1], str) and type(s[2]) is int and 0 <= s[2] <= MAX_SHARDS
+                      for s in doc["series"]))
+        if not ok:
+            raise ValueError("malformed inventory")
+        return cls(doc["files"], doc["series"], doc["dirs"])
+
+    def __eq__(self, other):
+        return isinstance(other, Inventory) and self.to_json() == other.to_json()
+
+    def __or__(self, other: "Inventory") -> "Inventory":
+        counts = {}
+        for p, x, n in self.series + other.series:
+            old = counts.get((p, x), 0)
+            counts[(p, x)] = None if n is None or old is None else max(old, n)
+        return Inventory(self.files + other.files, [(p, x, n) for (p, x), n in counts.items()],
+                         self.dirs + other.dirs)
+
+
+def _plain_name(name) -> bool:
+    return (isinstance(name, str) and 0 < len(name) <= 255 and "/" not in name and "\\" not in name
+            and name not in (".", ".."))
+
+
+def prepare_out_dir(out) -> Path:
+    """Create the output folder ``out`` (and its parents); ``out`` may be a symbolic link to a
+    folder. Raises :class:`OutputError` when it is a file, a dangling link, or cannot be made."""
     out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"cannot write {out}: it is a symbolic link to {os.readlink(out)}, which "
+                          f"does not exist; create that folder, or pick another --out")
     if out.exists() and not out.is_dir():
         raise OutputError(f"cannot write {out}: it exists and is not a directory")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _output_error(out, e) from e
-    run_file = out / RUN_FILE
-    theirs = None
-    if run_file.exists():
-        try:
-            theirs = read_json_bounded(run_file, "run identity file", error=InvalidFileError)
-            theirs = unseal(run_file, theirs)["identity"]
-        except (InvalidFileError, KeyError):
-            theirs = "damaged"
-    has_files = any(next(out.glob(p), None) is not None for p in owned)
-    if theirs == identity:
-        return
-    if has_files and not overwrite:   # a run.json alone (a run that wrote nothing) is replaced
-        if theirs is None or theirs == "damaged":
-            state = "a damaged run.json" if theirs == "damaged" else "files but no run.json"
-            raise MismatchError(f"{out} holds {state} (a {what} of an unknown run); use another "
-                                f"--out, or --overwrite (overwrite=True) to replace it")
-        field, old, new = _first_difference(theirs, identity)
-        raise MismatchError(f"{out} holds a {what} made with other arguments: {field} was "
-                            f"{_short(old)}, now {_short(new)}; use another --out, or --overwrite "
-                            f"(overwrite=True) to replace it")
-    if rank != 0 and grouped:  # rank 0 clears the folder and claims it; the others only check
-        return
-    if overwrite and rank == 0:
-        for pattern in list(owned) + [RUN_FILE]:
-            for f in out.glob(pattern):
-                if f.is_file() or f.is_symlink():
-                    f.unlink()
-    atomic_write_text(run_file, json.dumps(seal({"identity": identity}), indent=1) + "\n")
+    return out
+
+
+def read_run_record(out):
+    """``(state, identity, inventory)`` of the run record in folder ``out``: state ``"none"``
+    (no record), ``"ours"``, ``"legacy"`` (a record of an older version: an identity, no
+    inventory), ``"damaged"`` (one of ours that no longer verifies) or ``"foreign"`` (a
+    ``run.json`` bespoke_fast did not write: never used)."""
+    path = Path(out) / RUN_FILE
+    if not path.exists() and not path.is_symlink():
+        return "none", None, None
+    if path.is_symlink() or not path.is_file():
+        return "foreign", None, None
+    try:
+        raw = path.read_bytes()[:MAX_BYTES + 1]
+    except OSError:
+        return "damaged", None, None
+    marked = b"sealed_sha256" in raw or RUN_FORMAT.encode() in raw
+    try:
+        doc = unseal(path, read_json_bounded(path, "run record"))
+    except InvalidFileError:
+        return ("damaged" if marked else "foreign"), None, None
+    identity = doc.get("identity")
+    if not isinstance(identity, dict):
+        return "damaged", None, None
+    if doc.get("format") != RUN_FORMAT:
+        return ("legacy" if "inventory" not in doc else "damaged"), identity, None
+    try:
+        return "ours", identity, Inventory.from_json(doc.get("inventory"))
+    except ValueError:
+        return "damaged", None, None
+
+
+def _names(items, limit=5):
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def claim_run_dir(out, identity: dict, inventory: Inventory, overwrite: bool = False,
+                  what: str = "run", rank: int = 0, grouped: bool = False,
+                  dry_run: bool = False) -> str:
+    """Make ``out`` the folder of the run ``identity`` (see the block comment above).
+
+    ``inventory``: the files the run may create (:class:`Inventory`). Returns ``"resume"`` (the
+    folder holds this run already), ``"new"`` or ``"replaced"`` (``overwrite`` deleted the files
+    of another run's inventory first). Refuses, before touching anything:
+
+    * a file in ``out`` that this run would write and no run record lists (the user's):
+      :class:`OutputError` naming it;
+    * ``out`` holding another run's files: :class:`MismatchError` naming the first differing
+      field (or the damaged record), unless ``overwrite``;
+    * ``overwrite`` of a folder that holds anything the old run's inventory does not list:
+      :class:`OutputError` listing up to five names;
+    * a ``run.json`` bespoke_fast did not write.
+
+    ``dry_run``: only check (nothing is written or deleted). Only rank 0 deletes; in a process
+    group (``grouped``) only rank 0 writes the record (the caller meets the others at a barrier).
+
+    Example::
+
+        >>> claim_run_dir("runs/gt", {"num": 8}, Inventory(["manifest.json"]))
+        'new'
+    """
+    out = prepare_out_dir(out) if not dry_run else Path(out)
+    if dry_run and not out.is_dir():
+        if out.is_symlink() or out.exists():
+            prepare_out_dir(out)          # raises: a file or a dangling link
+        return "new"
+    state, theirs, previous = read_run_record(out)
+    if state == "foreign":
+        raise OutputError(f"{out / RUN_FILE} was not written by bespoke_fast; refusing to read or "
+                          f"replace it: pick an empty or new --out")
+    if state in ("legacy", "damaged"):
+        previous = inventory.unbounded()
+    try:
+        names = sorted(e.name for e in os.scandir(out) if e.name != RUN_FILE)
+    except OSError as e:
+        raise _output_error(out, e) from e
+    ours = [n for n in names if previous is not None and previous.owns(n)]
+    # temp files of this inventory's names are a killed writer's (removed before the run writes)
+    foreign = [n for n in names if n not in ours and not inventory.is_temp(n)]
+    collide = [n for n in foreign if inventory.owns(n)]
+    same = state in ("ours", "legacy") and theirs == identity
+    replacing = not same and overwrite and (bool(ours) or state != "none")
+    if replacing and foreign:
+        raise OutputError(f"--overwrite: {out} holds {len(foreign)} file(s) bespoke_fast did not "
+                          f"write ({_names(foreign)}); it deletes only its own files and never "
+                          f"replaces a folder holding others: pick an empty or new --out")
+    if collide:
+        raise OutputError(f"{out / collide[0]} was not written by this {what} (no run record in "
+                          f"{out} lists it); refusing to replace it: move it, or pick an empty or "
+                          f"new --out")
+    if not same and ours and not overwrite:
+        if state == "damaged":
+            raise MismatchError(f"{out} holds a damaged {RUN_FILE} (a {what} of an unknown run); "
+                                f"use another --out, or --overwrite (overwrite=True) to replace it")
+        raise MismatchError(f"{out} holds a {what} made with other arguments: "
+                            f"{first_difference(theirs, identity)}; use another --out, or "
+                            f"--overwrite (overwrite=True) to replace it")
+    result = "resume" if same else "replaced" if replacing else "new"
+    if replacing and rank == 0 and not dry_run:
+        for name in ours:
+            f = out / name
+            if f.is_symlink() or f.is_file():
+                f.unlink()
+    if dry_run or (rank != 0 and grouped):
+        return result
+    if same and state == "ours" and previous is not None and (previous | inventory) == previous:
+        return result
+    if same and state == "ours":
+        inventory = previous | inventory
+    atomic_write_text(out / RUN_FILE, json.dumps(seal({"format": RUN_FORMAT, "identity": identity,
+                                                       "inventory": inventory.to_json()}),
+                                                 indent=1) + "\n")
+    return result
 
 
 def check_writable(path, what: str = "output") -> None:
@@ -353,20 +553,28 @@ def check_writable(path, what: str = "output") -> None:
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"cannot write the {what} {path}: it is a directory")
+    if str(path).endswith(("/", os.sep)):
+        raise OutputError(f"cannot write the {what} {path}: the name ends with '/' (a folder); "
+                          f"give a file name, e.g. {Path(path) / 'solver.json'}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
         os.close(fd)
         os.unlink(tmp)
     except OSError as e:
         raise _output_error(path, e) from e
 
 
-def remove_stale_temp_files(out, patterns) -> None:
-    """Delete temp files a killed writer left in ``out`` (they are never read)."""
-    for pattern in patterns:
-        for f in Path(out).glob(pattern):
-            f.unlink(missing_ok=True)
+def remove_stale_temp_files(out, inventory: Inventory) -> None:
+    """Delete the temp files a killed writer left in ``out`` for the files of ``inventory``
+    (they are never read); other files are left alone."""
+    try:
+        entries = list(os.scandir(out))
+    except OSError:
+        return
+    for e in entries:
+        if inventory.is_temp(e.name) and e.is_file(follow_symlinks=False):
+            Path(out, e.name).unlink(missing_ok=True)
 
 
 def check_shard_plan(out, num: int, shard_size: int, bytes_per_item: int, existing: int = 0,

@@ -9,12 +9,14 @@ Time runs from noise (t = 0) to data (t = 1): ``x_t = alpha_t x1 + sigma_t x0`` 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ._checks import MissingDependencyError, check_choice
+from ._checks import (InvalidArgumentError, MissingDependencyError, check_choice,
+                      check_positive)
 
 __all__ = [
     "GaussianPath", "PATHS", "as_velocity", "VelocityAdapter", "cfg", "GuidedModel",
@@ -117,9 +119,9 @@ class VelocityAdapter(nn.Module):
         self.prediction = check_choice("prediction", prediction, PREDICTIONS)
         self.path = _as_path(path)
         self.time = check_choice("time", time, TIMES)
-        self.time_scale = float(time_scale)
-        if not (0.0 <= eps < 0.5):
-            raise ValueError(f"eps must be in [0, 0.5), got {eps}")
+        self.time_scale = check_positive("time_scale", time_scale)
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not (0.0 <= eps < 0.5):
+            raise InvalidArgumentError(f"eps must be in [0, 0.5), got {eps!r}")
         self.eps = float(eps)
 
     def forward(self, x, t, **extras):
@@ -189,6 +191,11 @@ class GuidedModel(nn.Module):
 
     def __init__(self, model, scale, cond_key="y", null=0):
         super().__init__()
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+            raise InvalidArgumentError(f"cfg: scale must be a finite number, got {scale!r}")
+        if isinstance(null, numbers.Real) and not math.isfinite(null):
+            raise InvalidArgumentError(f"cfg: null must be a finite number, a tensor or a "
+                                       f"callable, got {null!r}")
         self.model, self.scale, self.cond_key, self.null = model, float(scale), cond_key, null
 
     def fingerprint_config(self) -> dict:

@@ -15,7 +15,8 @@ Every file is written atomically (a temp file in ``out_dir``, then ``os.replace`
 before its sidecar, so a shard counts as done only when its sidecar exists, matches this run
 and the sha256 of the ``.npy`` on disk matches. A rerun with the same arguments keeps such shards
 and recomputes the rest; a rerun with any other argument is refused (``MismatchError`` naming
-the field) unless ``overwrite=True`` (``--overwrite``), which deletes the old run's files first.
+the field) unless ``overwrite=True`` (``--overwrite``), which deletes the files the old run's
+record lists first (never a file of the user's: a folder holding one is refused).
 Every shard is checked to be finite before it is written: a NaN/Inf sample stops the run with a
 ``NonFiniteError`` naming the sample index and the solver step where it appeared.
 :func:`load_samples` reads a folder back, verifying the manifest and every checksum.
@@ -36,10 +37,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._checks import (InvalidArgumentError, InvalidFileError, MissingFileError, NonFiniteError,
-                      check_int)
-from .io import (MANIFEST_MAX_BYTES, atomic_write_text, check_model_identity, check_shard_plan,
-                 claim_run_dir, identity_hash, model_identity, read_json_bounded, read_sidecar,
+from ._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError, MissingFileError,
+                      NonFiniteError, check_int, model_error, raised_by_model)
+from .io import (MANIFEST_MAX_BYTES, Inventory, atomic_write_text, check_model_identity, check_shard_plan,
+                 claim_run_dir, identity_hash, model_identity, read_json_bounded, read_run_record,
+                 read_sidecar,
                  remove_stale_temp_files, seal, sha256_file, unseal, verified_sidecar,
                  write_with_sidecar)
 from .noise import noise_for_indices
@@ -50,7 +52,11 @@ __all__ = ["sample_to_dir", "load_samples", "shard_name"]
 MANIFEST = "manifest.json"
 FORMAT = "bespoke-fast-samples"
 FORMAT_VERSION = 2      # 2: run identity, sealed manifest
-OWNED = ("samples_*.npy", "samples_*.json", MANIFEST, ".samples_*.tmp", ".manifest.json.*.tmp")
+
+
+def samples_inventory(n_shards: int) -> Inventory:
+    """The files a sample run of ``n_shards`` shards may create (its claim in ``run.json``)."""
+    return Inventory([MANIFEST], [("samples_", ".npy", n_shards), ("samples_", ".json", n_shards)])
 _SHARD_RE = re.compile(r"^samples_\d{5,}\.npy$")
 
 
@@ -97,17 +103,22 @@ def sample_to_dir(model, solver, shape, num: int, out_dir, batch_size: int = 256
     Args:
         model, solver, model_dtype, backend, device: as for ``FastSampler``.
         shape: per-sample shape. num: number of samples. seed: noise seed (counter-based).
-        batch_size: samples per sampler call (the captured batch size).
-        shard_size: samples per ``.npy`` shard (default ``16 * batch_size``, at most ``num``);
-            the unit of resumption and of work split across ranks.
+        batch_size: samples per sampler call (the captured batch size). Not part of the run:
+            a rerun with another batch size (e.g. after running out of memory) resumes.
+        shard_size: samples per ``.npy`` shard (default: the resumed run's, else
+            ``16 * batch_size``, at most ``num``); the unit of resumption and of work split
+            across ranks.
         progress: tqdm bar (samples/s) on rank 0.
         model_name: recorded in the manifest and the shards' fingerprint.
         rank, world_size: default from ``torch.distributed`` when it is initialised, else 0 / 1.
             Shard ``k`` is computed by rank ``k % world_size``. When distributed, all ranks meet
             at a barrier and rank 0 then writes the manifest from the sidecars; without a process
             group, rank 0 writes it only once every shard is present.
-        overwrite: replace a folder made with other arguments (its files are deleted first);
-            without it such a folder is refused (``MismatchError`` naming the field).
+        overwrite: replace a folder made with other arguments: the files its run record
+            lists are deleted first, and a folder holding any other file is refused
+            (``OutputError`` listing them); without it such a folder is refused
+            (``MismatchError`` naming the field). A file of the user's that this run would
+            write is never replaced (``OutputError`` naming it).
         allow_model_mismatch: use a solver whose file records another model (by hash, else by
             name); without it that is a ``MismatchError``.
         extras: passed to the model (non-tensor values, or tensors shared by every sample).
@@ -127,26 +138,36 @@ def sample_to_dir(model, solver, shape, num: int, out_dir, batch_size: int = 256
     batch_size = check_int("batch_size", batch_size)
     shape = tuple(check_int("shape entries", s)
                   for s in (shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,)))
+    shard_given = shard_size is not None
     shard_size = (min(num, 16 * batch_size) if shard_size is None
                   else check_int("shard_size", shard_size))
     rank, world_size, distributed = _dist_info(rank, world_size)
     check_model_identity(solver.meta.get("model"), model, model_name,
                          "the solver", allow_model_mismatch)
     out_dir = Path(out_dir)
+    # the batch size is not part of the run: a rerun with another one resumes (with the shard
+    # size of the run it resumes, unless one is given)
     identity = {"format": FORMAT, "num": num, "shape": list(shape), "seed": int(seed),
-                "batch_size": batch_size, "shard_size": shard_size,
+                "shard_size": shard_size,
                 "solver": _solver_info(solver), "model": model_identity(model, model_name),
                 "model_dtype": str(model_dtype).replace("torch.", ""), "backend": backend,
                 "extras": _extras_identity(extras)}
+    if not shard_given:
+        state, theirs, _ = read_run_record(out_dir)
+        recorded = theirs.get("shard_size") if isinstance(theirs, dict) else None
+        if (state == "ours" and type(recorded) is int and 1 <= recorded
+                and {**identity, "shard_size": recorded} == theirs):
+            shard_size = identity["shard_size"] = recorded
     run = identity_hash(identity)
     existing = sum(f.stat().st_size for f in out_dir.glob("samples_*.npy"))
     n_shards = check_shard_plan(out_dir, num, shard_size, 4 * int(np.prod(shape)), existing,
                                 "sample")
-    claim_run_dir(out_dir, identity, OWNED, overwrite, "sample folder", rank, distributed)
+    inventory = samples_inventory(n_shards)
+    claim_run_dir(out_dir, identity, inventory, overwrite, "sample folder", rank, distributed)
     if distributed:
         torch.distributed.barrier()
     if rank == 0:
-        remove_stale_temp_files(out_dir, (".samples_*.tmp",))
+        remove_stale_temp_files(out_dir, inventory)
 
     def bounds(k):
         return k * shard_size, min((k + 1) * shard_size, num)
@@ -167,7 +188,14 @@ def sample_to_dir(model, solver, shape, num: int, out_dir, batch_size: int = 256
             for a in range(start, end, batch_size):
                 b = min(a + batch_size, end)
                 x0 = noise_for_indices(range(a, b), shape, seed)
-                x = sampler(x0, **extras).cpu()
+                try:
+                    x = sampler(x0, **extras).cpu()
+                except BespokeFastError:
+                    raise
+                except Exception as e:  # noqa: BLE001 -- the user's model's, or a bug's
+                    if not raised_by_model(e, model):
+                        raise
+                    raise model_error(e, f"at samples {a}..{b - 1}", x0) from e
                 _check_finite(x, a, model, solver, x0, sampler.device, extras)
                 parts.append(x)
                 if bar is not None:

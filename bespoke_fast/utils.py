@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["dist_info", "infer_device", "count_params"]
+__all__ = ["dist_info", "infer_device", "count_params", "training_bar"]
 
 
 def dist_info() -> tuple:
@@ -31,3 +31,18 @@ def infer_device(model) -> torch.device:
 def count_params(net: torch.nn.Module) -> int:
     """Number of parameters of ``net``."""
     return sum(p.numel() for p in net.parameters())
+
+
+def training_bar(total: int, initial: int = 0, budget_seconds=None, disable: bool = False,
+                 desc: str = ""):
+    """The trainers' tqdm bar over iterations up to the cap ``total``. With a wall-time budget
+    the run usually ends at the budget, long before the cap, so the bar shows the elapsed time
+    against the budget instead of an ETA computed from the cap (which read e.g. 3:56:53 for a
+    two-minute fit)."""
+    from tqdm.auto import tqdm
+    kwargs = {}
+    if budget_seconds:
+        kwargs["bar_format"] = ("{desc}: {n_fmt} it [{elapsed} of a " + f"{budget_seconds:.0f}"
+                                + " s budget, {rate_fmt}{postfix}]")
+    return tqdm(total=total, initial=initial, disable=disable, desc=desc, unit="it",
+                dynamic_ncols=True, **kwargs)

@@ -66,3 +66,31 @@ class Delayed(torch.nn.Module):
             import time
             time.sleep(self.delay)
         return self.model(x, t, **extras)
+
+
+class _RaisesLate(_Linear):
+    """Raises RuntimeError for t > 0.5 (the probe call at t = 0.5 passes)."""
+
+    def forward(self, x, t):
+        if bool((t > 0.5).any()):
+            raise RuntimeError("boom: the user's bug")
+        return super().forward(x, t)
+
+
+class _Mismatched(torch.nn.Module):
+    """A network for 16-dim inputs, declared (below) with shape (4,): the probe catches it."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(16, 16)
+
+    def forward(self, x, t):
+        return self.net(x)
+
+
+def raises_late():
+    return ZooModel("raises-late", _RaisesLate(), (4,))
+
+
+def mismatched():
+    return ZooModel("mismatched", _Mismatched(), (4,))

@@ -424,3 +424,22 @@ def test_pipeline_save_pretrained_keeps_our_scheduler(tmp_path):
     again = diffusers.DiffusionPipeline.from_pretrained(tmp_path, **none).scheduler
     assert type(again) is bd.BespokeScheduler
     assert torch.equal(again.timesteps, pipe.scheduler.timesteps)
+
+
+@pytest.mark.parametrize("kind", ["rk2", "bns"])
+def test_the_pipeline_progress_bar_counts_the_steps_that_run(kind):
+    import io
+    solver = _bns() if kind == "bns" else _fitted_like(kind)
+    cls = bd.BNSScheduler if kind == "bns" else bd.BespokeScheduler
+    pipe, tab = bd.tiny_pipeline("sd3"), _table()
+    pipe.scheduler = cls.from_solver(solver)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe.scheduler.set_timesteps(28)
+    assert f"pass num_inference_steps={solver.n_steps}" in str(caught[0].message)
+    sink = io.StringIO()
+    pipe.set_progress_bar_config(file=sink, ncols=80)
+    pipe(latents=_latents((4, 8, 8)), guidance_scale=3.0, output_type="latent", height=16,
+         width=16, num_inference_steps=solver.n_steps, **tab)
+    last = sink.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert f"{solver.n_steps}/{solver.n_steps}" in last and "100%" in last, last

@@ -96,7 +96,7 @@ def test_overwrite_replaces_a_bns_fit_and_its_bespoke_start_checkpoint(tmp_path)
               plots=False, progress=False, log=lambda *a: None, train_kwargs={"max_iters": 4})
     bf.fit("gmm-64", nfe=4, **kw)
     assert (tmp_path / "f" / "train.ckpt.bespoke").is_file()
-    with pytest.raises(MismatchError, match="other settings"):
+    with pytest.raises(MismatchError, match="a fit made with other arguments: settings.nfe was 4, now 6"):
         bf.fit("gmm-64", nfe=6, **kw)
     r = bf.fit("gmm-64", nfe=6, overwrite=True, **kw)       # the old checkpoints go too
     assert r.solver.nfe == 6 and r.report["training"]["bespoke_stage"]["base"] == "rk2"
@@ -123,7 +123,7 @@ def test_an_interrupted_fit_resumes_to_the_uninterrupted_result(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in shards} == shards   # GT kept, not recomputed
     for a, b in zip(ref.parameters(), again.solver.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="holds a fit with other settings"):
+    with pytest.raises(ValueError, match="holds a fit made with other arguments: settings.num_heldout was 16, now 20"):
         bf.fit("gmm-64", out=out, **dict(kw, num_heldout=20))
 
 

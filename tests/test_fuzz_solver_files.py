@@ -113,6 +113,15 @@ REASONS = ("not JSON", "not UTF-8", "nested deeper", "digits", "duplicate key", 
            "does not match", "must be an object", "name and hash", "too large")
 
 
+def _finite_model(x, t):
+    """A finite velocity field, bounded and smooth (not one of the loader's own fields)."""
+    return torch.tanh(x) * (1 + t.reshape(-1, 1)) - 0.5 * x
+
+
+def _noise(case):
+    return torch.randn(4, 8, generator=torch.Generator().manual_seed(case))
+
+
 def fuzz(cases=CASES, seed=0, tmp_path=None):
     """Run the fuzzer; returns (accepted, Counter of rejection reasons, list of failures)."""
     rng = random.Random(seed)
@@ -148,6 +157,10 @@ def fuzz(cases=CASES, seed=0, tmp_path=None):
         for name, value in loaded.sampler_tables().items():
             if not torch.isfinite(value).all():
                 failures.append((case, "accepted with non-finite float32 coefficients", name))
+        with torch.no_grad():                       # a finite model: the samples are finite
+            x = loaded.sample(_finite_model, _noise(case))
+        if not torch.isfinite(x).all():
+            failures.append((case, "accepted, then NaN/Inf samples with a finite model", ""))
     return accepted, reasons, failures
 
 

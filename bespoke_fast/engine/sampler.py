@@ -65,7 +65,7 @@ from collections import OrderedDict
 
 import torch
 
-from .._checks import call_model, check_int, check_state
+from .._checks import NonFiniteError, call_model, check_int, check_state
 from ..models import GuidedModel
 from ..noise import noise_for_indices
 from ..ops.backend import resolve_backend
@@ -184,6 +184,24 @@ class _State:
                 self.extras[k].copy_(v)
 
 
+def _first_nonfinite_row(x: torch.Tensor):
+    """The first row of ``x`` ``[B, ...]`` holding a NaN/Inf, or None (one host sync)."""
+    bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+    return int(bad.nonzero()[0]) if bool(bad.any()) else None
+
+
+def _check_inputs_finite(x0, extras):
+    row = _first_nonfinite_row(x0) if x0.is_floating_point() else None
+    if row is not None:
+        raise NonFiniteError(f"FastSampler: x0 row {row} is NaN/Inf: the input noise is not "
+                             f"finite (not the model's doing)")
+    for name, value in extras.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() and \
+                not bool(torch.isfinite(value).all()):
+            raise NonFiniteError(f"FastSampler: the extra {name!r} holds NaN/Inf (not the "
+                                 f"model's doing)")
+
+
 class FastSampler:
     """Sample with a learned solver on preallocated buffers, fused kernels and one CUDA graph.
 
@@ -221,6 +239,10 @@ class FastSampler:
             evicted first.
         warmup: full loops (>= 1) run on a side stream before a capture, so that Triton
             compiles, cuBLAS workspaces and lazy initialisation happen outside the capture.
+        check_finite: check each call's ``x0``, tensor extras and samples for NaN/Inf and raise
+            ``NonFiniteError`` saying which (x0, an extra, or the samples: the model or the
+            solver). Off by default: it syncs the host with the device on every call (outside
+            the captured graph, which is unchanged).
 
     Calling it: ``sampler(x0=None, generator=None, **extras) -> float32 [B, *shape]`` (a new
     tensor). ``x0=None`` draws ``[batch_size, *shape]`` with ``torch.randn(generator=...)``.
@@ -241,7 +263,8 @@ class FastSampler:
 
     def __init__(self, model, solver, shape, batch_size: int, model_dtype=torch.float32,
                  backend: str = "auto", cuda_graph: bool = True, guidance=None,
-                 compile_model: bool = False, device=None, max_graphs: int = 8, warmup: int = 2):
+                 compile_model: bool = False, device=None, max_graphs: int = 8, warmup: int = 2,
+                 check_finite: bool = False):
         if not isinstance(model_dtype, torch.dtype) or not model_dtype.is_floating_point:
             raise ValueError(f"model_dtype must be a floating-point torch.dtype (torch.float32, "
                              f"torch.bfloat16, torch.float16), got {model_dtype!r}")
@@ -253,6 +276,7 @@ class FastSampler:
         # capture, never inside it
         self.warmup = check_int("warmup", warmup, minimum=1)
         self.model_dtype = model_dtype
+        self.check_finite = bool(check_finite)
         self.device = torch.device(device) if device is not None else infer_device(
             model.model if isinstance(model, GuidedModel) else model)
         if self.device.type == "cuda" and self.device.index is None:
@@ -444,10 +468,19 @@ class FastSampler:
         return st
 
     def _run(self, x0: torch.Tensor, run_b: int, extras: dict) -> torch.Tensor:
+        if self.check_finite:
+            _check_inputs_finite(x0, extras)
         with torch.no_grad():
             st = self._load(x0, run_b, extras)
             self._execute(st)
-            return st.x[:x0.shape[0]].clone()
+            out = st.x[:x0.shape[0]].clone()
+        if self.check_finite:
+            bad = _first_nonfinite_row(out)
+            if bad is not None:
+                raise NonFiniteError(f"FastSampler: sample {bad} of the batch is NaN/Inf although "
+                                     f"x0 and the extras are finite: the model returned NaN/Inf "
+                                     f"(or the solver's coefficients overflow)")
+        return out
 
     # ------------------------------------------------------------------ public
     def __call__(self, x0: torch.Tensor | None = None, generator: torch.Generator | None = None,

@@ -498,9 +498,9 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
         state["last_loss"] = float(loss)
         return loss.to(torch.float64)
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=max_iters, initial=state["iteration"], disable=not progress or rank != 0,
-               desc=f"fit bespoke-{base} NFE {solver.nfe}", unit="it", dynamic_ncols=True)
+    from ..utils import training_bar
+    bar = training_bar(max_iters, state["iteration"], budget_seconds, not progress or rank != 0,
+                       f"fit bespoke-{base} NFE {solver.nfe}")
     with frozen(model):
         while state["stop_reason"] is None:
             k = state["iteration"]

@@ -389,9 +389,9 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init=OPTIONS
     def elapsed():
         return state["wall_total"] + time.perf_counter() - started
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=max_iters, initial=state["iteration"], disable=not progress or rank != 0,
-               desc=f"fit bns-{init} NFE {solver.nfe} ({optimizer})", unit="it", dynamic_ncols=True)
+    from ..utils import training_bar
+    bar = training_bar(max_iters, state["iteration"], budget_seconds, not progress or rank != 0,
+                       f"fit bns-{init} NFE {solver.nfe} ({optimizer})")
 
     def validate(done, loss):
         record = {"iteration": done, "loss": loss, "optimizer": state["phase"],

@@ -40,8 +40,8 @@ def parse_solver_spec(spec):
             raise InvalidArgumentError(f"{spec!r}: {method} uses {per} NFE per step, so NFE must be a positive "
                              f"multiple of {per}")
         return spec, (lambda model, x0, **ex: solve(model, x0, method, n_steps=nfe // per, **ex)), nfe
-    if Path(spec).is_file():
-        from ..solvers.files import load_solver
+    if Path(spec).is_file() or spec.endswith(".json") or "/" in spec:
+        from ..solvers.files import load_solver     # a missing file: the message 'sample' gives
         solver = load_solver(spec)
         return Path(spec).name, solver.sample, solver.nfe
     raise InvalidArgumentError(f"solver {spec!r} is neither a solver file nor 'method@NFE' "
@@ -115,12 +115,16 @@ def evaluate(model, solver, trajectories: TrajectorySet, batch_size: int = 1024,
             mode / class differs from the GT endpoint's (absent when the model has no modes).
     Returns: ``{"solver", "nfe", "rmse", "psnr", "psnr_set", "data_range", "n", ...}`` (mean
     per-sample RMSE and PSNR, the set-level PSNR, the data range R used for PSNR, the number of
-    samples; the intervals and mode flips as above).
+    samples; the intervals and mode flips as above), and ``nonfinite``: the number of samples
+    with a NaN/Inf (their metrics are then NaN; ``first_nonfinite`` is the first one's row).
 
     Example::
 
         >>> evaluate(model, "midpoint@10", load_trajectories("runs/gt_test"))["psnr_ci"]
     """
+    if not all(hasattr(trajectories, a) for a in ("x0", "x1", "meta", "extras", "data_range")):
+        raise InvalidTypeError(f"trajectories must be a GT set (load_trajectories(DIR)), got "
+                               f"{type(trajectories).__name__}")
     check_model_identity(trajectories.meta.get("model"), model, model_name, "the GT set",
                          allow_model_mismatch)
     label, sample, nfe = parse_solver_spec(solver)
@@ -135,8 +139,12 @@ def evaluate(model, solver, trajectories: TrajectorySet, batch_size: int = 1024,
             extras = {k: v[rows] for k, v in trajectories.extras.items()}
             outs.append(sample(model, trajectories.x0[rows], **extras))
     x = torch.cat(outs)
+    finite = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
     out = {"solver": label, "nfe": nfe,
-           **rmse_psnr(x, trajectories.x1, trajectories.data_range, intervals=intervals)}
+           **rmse_psnr(x, trajectories.x1, trajectories.data_range, intervals=intervals),
+           "nonfinite": int((~finite).sum())}
+    if out["nonfinite"]:
+        out["first_nonfinite"] = int((~finite).nonzero()[0])
     if modes == "auto":
         modes = mode_assigner(model, trajectories.meta.get("model", {}).get("name", ""))
     if modes is not None:

@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from .._checks import (InvalidArgumentError, InvalidFileError, MissingFileError, NonFiniteError,
-                      check_int, check_positive)
-from ..io import (MANIFEST_MAX_BYTES, atomic_write_text, check_shard_plan, claim_run_dir,
-                 identity_hash, model_fingerprint, model_identity, read_json_bounded, read_sidecar,
-                 remove_stale_temp_files, seal, sha256_file, unseal, verified_sidecar,
+from .._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError, MissingFileError,
+                      NonFiniteError, check_int, check_positive, model_error)
+from ..io import (MANIFEST_MAX_BYTES, Inventory, atomic_write_text, check_shard_plan, claim_run_dir,
+                 first_difference, identity_hash, model_fingerprint, model_identity,
+                 read_json_bounded, read_run_record, read_sidecar, remove_stale_temp_files, seal, sha256_file, unseal, verified_sidecar,
                  write_with_sidecar)
 from .gt_storage import (StorageOptions, StreamedTrajectories, bytes_per_trajectory, decode_knots,
                          split_point)
@@ -167,8 +167,12 @@ class TrajectorySet:
 
 
 # ----------------------------------------------------------------------------- generation
-SHARD_PATTERNS = ("shard_*.safetensors", "shard_*.json", "manifest.json", ".shard_*.tmp",
-                  ".manifest.json.*.tmp", "shard_*.safetensors.tmp")
+
+
+def gt_inventory(n_shards: int, extra_files=()) -> Inventory:
+    """The files a GT run of ``n_shards`` shards may create (its claim in ``run.json``)."""
+    return Inventory(["manifest.json", *extra_files],
+                     [("shard_", ".safetensors", n_shards), ("shard_", ".json", n_shards)])
 _SHARD_RE = re.compile(r"^shard_\d{5,}\.safetensors$")
 
 
@@ -202,7 +206,14 @@ class _CheckedModel:
 
     def __call__(self, x, t, **extras):
         self.calls += 1
-        u = self.model(x, t, **extras)
+        try:
+            u = self.model(x, t, **extras)
+        except BespokeFastError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- the user's model: one line with the call
+            lo, hi = int(self.index[0]), int(self.index[-1])
+            raise model_error(e, f"at GT samples {lo}..{hi} (model evaluation {self.calls} of "
+                                 f"their shard)", x, t) from e
         if isinstance(u, torch.Tensor) and u.is_floating_point() and u.shape == x.shape:
             bad = ~torch.isfinite(u.reshape(u.shape[0], -1)).all(1)
             if bool(bad.any()):
@@ -232,7 +243,8 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
                           device=None, dtype=torch.float32, progress: bool = True,
                           measure_interpolation: int = 16, overwrite: bool = False,
                           storage_dtype=None, adaptive_knots: bool = False,
-                          error_fraction: float = 0.1, reference_nfe: int = 10) -> dict:
+                          error_fraction: float = 0.1, reference_nfe: int = 10,
+                          extra_files=()) -> dict:
     """Integrate ``num`` noises to t = 1 and store them as a sharded GT set in directory ``out``.
 
     Args:
@@ -241,8 +253,12 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
         out: output directory (created). Rerunning the same call resumes: finished shards are
             verified (sha256) and kept, only missing ones are computed. A folder made with other
             arguments (model, num, seed, tolerances, knots, batch size, ...) is refused with a
-            ``MismatchError`` naming the field, unless ``overwrite=True`` (which deletes that
-            run's files first).
+            ``MismatchError`` naming the field, unless ``overwrite=True``, which deletes the
+            files that run's record lists (and refuses a folder holding any other file). A
+            file of the user's that this run would write (e.g. a ``manifest.json`` of theirs)
+            is never replaced: ``OutputError`` naming it.
+        extra_files: names of further files the caller writes into ``out`` after the run
+            (claimed in the run record with the rest, e.g. the diffusers conditioning table).
         seed: noise seed; trajectory i starts from ``noise_for_indices([i], shape, seed)``.
         rtol, atol: Dormand-Prince tolerances (float32 state: 1e-5 is a sensible floor).
         knots: number of knots K (times ``default_knots(K)``, denser near t = 1) or a tensor of
@@ -295,11 +311,12 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
     existing = sum(f.stat().st_size for f in out.glob("shard_*.safetensors"))
     n_shards = check_shard_plan(out, num, batch_size, item * (2 + 2 * knots_t.numel()) + 8,
                                 existing, "gt")
-    claim_run_dir(out, identity, SHARD_PATTERNS, overwrite, "GT set", rank, distributed)
+    inventory = gt_inventory(n_shards, extra_files)
+    claim_run_dir(out, identity, inventory, overwrite, "GT set", rank, distributed)
     if distributed:
         torch.distributed.barrier()
     if rank == 0:
-        remove_stale_temp_files(out, (".shard_*.tmp", "shard_*.safetensors.tmp"))
+        remove_stale_temp_files(out, inventory)
 
     def count(k):
         return min(batch_size, num - k * batch_size)
@@ -410,7 +427,29 @@ def read_manifest(out) -> dict:
     if not ok:
         raise _manifest_error(path, "damaged (missing or malformed 'shards', 'num', 'shape' or "
                                     "'knots_t')")
+    _check_against_run(path, doc)
     return doc
+
+
+def _check_against_run(path: Path, doc: dict) -> None:
+    """A manifest edited and resealed by hand: its fields must equal its run identity, its shards
+    must belong to that run (identity hash), and the folder's run record must name the same run."""
+    run = doc.get("run")
+    if not isinstance(run, dict):
+        raise _manifest_error(path, "damaged (no run identity)")
+    for key in ("model", "num", "shape", "dtype", "seed", "rtol", "atol", "batch_size", "knots_t",
+                "data_range"):
+        if key in run and doc.get(key) != run[key]:
+            raise _manifest_error(path, f"its {key} ({doc.get(key)!r:.40}) differs from its run "
+                                        f"identity's ({run[key]!r:.40}): edited by hand?")
+    run_hash = identity_hash(run)
+    if any(s.get("run", run_hash) != run_hash for s in doc["shards"]):
+        raise _manifest_error(path, "its shards belong to another run than its identity: edited "
+                                    "by hand?")
+    state, recorded, _ = read_run_record(path.parent)
+    if state in ("ours", "legacy") and recorded != run:
+        raise _manifest_error(path, f"it describes another run than {path.parent / 'run.json'} "
+                                    f"({first_difference(recorded, run)}): edited by hand?")
 
 
 def _reusable_manifest(out, identity, run, n_shards):

@@ -76,7 +76,8 @@ def split_point(n: int, num_val: int) -> int:
     num_val = check_int("num_val", num_val, 1)
     if num_val >= n:
         raise InvalidArgumentError(f"cannot hold out {num_val} of {n} trajectories for validation "
-                                   f"(at least one must be left for training)")
+                                   f"(at least one must be left for training); lower val (--val), "
+                                   f"or generate more GT")
     return n - num_val
 
 

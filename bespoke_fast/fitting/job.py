@@ -25,10 +25,12 @@ from pathlib import Path
 
 import torch
 
-from .._checks import InvalidArgumentError, MismatchError, check_choice, check_int
+from .._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError, check_choice,
+                       check_int, model_error, probe_model, raised_by_model)
 from . import trainer_for
 from .gt_storage import bytes_per_trajectory
-from ..io import atomic_write_text, save_figure
+from ..io import (Inventory, atomic_write_text, claim_run_dir, first_difference,
+                  read_json_bounded, save_figure)
 from ..solvers.base import solver_class
 from ..solvers.bespoke import BespokeSolver
 
@@ -183,10 +185,23 @@ def make_plan(settings: dict, probe: dict) -> dict:
             "train_budget_seconds": train_budget, "probe": probe}
 
 
+def _num_select(num_train: int, solver: str) -> int:
+    """The last trajectories of the training GT that select the checkpoint: a fifth, at most
+    256 (BNS: at least its minimum of validation pairs)."""
+    num_select = max(1, min(256, num_train // 5))
+    if solver == "bns":
+        from .bns import MIN_VAL_PAIRS
+        num_select = max(num_select, MIN_VAL_PAIRS)
+    return num_select
+
+
 def _scaled(settings, scale):
     s = dict(settings)
-    s["num_train"] = max(min(_MIN_TRAIN + settings["num_select"], settings["num_train"]),
-                         int(settings["num_train"] * scale))
+    smallest = next(n for n in range(_MIN_TRAIN, 10 * _MIN_TRAIN)
+                    if n - _num_select(n, settings["solver"]) >= _MIN_TRAIN)
+    s["num_train"] = max(min(smallest, settings["num_train"]), int(settings["num_train"] * scale))
+    if s["num_train"] < settings["num_train"]:     # the selection share shrinks with the set
+        s["num_select"] = min(settings["num_select"], _num_select(s["num_train"], s["solver"]))
     s["num_heldout"] = max(min(_MIN_HELDOUT, settings["num_heldout"]), int(settings["num_heldout"] * scale))
     for key in ("iters", "finetune_iters"):
         if settings[key]:
@@ -324,7 +339,7 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
         micro_batch: int | None = None, activation_checkpointing: bool = False, autocast=None,
         stream: bool = True, plots: bool = True, progress: bool = True, log=print,
         plan_only: bool = False, train_kwargs: dict | None = None,
-        overwrite: bool = False) -> FitResult | dict:
+        overwrite: bool = False, extra_files=()) -> FitResult | dict:
     """Fit a solver to ``model`` end to end: GT, held-out GT, training, held-out evaluation,
     report and solver file in ``out``. Rerunning the same call resumes where it stopped.
 
@@ -349,7 +364,14 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
         plan_only: print and return the plan, do nothing else.
         train_kwargs: further keyword arguments for the trainer (e.g. ``val_every``).
         overwrite: replace a fit made with other settings in ``out`` (default: refuse with a
-            ``MismatchError``); the same settings always resume.
+            ``MismatchError`` naming the first differing setting); the same settings always
+            resume. It deletes only the files the old fit's run record (``out/run.json``) lists
+            and refuses a folder holding any other file; without it, a file of the user's that
+            the fit would write (``report.md``, ``plan.json``, ...) is refused, never replaced.
+            A damaged ``plan.json`` / ``train_report.json`` of the fit is named in an
+            ``InvalidFileError``; ``overwrite`` computes it again.
+        extra_files: names of further files the caller writes into ``out`` (claimed with the
+            fit's own, e.g. the demo's plots).
 
     Returns: a :class:`FitResult` (``solver``, ``report``, ``solver_path``, ``out``), or the
     plan dict with ``plan_only``.
@@ -378,47 +400,96 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
             raise InvalidArgumentError(f"{name} must be a positive number, got {v}")
     out = Path(out)
     zm, device = _resolve(model, shape, data_range, device, log)
+    probe_model(zm.model, zm.shape, device, zm.extras)
     settings = _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol, atol,
                          knots, storage_dtype, adaptive_knots, iters, finetune_iters, batch_size)
     _, trainer_options = trainer_for(solver)
     settings["train_budget_seconds"] = (train_kwargs or {}).get("budget_seconds",
                                                                 trainer_options.budget_seconds)
-    requested = {"settings": settings, "max_disk": max_disk, "budget_seconds": budget_seconds}
+    requested = json.loads(json.dumps({"settings": settings, "max_disk": max_disk,
+                                       "budget_seconds": budget_seconds}))
+    inventory = fit_inventory(solver_file_name(zm.name, solver, nfe), extra_files)
+    state = claim_run_dir(out, requested, inventory, overwrite, "fit", dry_run=plan_only)
     plan_file = out / "plan.json"
-    if plan_file.is_file():
-        saved = json.loads(plan_file.read_text())
-        if saved["requested"] != json.loads(json.dumps(requested)):
-            if not overwrite:
-                raise MismatchError(f"{out} holds a fit with other settings; use another --out, or "
-                                    f"overwrite=True (--overwrite) to replace it")
-            _remove_fit(out)
-        else:
-            settings, plan = saved["settings"], saved["plan"]
-            log(f"resuming the fit in {out} (plan from {plan_file})")
-    if not plan_file.is_file():
+    saved = _read_plan(plan_file, requested, overwrite, log) if state == "resume" else None
+    if saved is not None:
+        settings, plan = saved["settings"], saved["plan"]
+        log(f"resuming the fit in {out} (plan from {plan_file})")
+    else:
         per_eval, gt_per_traj = _probe(zm, device, min(settings["batch_size"], 16), rtol, atol,
                                        len(settings["knots_t"]))
         probe = {"seconds_per_eval": per_eval, "gt_evals_per_trajectory": gt_per_traj,
                  "device": str(device)}
         settings, plan = _fit_plan(settings, probe, max_disk, budget_seconds, log)
         if not plan_only:
-            out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(plan_file, json.dumps({"requested": requested, "settings": settings,
                                                      "plan": plan}, indent=1) + "\n")
     for line in plan_lines(plan, settings):
         log(line)
     if plan_only:
         return plan
-    return _run(zm, device, settings, plan, out, micro_batch, activation_checkpointing, autocast,
-                stream, plots, progress, log, train_kwargs or {}, overwrite)
+    try:
+        return _run(zm, device, settings, plan, out, micro_batch, activation_checkpointing,
+                    autocast, stream, plots, progress, log, train_kwargs or {}, overwrite)
+    except BespokeFastError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the user's model's exceptions: one line
+        if not raised_by_model(e, zm.model):
+            raise
+        raise model_error(e, "during the fit (training or evaluation)") from e
 
 
-def _remove_fit(out: Path):
-    """Delete what a fit wrote in ``out`` except the GT folders (the GT itself replaces those)."""
-    for pattern in ("plan.json", "train.ckpt*", "train_report.json", "report.json", "report.md",
-                    "error_maps.png", "transform.png", "*_nfe*.json"):
-        for f in out.glob(pattern):
-            f.unlink()
+def solver_file_name(model_name: str, solver: str, nfe: int) -> str:
+    """The name of the solver file a fit writes into its folder."""
+    kind = "bespoke_rk2" if solver == "bespoke" else "bns"
+    return f"{_safe(model_name)}_{kind}_nfe{nfe}.json"
+
+
+def fit_inventory(solver_file: str, extra_files=()) -> Inventory:
+    """The files a fit may create in its folder (its claim in ``run.json``); the GT folders hold
+    runs of their own."""
+    return Inventory(["plan.json", "train.ckpt", "train.ckpt.bespoke", "train_report.json",
+                      "report.json", "report.md", "error_maps.png", "transform.png", solver_file,
+                      *extra_files],
+                     dirs=["gt_train", "gt_heldout"])
+
+
+_PLAN_KEYS = {"trajectories": dict, "iterations": dict, "disk_bytes": int,
+              "model_evaluations": dict, "eta_seconds": (int, float), "probe": dict}
+_SETTINGS_KEYS = {"model": str, "shape": list, "nfe": int, "solver": str, "num_train": int,
+                  "num_heldout": int, "num_select": int, "seed": int, "heldout_seed": int,
+                  "knots_t": list, "storage_dtype": str, "iters": int, "finetune_iters": int,
+                  "batch_size": int, "val_every": int}
+
+
+def _read_plan(path: Path, requested: dict, overwrite: bool, log):
+    """The saved plan of a resumed fit, checked (bounded JSON, its request, the types of the
+    fields the job uses); a damaged one raises ``InvalidFileError`` naming it, or with
+    ``overwrite`` is computed again (returns None)."""
+    if not path.is_file():
+        return None
+    try:
+        doc = read_json_bounded(path, "fit plan")
+        ok = (isinstance(doc, dict) and isinstance(doc.get("settings"), dict)
+              and isinstance(doc.get("plan"), dict)
+              and all(isinstance(doc["settings"].get(k), t) and not isinstance(doc["settings"][k], bool)
+                      for k, t in _SETTINGS_KEYS.items())
+              and all(isinstance(doc["plan"].get(k), t) for k, t in _PLAN_KEYS.items()))
+        if not ok:
+            raise InvalidFileError(f"{path}: not a valid fit plan (missing or mistyped fields)")
+        if doc.get("requested") != requested:
+            raise InvalidFileError(f"{path}: a plan for other settings than its run record "
+                                   f"({first_difference(doc.get('requested'), requested)})")
+        s, r = doc["settings"], requested["settings"]
+        if any(s[k] != r[k] for k in ("model", "shape", "nfe", "solver", "seed", "heldout_seed")):
+            raise InvalidFileError(f"{path}: its settings do not match its request")
+    except InvalidFileError as e:
+        if overwrite:
+            log(f"{path} is damaged; computing the plan again (--overwrite)")
+            return None
+        raise InvalidFileError(f"{e}; rerun with --overwrite (overwrite=True) to compute it "
+                               f"again") from None
+    return doc
 
 
 def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol, atol, knots,
@@ -436,10 +507,9 @@ def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol,
     finetune_iters = (finetune_iters if finetune_iters is not None
                       else getattr(defaults, "finetune_iters", 0))
     batch_size = check_int("batch_size", batch_size if batch_size is not None else defaults.batch_size)
-    num_select = max(1, min(256, num_train // 5))     # the last ones pick the checkpoint
+    num_select = _num_select(num_train, solver)     # the last ones pick the checkpoint
     if solver == "bns":
-        from .bns import MIN_TRAIN_PAIRS, MIN_VAL_PAIRS
-        num_select = max(num_select, MIN_VAL_PAIRS)
+        from .bns import MIN_TRAIN_PAIRS
         if num_train < num_select + MIN_TRAIN_PAIRS:
             raise InvalidArgumentError(f"num_train must be >= {num_select + MIN_TRAIN_PAIRS} for BNS "
                                        f"({MIN_TRAIN_PAIRS} training + {num_select} selection pairs)")
@@ -474,13 +544,12 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
         zm.model, s["num_heldout"], zm.shape, out / "gt_heldout", seed=s["heldout_seed"],
         knots=torch.tensor(_ENDPOINT_KNOTS, dtype=torch.float64), measure_interpolation=0, **gt_kwargs)
     heldout = load_trajectories(out / "gt_heldout", device=device)
-    kind = "bespoke_rk2" if s["solver"] == "bespoke" else "bns"
-    solver_path = out / f"{_safe(zm.name)}_{kind}_nfe{s['nfe']}.json"
+    solver_path = out / solver_file_name(zm.name, s["solver"], s["nfe"])
     train_report_path = out / "train_report.json"
-    if solver_path.is_file() and train_report_path.is_file():
-        from ..solvers.files import load_solver
+    done = _finished_training(solver_path, train_report_path, overwrite, log)
+    if done is not None:
         log(f"[3/4] training already done: {solver_path}")
-        solver, train_report = load_solver(solver_path), json.loads(train_report_path.read_text())
+        solver, train_report = done
     else:
         log(f"[3/4] training a {s['solver']} solver at NFE {s['nfe']}")
         solver, train_report = _train(zm, device, s, out, micro_batch, activation_checkpointing,
@@ -517,6 +586,26 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
         log(line)
     log(f"report: {out / 'report.md'}; solver file: {solver_path}")
     return FitResult(solver, report, solver_path, out, zm)
+
+
+def _finished_training(solver_path: Path, report_path: Path, overwrite: bool, log):
+    """``(solver, train_report)`` of a finished training stage, read back and checked; None
+    when it has not finished. A damaged file raises ``InvalidFileError`` naming it, or with
+    ``overwrite`` is trained again."""
+    if not (solver_path.is_file() and report_path.is_file()):
+        return None
+    from ..solvers.files import load_solver
+    try:
+        report = read_json_bounded(report_path, "training report")
+        if not isinstance(report, dict) or not isinstance(report.get("best"), dict):
+            raise InvalidFileError(f"{report_path}: not a training report (no 'best' entry)")
+        return load_solver(solver_path), report
+    except InvalidFileError as e:
+        if overwrite:
+            log(f"{e}; training again (--overwrite)")
+            return None
+        raise InvalidFileError(f"{e}; rerun with --overwrite (overwrite=True) to train again"
+                               ) from None
 
 
 def _safe(name):

@@ -433,8 +433,9 @@ class _FittedScheduler(SchedulerMixin, ConfigMixin):
             self._warned = True
             warnings.warn(f"{type(self).__name__}: the fitted solver has {self.solver.n_steps} steps "
                           f"(NFE {self.solver.nfe}) at learned times; the pipeline's "
-                          f"num_inference_steps/sigmas/mu/timesteps are ignored", UserWarning,
-                          stacklevel=2)
+                          f"num_inference_steps/sigmas/mu/timesteps are ignored (pass "
+                          f"num_inference_steps={self.solver.n_steps} so that the pipeline's "
+                          f"progress bar counts the steps that run)", UserWarning, stacklevel=2)
         if device is not None and torch.device(device) != self._device:
             self._build(device)
         self._reset()
@@ -519,8 +520,9 @@ class BespokeScheduler(_FittedScheduler):
     document (parameters and tables) in ``scheduler_config.json``. ``order`` is 2 for an RK2 base:
     each step takes two ``step()`` calls -- call 1 returns the midpoint state where the model is
     evaluated next (callbacks see it, and pipelines count it in ``timesteps``), call 2 returns
-    ``x_{i+1}``. diffusers pipelines advance their progress bar every ``order`` calls, so it ends
-    at ``n_steps`` of a total of ``num_inference_steps`` (which is ignored).
+    ``x_{i+1}``. diffusers pipelines advance their progress bar every ``order`` calls to a total
+    of the ``num_inference_steps`` they were given (ignored here otherwise): pass
+    ``num_inference_steps=solver.n_steps`` and the bar counts exactly the steps that run.
 
     Args (the config): ``solver`` (the solver document, ``Solver.to_document()``),
     ``prediction_type`` (``"flow"``, ``"epsilon"``, ``"v_prediction"``, ``"sample"``),

@@ -117,6 +117,10 @@ class Solver(nn.Module):
             raise InvalidArgumentError(f"nfe {nfe}: a {cls.kind} solver ({cls.header_key} {header}) "
                                        f"uses {per} NFE per step, so NFE must be a positive "
                                        f"multiple of {per}")
+        from .files import MAX_STEPS
+        if nfe // per > MAX_STEPS:
+            raise InvalidArgumentError(f"nfe {nfe}: {nfe // per} steps of {per} NFE, over the "
+                                       f"limit of {MAX_STEPS} steps a solver file holds")
         problem = cls.header_problem(header, nfe // per)
         if problem:
             raise InvalidArgumentError(f"nfe {nfe}: {problem}")

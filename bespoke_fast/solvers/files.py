@@ -15,7 +15,8 @@ integers (``true`` and ``10.0`` are errors); ``1 <= n_steps <= MAX_STEPS`` (1024
 has exactly the length ``n_steps`` implies. Then the parameters are loaded and the tables are
 derived: they must be finite, ``t`` must run strictly from 0 to 1, ``s > 0``, and the float32
 tables the sampler uses must be finite (a ``theta_s`` of -95 is finite in float64 but overflows
-a float32 coefficient).
+a float32 coefficient), and so must every step of the float32 sampler on a simulated run (states
+in [-4, 4]; velocities x, -x and 1): finite coefficients can overflow in their products.
 
 Layout (format version 1)::
 
@@ -179,3 +180,22 @@ def _check_tables(path, solver, stored):
     for name, value in derived.items():
         if not torch.allclose(stored[name], value, rtol=1e-9, atol=1e-12):
             _fail(path, f"table {name!r} does not match the parameters (edited by hand?)")
+    _simulate_float32(path, solver)
+
+
+# finite velocity fields the float32 simulation runs every loaded solver on: finite coefficients
+# can still overflow in their products (theta_sdot = 3.5e38 times a state of 4)
+_SIMULATED = (("u = x", lambda x, t: x), ("u = -x", lambda x, t: -x),
+              ("u = 1", lambda x, t: torch.ones_like(x)))
+
+
+def _simulate_float32(path, solver):
+    """Run the float32 reference sampler over every step with states in [-4, 4] and the
+    velocity fields above; a NaN/Inf anywhere on the way means the coefficients overflow."""
+    x0 = torch.tensor([[4.0, -4.0, 0.5, 0.0]], dtype=torch.float32)
+    for name, field in _SIMULATED:
+        with torch.no_grad():
+            traj = solver.sample(field, x0, return_trajectory=True)
+        if not torch.isfinite(traj).all():
+            _fail(path, f"the sampler's float32 steps overflow on a simulated run (states in "
+                        f"[-4, 4], velocity {name}): the parameters are too extreme")

@@ -98,17 +98,26 @@ def load(name: str, device="cpu") -> ZooModel:
 
 
 def resolve_model(spec: str, device="cpu", notice=None) -> ZooModel:
-    """A bundled name, or ``package.module:factory`` where ``factory()`` returns a
+    """A bundled name, or ``package.module:factory`` / ``path/to/file.py:factory`` where
+    ``factory()`` returns a
     :class:`ZooModel`, a ``(model, shape)`` / ``(model, shape, data_range)`` tuple, or a dict
     with keys model, shape and optionally data_range, extras (:data:`FACTORY_CONTRACT`).
-    Without a data range, 2.0 is assumed and ``notice`` (default: print to stderr) says so."""
+    Without a data range, 2.0 is assumed and ``notice`` (default: print to stderr) says so.
+    A module is imported from the current folder first (as ``python -m`` does); a ``.py`` path is
+    loaded as the module named by its file name.
+
+    Example::
+
+        >>> zm = resolve_model("mymodel.py:factory")     # mymodel.py in the current folder
+    """
     if ":" not in spec:
         return load(spec, device)
-    module_name, _, attr = spec.partition(":")
+    module_name, _, attr = spec.rpartition(":")
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise InvalidArgumentError(f"cannot import model factory {spec!r}: {e}") from e
+        factory = getattr(_import_factory_module(module_name), attr)
+    except (ImportError, AttributeError, SyntaxError) as e:
+        raise InvalidArgumentError(f"cannot import model factory {spec!r}: "
+                                   f"{type(e).__name__}: {e}") from e
     if not callable(factory):
         raise InvalidArgumentError(f"model factory {spec!r} is not callable")
     made = factory()
@@ -131,6 +140,39 @@ def resolve_model(spec: str, device="cpu", notice=None) -> ZooModel:
     if isinstance(zm.model, torch.nn.Module):
         zm.model.to(device)
     return zm
+
+
+def _import_factory_module(name: str):
+    """The module of a factory spec: a ``.py`` file path (loaded under its file name), or a
+    dotted module name imported with the current folder first on ``sys.path``."""
+    import os
+    import sys
+    if name.endswith(".py") or "/" in name or os.sep in name:
+        path = os.path.abspath(os.path.expanduser(name))
+        if not os.path.isfile(path):
+            raise ImportError(f"no such file {name}")
+        module_name = os.path.splitext(os.path.basename(path))[0]
+        loaded = sys.modules.get(module_name)
+        if loaded is not None and os.path.abspath(getattr(loaded, "__file__", "") or "") == path:
+            return loaded
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop(module_name, None)
+            raise
+        return module
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(name)
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 def _stderr(line):
