@@ -164,10 +164,10 @@ def sample_to_dir(model, solver, shape, num: int, out_dir, batch_size: int = 256
                                 "sample")
     inventory = samples_inventory(n_shards)
     claim_run_dir(out_dir, identity, inventory, overwrite, "sample folder", rank, distributed)
+    if rank == 0:  # before the barrier: after it, another rank's temp files are live ones
+        remove_stale_temp_files(out_dir, inventory)
     if distributed:
         torch.distributed.barrier()
-    if rank == 0:
-        remove_stale_temp_files(out_dir, inventory)
 
     def bounds(k):
         return k * shard_size, min((k + 1) * shard_size, num)

@@ -39,8 +39,8 @@ from .._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError,
                       NonFiniteError, check_int, check_positive, model_error)
 from ..io import (MANIFEST_MAX_BYTES, Inventory, atomic_write_text, check_shard_plan, claim_run_dir,
                  first_difference, identity_hash, model_fingerprint, model_identity,
-                 read_json_bounded, read_run_record, read_sidecar, remove_stale_temp_files, seal, sha256_file, unseal, verified_sidecar,
-                 write_with_sidecar)
+                 read_json_bounded, read_run_record, read_sidecar, remove_stale_temp_files, seal,
+                 sha256_file, unseal, verified_sidecar, write_with_sidecar)
 from .gt_storage import (StorageOptions, StreamedTrajectories, bytes_per_trajectory, decode_knots,
                          split_point)
 from ..noise import noise_for_indices
@@ -313,10 +313,10 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
                                 existing, "gt")
     inventory = gt_inventory(n_shards, extra_files)
     claim_run_dir(out, identity, inventory, overwrite, "GT set", rank, distributed)
+    if rank == 0:  # before the barrier: after it, another rank's temp files are live ones
+        remove_stale_temp_files(out, inventory)
     if distributed:
         torch.distributed.barrier()
-    if rank == 0:
-        remove_stale_temp_files(out, inventory)
 
     def count(k):
         return min(batch_size, num - k * batch_size)
