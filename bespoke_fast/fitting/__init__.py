@@ -22,7 +22,7 @@ def trainer_for(kind: str):
     ``kind``): :func:`bespoke.train` with :data:`bespoke.OPTIONS`, or :func:`bns.train_bns` with
     :data:`bns.OPTIONS`. Both take the options by the same names and types."""
     from .._checks import InvalidArgumentError
-    from ..solvers.base import kinds
+    from ..solvers.registry import kinds
     from ..solvers.bespoke import BespokeSolver
     from ..solvers.bns import NonStationarySolver
     if kind == BespokeSolver.kind:

@@ -43,7 +43,7 @@ from .common import (average_gradients, check_gt_matches, checkpoint_due, cosine
                      frozen, gt_split_fingerprint, in_dtype, lbfgs_advance, load_checkpoint,
                      new_lbfgs, new_lbfgs_state, save_checkpoint, show_validation,
                      validate_solver)
-from .gt import TrajectorySet
+from .trajectories import TrajectorySet
 from .gt_storage import StreamedTrajectories
 from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon, rank0_decides,
                        selection_score, stop_reason)

@@ -35,7 +35,7 @@ from ..utils import dist_info
 from .common import (average_gradients, check_gt_matches, checkpoint_due, finish, frozen,
                      gt_split_fingerprint, lbfgs_advance, load_checkpoint, new_lbfgs,
                      new_lbfgs_state, save_checkpoint, show_validation, validate_solver)
-from .gt import TrajectorySet
+from .trajectories import TrajectorySet
 from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon, rank0_decides,
                        stop_reason)
 from .stopping import new_state as new_stop_state

@@ -16,7 +16,7 @@ import torch
 from .._checks import InvalidFileError, MismatchError
 from ..io import atomic_write, check_writable, model_fingerprint
 from ..metrics import rmse_psnr
-from .gt import TrajectorySet
+from .trajectories import TrajectorySet
 
 __all__ = ["frozen", "validate_solver", "load_checkpoint", "save_checkpoint", "cosine_lr",
            "average_gradients", "gt_split_fingerprint", "check_gt_matches",

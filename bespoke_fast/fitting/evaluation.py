@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .._checks import InvalidArgumentError, InvalidTypeError
-from .gt import TrajectorySet
+from .trajectories import TrajectorySet
 from ..io import check_model_identity
 from ..metrics import mode_flip_fraction, rmse_psnr
 from ..solvers.base import Solver

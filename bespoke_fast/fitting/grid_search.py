@@ -24,7 +24,7 @@ import math
 import torch
 
 from .._checks import InvalidArgumentError, call_model, check_choice, check_int
-from .gt import TrajectorySet
+from .trajectories import TrajectorySet
 from ..solvers.bespoke import BespokeSolver
 
 __all__ = ["search_grid", "searched_solver", "grid_solver", "family_grid", "GRID_FAMILIES",

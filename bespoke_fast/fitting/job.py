@@ -29,7 +29,7 @@ from .._checks import InvalidArgumentError, MismatchError, check_choice, check_i
 from . import trainer_for
 from .gt_storage import bytes_per_trajectory
 from ..io import atomic_write_text, save_figure
-from ..solvers.base import solver_class
+from ..solvers.registry import solver_class
 from ..solvers.bespoke import BespokeSolver
 
 __all__ = ["fit", "FitResult", "make_plan", "plot_error_maps", "plot_transform", "baselines",
