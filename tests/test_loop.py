@@ -111,3 +111,15 @@ def test_one_fingerprint_for_the_loaded_and_the_streamed_set(gmm_gt, gt_dir):
     assert fingerprint(len(gt), lambda lo, hi: gt.subset(range(lo, hi)), chunk=7) == whole
     assert streamed.fingerprint(chunk=5) == whole and len(whole) == 16
     assert gt.subset(range(3)).fingerprint() != whole
+
+
+def test_bns_trains_on_a_streamed_set_as_on_the_loaded_one(gmm_gt, gt_dir):
+    from bespoke_fast.fitting.bns import train_bns
+    flow, gt = gmm_gt
+    kw = dict(n_steps=4, init="midpoint", optimizer="lbfgs", iters=3, num_train=32, val=32,
+              budget_seconds=None, progress=False)
+    loaded, _ = train_bns(flow, gt, **kw)
+    streamed, _ = train_bns(flow, bf.load_trajectories(gt_dir, stream=True), **kw)
+    assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), streamed.parameters()))
+    with pytest.raises(TypeError, match="trajectories must be a TrajectorySet"):
+        train_bns(flow, {"x0": gt.x0}, **kw)

@@ -508,7 +508,8 @@ train = keyword_trainer(TRAINER, "train", """Fit a :class:`BespokeSolver` to ``m
 
     Args:
         model: the velocity model the GT was generated with.
-        trajectories: a :class:`TrajectorySet` (``load_trajectories(dir)``).
+        trajectories: a GT set, in memory or streamed (``load_trajectories(dir[, stream=True])``,
+            ``bespoke_fast.fitting.trajectories.Trajectories``).
         base, n_steps: the solver family (NFE = n for rk1, 2n for rk2).
         iters: cap on the RMSE-bound phase; batch_size: trajectories per iteration.
         lr: Adam learning rate. Each phase decays it along a cosine to 5% over the phase's

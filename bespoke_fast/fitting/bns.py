@@ -396,7 +396,9 @@ train_bns = keyword_trainer(TRAINER, "train_bns", """Fit a :class:`~bespoke_fast
 
     Args:
         model: the velocity model the GT was generated with.
-        trajectories: a :class:`TrajectorySet`; only the pairs ``(x0, x1)`` are used.
+        trajectories: a GT set, in memory or streamed (``bespoke_fast.fitting.trajectories.
+            Trajectories``); only the pairs ``(x0, x1)`` are used, and the knots for the
+            Bespoke start.
         n_steps: NFE.
         init: the starting solver. ``"bespoke"`` (default): first fit a Bespoke solver of the
             same NFE (RK2 for an even NFE, RK1 for an odd one) on all the non-validation
@@ -427,13 +429,13 @@ train_bns = keyword_trainer(TRAINER, "train_bns", """Fit a :class:`~bespoke_fast
         lr: L-BFGS step scale (default 1) or Adam's learning rate (default 3e-3), decayed along a
             cosine to ``lr * lr_final`` at the last iteration (Adam only: the end-to-end loss is
             sharp, and a constant rate leaves the validation PSNR jumping by tens of dB).
-        num_train, num_val: the last ``num_val`` trajectories are held out for validation
-            first, then the first ``num_train`` of the rest are the training pairs. Defaults
+        num_train, val: the last ``val`` trajectories are held out for validation first, then
+            the first ``num_train`` of the rest are the training pairs. Defaults
             520 / 1024, shrunk to fit a smaller set (the report's ``split_note`` says what was
             used); explicit sizes that do not fit, or fewer than 16 / 16 pairs, are refused
             (:func:`bns_split`).
-        val: the number of validation pairs (as the bespoke trainer's ``val``; the same as
-            ``num_val``), or a separate TrajectorySet to validate on instead (then
+        val: the number of validation pairs (as the bespoke trainer's ``val``; ``num_val`` is
+            accepted for it), or a separate TrajectorySet to validate on instead (then
             ``trajectories`` are all for training, up to ``num_train``).
         val_every: validate every k iterations (and at the start and the end); the parameters
             with the best validation PSNR are kept (the initial solver included).

@@ -12,7 +12,7 @@ from .._checks import InvalidArgumentError, InvalidTypeError
 from .trajectories import TrajectorySet
 from ..io import check_model_identity
 from ..metrics import mode_flip_fraction, rmse_psnr
-from ..solvers.base import Solver
+from ..solvers.interface import Solver
 from ..solvers.fixed import METHODS, NFE_PER_STEP, solve
 
 __all__ = ["evaluate", "parse_solver_spec", "mode_assigner", "trained_on"]

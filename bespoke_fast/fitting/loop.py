@@ -245,6 +245,7 @@ def run_phases(solver, model, val_set, phases: list, *, config: dict, gen, stopp
     if saved is None and start is not None:
         start(state, elapsed)
         state.phase_wall = elapsed()     # the first phase's share counts from here
+
     def validate(done, loss, phase):
         record = {"iteration": done, "loss": None if loss is None else float(loss),
                   **phase.record, **validate_solver(solver, model, val_set)}
