@@ -218,7 +218,7 @@ def fit_ld3(model, method: str, nfe: int, train, val, iters: int = 3000, batch_s
     x1_all = train.x1.double()
     shift = torch.zeros_like(x0_all)
     mdt = train.x0.dtype
-    state = {"curve": [], **new_state(), "horizon": None}
+    state, kept = {"curve": [], "horizon": None, "stop_reason": None}, new_state()
     started = time.perf_counter()
     params = list(model.parameters()) if isinstance(model, nn.Module) else []
     flags = [p.requires_grad for p in params]
@@ -232,7 +232,7 @@ def fit_ld3(model, method: str, nfe: int, train, val, iters: int = 3000, batch_s
     def validate(k):
         rec = {"iteration": k, **validate_solver(solver, model, val)}
         state["curve"].append(rec)
-        observe(state, rec, solver, select, min_delta)
+        observe(kept, rec, solver, select, min_delta)
         return rec
 
     try:
@@ -265,7 +265,7 @@ def fit_ld3(model, method: str, nfe: int, train, val, iters: int = 3000, batch_s
                 validate(k)
                 if state["horizon"] is None and budget_seconds is not None:
                     state["horizon"] = phase_horizon(iters, k, elapsed, budget_seconds - elapsed)
-            reason = stop_reason(state, k, iters, patience, budget_seconds, elapsed, validated)
+            reason = stop_reason(kept, k, iters, patience, budget_seconds, elapsed, validated)
             if reason:
                 if not validated:
                     validate(k)
@@ -274,8 +274,8 @@ def fit_ld3(model, method: str, nfe: int, train, val, iters: int = 3000, batch_s
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-    solver.load_state_dict(state["best"])
-    return solver, {"best": state["best_record"], "curve": state["curve"], "iterations": k,
+    solver.load_state_dict(kept.best)
+    return solver, {"best": kept.best_record, "curve": state["curve"], "iterations": k,
                     "config": {"num_train": len(train), "num_val": len(val), "lr": lr,
                                "batch_size": batch_size, "prior_bound": prior_bound,
                                "budget_seconds": budget_seconds, "patience": patience},

@@ -126,21 +126,11 @@ def cmd_gt(args):
 def _nfe_to_steps(solver_kind, header, nfe):
     """Steps of a ``solver_kind`` solver with ``header`` (its base or init) at ``nfe``, through
     the solver interface (:meth:`Solver.steps_for_nfe`)."""
-    from .solvers.base import solver_class
+    from .solvers.registry import solver_class
     try:
         return solver_class(solver_kind).steps_for_nfe(header, nfe)
     except ValueError as e:
         raise CLIError(f"--{e}") from None
-
-
-# the train options that only one kind of trainer has, and why the other lacks it
-_KIND_ONLY_OPTIONS = {
-    "finetune_iters": "BNS has no fine-tune phase: its loss is end-to-end already",
-    "gt_mode": "BNS trains on the GT endpoints only",
-    "num_train": "bespoke trains on all but --val",
-    "optimizer": "the bespoke trainer uses Adam, then polishes with L-BFGS",
-    "polish_iters": "BNS has no polish phase: its default optimizer is L-BFGS already",
-}
 
 
 def _start_names(solver_kind: str) -> tuple:
@@ -156,18 +146,19 @@ def _train_options(args) -> dict:
     """The trainer's options from the command line: each option of the kind's options dataclass
     (``fitting.trainer_for``), unset ones at its default; an option the kind lacks is refused."""
     import dataclasses
-    from .fitting import trainer_for
-    from .solvers.base import solver_class
+    from .fitting import options_lacking, trainer_for
+    from .solvers.registry import solver_class
     _, defaults = trainer_for(args.solver)
-    names = [f.name for f in dataclasses.fields(defaults)]
-    for name, why in _KIND_ONLY_OPTIONS.items():
-        if name not in names and getattr(args, name) is not None:
-            flag = "--" + name.replace("_", "-")
-            raise CLIError(f"{flag} is not an option of --solver {args.solver} ({why})")
+    # n_steps, seed and base: cmd_train passes them itself
+    names = [f.name for f in dataclasses.fields(defaults) if f.name not in ("n_steps", "seed", "base")]
     header_key = solver_class(args.solver).header_key
     if args.base is not None and header_key != "base":
         raise CLIError(f"--base is for --solver bespoke; a {args.solver} solver has no base "
                        f"(its {header_key} is the trainer's default)")
+    for name, why in options_lacking(args.solver).items():
+        if getattr(args, name, None) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise CLIError(f"{flag} is not an option of --solver {args.solver} ({why})")
     opts = {name: getattr(args, name) if getattr(args, name, None) is not None
             else getattr(defaults, name) for name in names}
     opts["budget_seconds"] = opts["budget_seconds"] or None    # 0: no budget
@@ -177,7 +168,7 @@ def _train_options(args) -> dict:
 
 def cmd_train(args):
     from .fitting import trainer_for
-    from .solvers.base import solver_class
+    from .solvers.registry import solver_class
     opts = _train_options(args)
     # the header the trainer will use: bespoke's --base, BNS's init (its trainer's default)
     header = {"base": args.base or "rk2"} if solver_class(args.solver).header_key == "base" else {}

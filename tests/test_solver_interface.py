@@ -13,6 +13,7 @@ from bespoke_fast.engine import PROGRAMS, FastSampler
 from bespoke_fast.solvers.base import Solver, kinds, solver_class
 from bespoke_fast.solvers.bespoke import BespokeSolver
 from bespoke_fast.solvers.bns import NonStationarySolver
+from bespoke_fast.solvers.files import solver_from_document
 
 KINDS = ["rk1", "rk2", "bns"]
 
@@ -43,7 +44,7 @@ def test_document_round_trip_file_bytes_and_fingerprint(kind, tmp_path):
     params, tables = type(solver).file_sizes(solver.header, solver.n_steps)
     assert {k: len(v) for k, v in doc["parameters"].items()} == params
     assert {k: len(v) for k, v in doc["tables"].items()} == tables
-    back = Solver.from_document(json.loads(json.dumps(doc)))
+    back = solver_from_document(json.loads(json.dumps(doc)))
     assert type(back) is type(solver) and back.fingerprint() == solver.fingerprint()
     assert back.to_document() == doc
     solver.save(tmp_path / "s.json")
@@ -61,6 +62,8 @@ def test_a_class_loads_only_its_own_kind(tmp_path):
         BespokeSolver.load(tmp_path / "b.json")
     with pytest.raises(SolverFileError, match="not a bns one"):
         NonStationarySolver.from_document(make("rk2").to_document())
+    with pytest.raises(TypeError, match="use bespoke_fast.load_solver for any kind"):
+        Solver.load(tmp_path / "b.json")    # the interface reads no kind: the registry does
 
 
 def test_the_engine_refuses_a_solver_without_a_program():

@@ -1,13 +1,14 @@
 """Fitting a learned solver to a model, in one place. The data flows down this list:
 
 * ``gt.py`` -- ground-truth trajectories (adaptive RK45, sharded, resumable), stored by
-  ``gt_storage.py`` (knot layouts, storage dtypes, streaming);
-* ``common.py`` -- what both trainers share, as public helpers: checkpoint / resume,
-  validate-and-keep-best, the learning-rate schedule, the distributed reduce, the report;
-* ``stopping.py`` -- when a training phase stops and which checkpoint is kept;
+  ``gt_storage.py`` (knot layouts, storage dtypes, streaming), read as ``trajectories.py``
+  (``TrajectorySet``, the interpolation, the fingerprint, the protocol both trainers accept);
+* ``loop.py`` -- the one training loop: phases as data, budgets, stopping, keep-best,
+  checkpoint / resume, the multi-rank stop, on the shared helpers of ``common.py`` and
+  ``stopping.py`` (when a phase stops and which checkpoint is kept);
 * ``bespoke.py`` -- the Bespoke RK trainer (``bespoke_fast.train``), started from the grid that
-  ``grid_search.py`` finds;
-* ``bns.py`` -- the non-stationary (BNS) trainer;
+  ``grid_search.py`` finds; ``bns.py`` -- the non-stationary (BNS) trainer;
+  ``trainers.py`` -- the trainer of each solver kind (:func:`trainer_for`);
 * ``evaluation.py`` -- a solver against held-out GT (``bespoke_fast.evaluate``);
 * ``job.py`` -- the whole fit of one model: GT, training, evaluation, report
   (``bespoke_fast.fit``, ``bespoke-fast fit``).
@@ -18,17 +19,14 @@ with :func:`trainer_for`.
 
 
 def trainer_for(kind: str):
-    """``(train function, its options)`` for the solver kind ``kind`` (the solver registry's
-    ``kind``): :func:`bespoke.train` with :data:`bespoke.OPTIONS`, or :func:`bns.train_bns` with
-    :data:`bns.OPTIONS`. Both take the options by the same names and types."""
-    from .._checks import InvalidArgumentError
-    from ..solvers.base import kinds
-    from ..solvers.bespoke import BespokeSolver
-    from ..solvers.bns import NonStationarySolver
-    if kind == BespokeSolver.kind:
-        from .bespoke import OPTIONS, train
-        return train, OPTIONS
-    if kind == NonStationarySolver.kind:
-        from .bns import OPTIONS, train_bns
-        return train_bns, OPTIONS
-    raise InvalidArgumentError(f"no trainer for solver kind {kind!r}; expected one of {kinds()}")
+    """The trainer of the solver kind ``kind`` (``bespoke_fast.fitting.trainers.trainer_for``):
+    ``kind``, ``title``, ``Options``, ``planned_evaluations``, ``train``."""
+    from .trainers import trainer_for as find
+    return find(kind)
+
+
+def options_lacking(kind: str) -> dict:
+    """``{option: why}`` for the options other kinds' trainers have and ``kind``'s lacks
+    (``bespoke_fast.fitting.trainers.options_lacking``)."""
+    from .trainers import options_lacking as lacking
+    return lacking(kind)

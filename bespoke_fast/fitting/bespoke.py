@@ -14,8 +14,7 @@ solves RK45 at the detached grid each iteration and uses ``x(sg t) + u(sg t, x(s
 After the bound phase an end-to-end fine-tune **(ours)** minimises ``mean log ||x_n - x(1)||^2``
 (i.e. maximises the mean per-sample PSNR) through the n-step sampler (cheap at NFE <= 20) with
 Adam on batches, then a polish **(ours)** minimises the same loss with full-batch L-BFGS (Adam's
-batch noise leaves it short of the optimum: measured on digits-fmot at NFE 6, +0.7 dB on
-validation and +0.9 dB held out). Each phase runs until its validation score stops improving,
+batch noise leaves it short of the optimum). Each phase runs until its validation score stops improving,
 within a time / iteration budget; the checkpoint kept is the one with the best validation score
 (default the mean per-sample PSNR; ``select``, see ``bespoke_fast.fitting.stopping``), and the
 report says why training stopped.
@@ -31,27 +30,25 @@ import copy
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .._checks import InvalidArgumentError, InvalidTypeError, call_model, check_choice, check_int
 from ..solvers.adaptive import solve_adaptive
 from ..solvers.bespoke import BespokeSolver
+from ..solvers.interface import Solver
 from ..utils import dist_info
-from .common import (average_gradients, check_gt_matches, checkpoint_due, cosine_lr, finish,
-                     frozen, gt_split_fingerprint, in_dtype, lbfgs_advance, load_checkpoint,
-                     new_lbfgs, new_lbfgs_state, save_checkpoint, show_validation,
+from .common import (CommonOptions, KindTrainer, average_gradients, check_gt_matches, cosine_lr,
+                     finish, gt_split_fingerprint, in_dtype, keyword_trainer, new_lbfgs, option,
                      validate_solver)
 from .gt import TrajectorySet
-from .gt_storage import StreamedTrajectories
-from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon, rank0_decides,
-                       selection_score, stop_reason)
-from .stopping import new_state as new_stop_state
+from .loop import Phase, Stopping, lbfgs_step, run_phases
+from .stopping import DEFAULT_SELECT, check_stopping, phase_horizon, selection_score
+from .trajectories import Trajectories
 
-__all__ = ["train", "BespokeOptions", "OPTIONS", "rmse_bound_loss", "local_errors",
-           "lipschitz_weights", "gt_at_grid", "loss_backward", "model_for_loss", "screen_starts",
-           "INITS"]
+__all__ = ["train", "BespokeOptions", "OPTIONS", "BespokeTrainer", "TRAINER", "rmse_bound_loss",
+           "local_errors", "lipschitz_weights", "gt_at_grid", "loss_backward", "model_for_loss",
+           "screen_starts", "INITS"]
 
 GT_MODES = ("cached", "online")
 INITS = ("auto", "searched", "identity")
@@ -169,8 +166,7 @@ def loss_backward(solver, model, batch: TrajectorySet, phase: str = "bound", gt_
 
     ``phase``: ``"bound"`` (the RMSE bound on GT states at the solver's grid) or
     ``"finetune"`` (``mean log ||x_n - x(1)||^2`` of the n-step sample: -(ln 10 / 10) x the mean
-    per-sample PSNR + const, the selection metric itself; measured on digits-fmot, NFE 10, 90 s
-    of Adam: +0.2 dB (batch 128) and +0.5 dB (batch 64) over the mean RMSE). ``micro_batch``:
+    per-sample PSNR + const, the selection metric itself). ``micro_batch``:
     evaluate in chunks of that many trajectories, each chunk's loss weighted by its share of
     the batch and back-propagated at once (gradient accumulation: both losses are batch means,
     so the gradient equals the full batch's up to rounding, and memory is that of one chunk).
@@ -219,8 +215,7 @@ def screen_starts(model, train_set: TrajectorySet, val_set: TrajectorySet, base:
 
     Why: the fit ends in the basin it starts in, and neither the searched grid (least sum of
     one-step errors) nor the starts' own end-to-end PSNR predicts the best basin; a short trial
-    does (measured at NFE 6: the trial picked the best of five starts on digits-eps, whose
-    default fits ended between 27.7 and 35.6 dB).
+    is the cheapest predictor of where the fit ends.
 
     Returns ``(solver, record)``; ``record``: ``chosen`` (the start's name), ``candidates`` (per
     start: trial iterations, validation PSNR / set PSNR / score, seconds), ``nfe`` (per-sample
@@ -273,48 +268,231 @@ SCREEN_SHARE = 0.25        # init="auto": at most this share of budget_seconds f
 POLISH_VAL_EVERY = 10      # polish: L-BFGS iterations between validations
 POLISH_PAIRS = 1024        # polish: at most this many training trajectories in its full batch
 FINETUNE_BUDGET_SHARE = 0.85  # the fine-tune stops here, leaving the rest of the budget to the polish
-# the grid search of init="searched": 32 candidate times, 32 trajectories (528 one-step costs;
-# on the stiff digits-exact flow 64 x 64 took 60 s of a loaded CPU, this about 8x less)
+# the grid search of init="searched": 32 candidate times, 32 trajectories (528 one-step costs)
 SEARCH_CANDIDATES, SEARCH_BATCH = 32, 32
 
 
 @dataclass(frozen=True)
-class BespokeOptions:
-    """The bespoke trainer's tunable options and their defaults: the one place they are set.
-    :func:`train` takes each as a keyword of the same name and type (the BNS trainer's
-    :class:`~bespoke_fast.fitting.bns.BNSOptions` shares the names both kinds have), and the CLI's
-    ``train`` command fills its unset options from here."""
-    iters: int = 300                     # cap on the RMSE-bound phase
-    finetune_iters: int = 6000           # cap on the end-to-end fine-tune (0: none)
-    polish_iters: int = 200              # cap on the full-batch L-BFGS polish (0: none)
-    batch_size: int = 128                # trajectories per iteration
-    lr: float = 5e-3                     # Adam learning rate (cosine decay per phase)
-    val: int = 256                       # trajectories held out for validation (or a set)
-    val_every: int = 50                  # validate every k iterations
-    gt_mode: str = "cached"              # "cached" (Hermite) or "online" (RK45 per iteration)
-    budget_seconds: float | None = 170.0  # wall-time budget of the whole fit
-    patience: int | None = 8             # validations without improvement before a phase stops
-    select: str = DEFAULT_SELECT         # validation score that picks the kept checkpoint
-    max_iters: int | None = None         # cap on all iterations
-    init: str = "auto"                   # start: screened ("auto"), "searched" or "identity"
+class BespokeOptions(CommonOptions):
+    """Every option of the bespoke trainer, with its default: the one place they are set.
+    :func:`train` takes each as a keyword of the same name (the BNS trainer's
+    :class:`~bespoke_fast.fitting.bns.BNSOptions` shares the names both kinds have, with the
+    same meaning), and the CLI makes its flags and their help from the fields' ``help``."""
+    base: str = option("rk2", "the solver family: 'rk1' (1 NFE per step) or 'rk2' (2 NFE per "
+                              "step); default rk2")
+    n_steps: int = option(5, "steps of the solver (NFE = n_steps for rk1, 2 n_steps for rk2); "
+                             "default 5")
+    iters: int = option(300, "cap on the RMSE-bound phase, in iterations (0: skip it); "
+                             "default 300")
+    batch_size: int = option(128, "trajectories per Adam iteration; default 128")
+    lr: float = option(5e-3, "Adam learning rate of the bound phase (and of the fine-tune unless "
+                             "finetune_lr is set), decayed along a cosine to 5%; default 5e-3")
+    val: int | TrajectorySet = option(256, "trajectories held out (the last ones) to validate and "
+                                           "keep the best parameters, or a separate set; "
+                                           "default 256")
+    val_every: int = option(50, "validate every this many iterations (and at each phase's end); "
+                                "default 50")
+    gt_mode: str = option("cached", "'cached': Hermite interpolation of the stored GT; "
+                                    "'online': an RK45 solve per iteration; default cached")
+    finetune_iters: int = option(6000, "cap on the end-to-end Adam fine-tune, in iterations "
+                                       "(0: none); default 6000")
+    finetune_lr: float | None = option(None, "learning rate of the fine-tune; default: lr")
+    polish_iters: int = option(200, "cap on the full-batch L-BFGS polish, in iterations, at most "
+                                    "finetune_iters (0: none); default 200")
+    L_tau: float = option(1.0, "Lipschitz constant assumed per unit of time in the RMSE bound's "
+                               "weights; default 1.0")
+    micro_batch: int | None = option(None, "evaluate the loss in chunks of this many "
+                                           "trajectories (memory; same result up to rounding); "
+                                           "default: the whole batch")
+    activation_checkpointing: bool = option(False, "recompute each model call's activations in "
+                                                   "the backward (memory); default off")
+    autocast: torch.dtype | None = option(None, "run the model under torch.bfloat16 / "
+                                                "torch.float16 autocast; default off")
+    budget_seconds: float | None = option(170.0, "wall-time budget of the whole fit, in seconds "
+                                                 "(None: none); default 170")
+    max_iters: int | None = option(None, "cap on the iterations of all phases together; "
+                                         "default: the sum of the phases' caps")
+    init: str | Solver = option("auto", "the start: 'auto' (the best of a few screened starts), "
+                                        "'searched' (grid search), 'identity' (uniform grid) or a "
+                                        "BespokeSolver; default auto")
 
 
 OPTIONS = BespokeOptions()
 
 
-def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 5,
-          iters: int = OPTIONS.iters, batch_size: int = OPTIONS.batch_size, lr: float = OPTIONS.lr,
-          val=OPTIONS.val, val_every: int = OPTIONS.val_every, seed: int = 0, checkpoint=None,
-          checkpoint_every: int = 50, gt_mode: str = OPTIONS.gt_mode,
-          finetune_iters: int = OPTIONS.finetune_iters, finetune_lr: float | None = None,
-          polish_iters: int = OPTIONS.polish_iters,
-          L_tau: float = 1.0, model_name: str = "", progress: bool = True, callback=None,
-          micro_batch: int | None = None, activation_checkpointing: bool = False, autocast=None,
-          budget_seconds: float | None = OPTIONS.budget_seconds,
-          patience: int | None = OPTIONS.patience, min_delta: float = 0.02,
-          select: str = OPTIONS.select, max_iters: int | None = OPTIONS.max_iters,
-          init=OPTIONS.init):
-    """Fit a :class:`BespokeSolver` to ``model`` on GT trajectories.
+class BespokeTrainer(KindTrainer):
+    """The bespoke kind's trainer (``bespoke_fast.fitting.trainer_for("bespoke")``): fits a
+    :class:`BespokeSolver` through the RMSE-bound phase, the end-to-end fine-tune and the L-BFGS
+    polish on the training loop of ``bespoke_fast.fitting.loop``.
+
+    Example::
+
+        >>> trainer = trainer_for("bespoke")
+        >>> solver, report = trainer.train(model, gt, trainer.Options(n_steps=3, iters=100))
+    """
+
+    kind = BespokeSolver.kind
+    title = "bespoke"
+    Options = BespokeOptions
+    lacks = {
+        "num_train": "bespoke trains on all but the validation trajectories",
+        "optimizer": "the bespoke trainer uses Adam, then polishes with L-BFGS",
+    }
+
+    def planned_evaluations(self, options: BespokeOptions, num_train: int, num_val: int,
+                            nfe: int) -> tuple:
+        """Upper bounds on a fit's ``(training, validation)`` per-sample model evaluations at
+        its caps, with ``num_train`` training and ``num_val`` validation trajectories at NFE
+        ``nfe``: the screened start, the bound phase and fine-tune (``batch_size`` per
+        iteration), the polish (about 1.3 full-batch passes per L-BFGS iteration)."""
+        from .grid_search import GRID_FAMILIES
+        iters, finetune = options.iters, options.finetune_iters
+        starts = len(GRID_FAMILIES) + 1
+        trial = min(SCREEN_ITERS, iters + finetune)       # as the trainer caps them
+        polish = min(options.polish_iters, finetune)
+        train_evals = ((starts * trial + iters + finetune) * options.batch_size * nfe
+                       + int(1.3 * polish * min(POLISH_PAIRS, num_train) * nfe))
+        validations = (starts + math.ceil((iters + finetune) / options.val_every)
+                       + math.ceil(polish / POLISH_VAL_EVERY))
+        return train_evals, validations * num_val * nfe
+
+    def fit(self, model, trajectories, o, checkpoint, progress, model_name, callback):
+        (base, n_steps, iters, batch_size, lr, val, val_every, seed, checkpoint_every, gt_mode,
+         finetune_iters, finetune_lr, polish_iters, L_tau, micro_batch, activation_checkpointing,
+         autocast, budget_seconds, patience, min_delta, select, max_iters, init) = (
+            o.base, o.n_steps, o.iters, o.batch_size, o.lr, o.val, o.val_every, o.seed,
+            o.checkpoint_every, o.gt_mode, o.finetune_iters, o.finetune_lr, o.polish_iters,
+            o.L_tau, o.micro_batch, o.activation_checkpointing, o.autocast, o.budget_seconds,
+            o.patience, o.min_delta, o.select, o.max_iters, o.init)
+        check_choice("gt_mode", gt_mode, GT_MODES)
+        n_steps = check_int("n_steps", n_steps)
+        iters = check_int("iters", iters, 0)
+        finetune_iters = check_int("finetune_iters", finetune_iters, 0)
+        polish_iters = check_int("polish_iters", polish_iters, 0)
+        batch_size = check_int("batch_size", batch_size)
+        val_every = check_int("val_every", val_every)
+        # the polish continues the fine-tune: never longer than its cap (0 with a bound-only fit)
+        caps = {"bound": iters, "finetune": finetune_iters, "polish": min(polish_iters, finetune_iters)}
+        if not any(caps.values()):
+            raise InvalidArgumentError("iters + finetune_iters + polish_iters must be >= 1")
+        max_iters = check_int("max_iters", sum(caps.values()) if max_iters is None else max_iters)
+        check_stopping(select, patience, budget_seconds, min_delta)
+        if not (lr > 0 and math.isfinite(lr)):
+            raise InvalidArgumentError(f"lr must be a positive number, got {lr}")
+        if not isinstance(trajectories, Trajectories):
+            raise InvalidTypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
+        check_gt_matches(model, trajectories, model_name)
+        loss_model = model_for_loss(model, activation_checkpointing, autocast)
+        if isinstance(val, TrajectorySet):
+            train_set, val_set = trajectories, val
+        else:
+            train_set, val_set = trajectories.split(check_int("val", val))
+        rank, world, _ = dist_info()
+        device = train_set.device
+        solver = BespokeSolver(base, n_steps).to(device)
+        if isinstance(init, BespokeSolver):
+            if (init.base, init.n_steps) != (base, n_steps):
+                raise InvalidArgumentError(f"init must be a bespoke-{base} solver with n_steps={n_steps}, got "
+                                 f"bespoke-{init.base} with n_steps={init.n_steps}")
+        elif not isinstance(init, str) or init not in INITS:
+            raise InvalidArgumentError(f"init must be one of {', '.join(INITS)} or a BespokeSolver, "
+                                       f"got {init!r}")
+        config = {"base": base, "n_steps": n_steps, "iters": iters, "batch_size": batch_size, "lr": lr,
+                  "seed": seed, "gt_mode": gt_mode, "finetune_iters": finetune_iters,
+                  "polish_iters": polish_iters,
+                  "finetune_lr": finetune_lr if finetune_lr is not None else lr, "L_tau": L_tau,
+                  "num_train": len(train_set), "num_val": len(val_set), "val_every": val_every,
+                  "gt": gt_split_fingerprint(train_set, val_set),
+                  **({"autocast": str(autocast).replace("torch.", "")} if autocast is not None else {}),
+                  "budget_seconds": budget_seconds, "patience": patience, "min_delta": min_delta,
+                  "select": select, "max_iters": max_iters, "gt_seed": trajectories.meta.get("seed"),
+                  "init": init if isinstance(init, str) else
+                          [round(float(v), 12) for v in torch.cat([p.detach().flatten().cpu()
+                                                                   for p in init.parameters()])]}
+        gen = torch.Generator().manual_seed(seed * 1000 + rank)
+
+        def start(state, elapsed):      # a fresh run: the starting solver
+            if init == "identity":
+                return
+            if init == "auto":
+                # a trial is never longer than the fit's own Adam phases
+                first, state.start = screen_starts(
+                    model, train_set, val_set, base, n_steps, seed,
+                    min(SCREEN_ITERS, iters + finetune_iters), batch_size, lr,
+                    None if budget_seconds is None else budget_seconds * SCREEN_SHARE, select,
+                    loss_model)
+                state.nfe_train += state.start["nfe"]
+            elif init == "searched":
+                from .grid_search import searched_solver
+                first = searched_solver(model, train_set, base, n_steps, candidates=SEARCH_CANDIDATES,
+                                        batch=SEARCH_BATCH, seed=seed)
+            else:
+                first = init
+            solver.load_state_dict(first.state_dict())
+            if world > 1:      # every rank starts from rank 0's parameters
+                for p in solver.parameters():
+                    torch.distributed.broadcast(p.data, 0)
+
+        def adam_step(phase, base_lr):
+            def step(ctx, k):
+                for group in ctx.optim.param_groups:
+                    group["lr"] = cosine_lr(base_lr, k - ctx.state.phase_start,
+                                            ctx.state.horizon or ctx.cap)
+                rows = torch.randint(len(train_set), (batch_size,), generator=gen)
+                batch = train_set.subset(rows)
+                ctx.optim.zero_grad(set_to_none=True)
+                loss, nfe = loss_backward(solver, model, batch, phase, gt_mode, L_tau, micro_batch,
+                                          loss_model)
+                ctx.state.nfe_train += nfe
+                average_gradients(solver.parameters(), world)
+                ctx.optim.step()
+                return k + 1, loss
+            return step
+
+        polish_set = train_set.subset(range(min(POLISH_PAIRS, len(train_set))))
+
+        def closure(ctx):      # the polish: loss and gradient on its whole batch, float64 state
+            ctx.optim.zero_grad(set_to_none=True)
+            # in chunks of the micro-batch (memory as in the fine-tune), else of the batch size
+            loss, nfe = loss_backward(solver, model, polish_set, "finetune",
+                                      micro_batch=micro_batch or batch_size, loss_model=loss_model,
+                                      dtype=torch.float64)
+            average_gradients(solver.parameters(), world)
+            ctx.state.nfe_train += nfe
+            ctx.state.loss_evals += 1
+            ctx.state.last_loss = float(loss)
+            return loss.to(torch.float64)
+
+        def adam(rate):
+            return lambda: torch.optim.Adam(solver.parameters(), lr=rate)
+
+        phases = [
+            Phase("bound", caps["bound"], adam(lr), adam_step("bound", lr),
+                  budget_share=BOUND_BUDGET_SHARE, budget_from_start=True, val_every=val_every,
+                  sets_horizon=True, record={"phase": "bound"}),
+            Phase("finetune", caps["finetune"], adam(config["finetune_lr"]),
+                  adam_step("finetune", config["finetune_lr"]),
+                  budget_share=FINETUNE_BUDGET_SHARE if caps["polish"] else 1.0, val_every=val_every,
+                  sets_horizon=True, record={"phase": "finetune"}),
+            Phase("polish", caps["polish"], lambda: new_lbfgs(solver.parameters()),
+                  lbfgs_step(closure), val_every=POLISH_VAL_EVERY, val_from_start=True,
+                  record={"phase": "polish"}),
+        ]
+        state = run_phases(solver, model, val_set, [p for p in phases if p.cap], config=config,
+                           gen=gen, stopping=Stopping(max_iters, budget_seconds, patience, min_delta,
+                                                      select),
+                           checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                           progress=progress, desc=f"fit bespoke-{base} NFE {solver.nfe}",
+                           callback=callback, start=start, horizon_rule=phase_horizon)
+        return finish(solver, model, trajectories, config, state, model_name,
+                      stop_reason=state.stop_reason,
+                      bound_stop_reason=state.phase_stop_reasons.get("bound"),
+                      phase_stop_reasons=state.phase_stop_reasons, start=state.start,
+                      iterations=state.iteration)
+
+
+TRAINER = BespokeTrainer()
+train = keyword_trainer(TRAINER, "train", """Fit a :class:`BespokeSolver` to ``model`` on GT trajectories.
 
     Training starts from ``init`` (by default the best of a few screened starts) and runs in
     three phases, each until its validation score stops improving, within a budget
@@ -330,7 +508,8 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
 
     Args:
         model: the velocity model the GT was generated with.
-        trajectories: a :class:`TrajectorySet` (``load_trajectories(dir)``).
+        trajectories: a GT set, in memory or streamed (``load_trajectories(dir[, stream=True])``,
+            ``bespoke_fast.fitting.trajectories.Trajectories``).
         base, n_steps: the solver family (NFE = n for rk1, 2n for rk2).
         iters: cap on the RMSE-bound phase; batch_size: trajectories per iteration.
         lr: Adam learning rate. Each phase decays it along a cosine to 5% over the phase's
@@ -349,8 +528,8 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
         polish_iters: cap on the L-BFGS polish (ours; each iteration costs about 1.3 passes of
             the sampler over its full batch, forward and backward), and never more than
             ``finetune_iters`` (the polish continues the fine-tune). 0 skips it.
-        budget_seconds: wall-time budget of the whole fit (default 170 s: ``bespoke-fast demo``
-            stays within 5 minutes on a 2-core CPU); None: no time limit.
+        budget_seconds: wall-time budget of the whole fit in seconds (default 170); None: no
+            time limit.
         patience, min_delta: stop a phase after ``patience`` validations in a row without
             improving the best score by more than ``min_delta`` dB; None: no patience stop.
         select: the validation score that picks the kept parameters and drives patience:
@@ -364,8 +543,7 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
             finetune_iters``, within ``SCREEN_SHARE`` of the budget; the report's ``start``
             lists the trials); ``"searched"``: the base solver on the grid of
             least one-step local error on the training trajectories
-            (``bespoke_fast.fitting.grid_search``, GITS-style, a few seconds; measured at NFE 10
-            with a 30 s budget: digits-eps 33.2 -> 42.6 dB over the uniform grid);
+            (``bespoke_fast.fitting.grid_search``, GITS-style);
             ``"identity"``: the base solver on the uniform grid; or a :class:`BespokeSolver`
             with the same base and n_steps.
         callback: optional ``callback(iteration, record)`` after each validation.
@@ -378,7 +556,7 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
             once (n x micro_batch samples per call, one call per RK stage), the fine-tune
             phase n times in sequence, the polish as the fine-tune on chunks of
             ``micro_batch`` (else ``batch_size``), its sampler state in float64; checkpointing keeps one call's activations instead of
-            all of them. Measured on a 35M-parameter UNet: ``bench/fit_cost.py --unet``.
+            all of them (``bench/fit_cost.py --unet`` measures it).
 
     Returns: ``(solver, report)``; the report holds the curve (iteration, phase, loss, validation
     RMSE/PSNR/score), the best validation figures, ``stop_reason`` (patience, budget, max_iters,
@@ -395,181 +573,4 @@ def train(model, trajectories: TrajectorySet, base: str = "rk2", n_steps: int = 
         >>> solver, report = train(model, gt, base="rk2", n_steps=5)
         >>> report["stop_reason"], report["best"]["psnr"]
         >>> solver.save("solver.json")
-    """
-    check_choice("gt_mode", gt_mode, GT_MODES)
-    n_steps = check_int("n_steps", n_steps)
-    iters = check_int("iters", iters, 0)
-    finetune_iters = check_int("finetune_iters", finetune_iters, 0)
-    polish_iters = check_int("polish_iters", polish_iters, 0)
-    batch_size = check_int("batch_size", batch_size)
-    val_every = check_int("val_every", val_every)
-    # the polish continues the fine-tune: never longer than its cap (0 with a bound-only fit)
-    caps = {"bound": iters, "finetune": finetune_iters, "polish": min(polish_iters, finetune_iters)}
-    phases = [phase for phase, cap in caps.items() if cap]
-    if not phases:
-        raise InvalidArgumentError("iters + finetune_iters + polish_iters must be >= 1")
-    max_iters = check_int("max_iters", sum(caps.values()) if max_iters is None else max_iters)
-    check_stopping(select, patience, budget_seconds, min_delta)
-    if not (lr > 0 and math.isfinite(lr)):
-        raise InvalidArgumentError(f"lr must be a positive number, got {lr}")
-    if not isinstance(trajectories, (TrajectorySet, StreamedTrajectories)):
-        raise InvalidTypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
-    check_gt_matches(model, trajectories, model_name)
-    loss_model = model_for_loss(model, activation_checkpointing, autocast)
-    if isinstance(val, TrajectorySet):
-        train_set, val_set = trajectories, val
-    else:
-        train_set, val_set = trajectories.split(check_int("val", val))
-    rank, world, _ = dist_info()
-    device = train_set.device
-    solver = BespokeSolver(base, n_steps).to(device)
-    if isinstance(init, BespokeSolver):
-        if (init.base, init.n_steps) != (base, n_steps):
-            raise InvalidArgumentError(f"init must be a bespoke-{base} solver with n_steps={n_steps}, got "
-                             f"bespoke-{init.base} with n_steps={init.n_steps}")
-    elif not isinstance(init, str) or init not in INITS:
-        raise InvalidArgumentError(f"init must be one of {', '.join(INITS)} or a BespokeSolver, "
-                                   f"got {init!r}")
-    config = {"base": base, "n_steps": n_steps, "iters": iters, "batch_size": batch_size, "lr": lr,
-              "seed": seed, "gt_mode": gt_mode, "finetune_iters": finetune_iters,
-              "polish_iters": polish_iters,
-              "finetune_lr": finetune_lr if finetune_lr is not None else lr, "L_tau": L_tau,
-              "num_train": len(train_set), "num_val": len(val_set), "val_every": val_every,
-              "gt": gt_split_fingerprint(train_set, val_set),
-              **({"autocast": str(autocast).replace("torch.", "")} if autocast is not None else {}),
-              "budget_seconds": budget_seconds, "patience": patience, "min_delta": min_delta,
-              "select": select, "max_iters": max_iters, "gt_seed": trajectories.meta.get("seed"),
-              "init": init if isinstance(init, str) else
-                      [round(float(v), 12) for v in torch.cat([p.detach().flatten().cpu()
-                                                               for p in init.parameters()])]}
-    gen = torch.Generator().manual_seed(seed * 1000 + rank)
-    state = {"iteration": 0, "curve": [], "nfe_train": 0, "nfe_val": 0, "wall_total": 0.0,
-             **new_stop_state(), **new_lbfgs_state(), "phase": phases[0], "phase_start": 0,
-             "phase_wall": 0.0, "horizon": None, "phase_stop_reasons": {}, "start": None}
-
-    def make_optim(phase):
-        if phase == "polish":
-            return new_lbfgs(solver.parameters())
-        return torch.optim.Adam(solver.parameters(), lr=lr if phase == "bound" else config["finetune_lr"])
-
-    optim = make_optim(state["phase"])
-    ckpt = Path(checkpoint) if checkpoint else None
-    saved = load_checkpoint(ckpt, config, solver, gen)
-    if saved is not None:
-        state = saved["state"]
-        optim = make_optim(state["phase"])
-        optim.load_state_dict(saved["optim"])
-    started = time.perf_counter()
-
-    def elapsed():
-        return state["wall_total"] + time.perf_counter() - started
-
-    if saved is None and init != "identity":
-        if init == "auto":
-            # a trial is never longer than the fit's own Adam phases
-            start, state["start"] = screen_starts(
-                model, train_set, val_set, base, n_steps, seed,
-                min(SCREEN_ITERS, iters + finetune_iters), batch_size, lr,
-                None if budget_seconds is None else budget_seconds * SCREEN_SHARE, select,
-                loss_model)
-            state["nfe_train"] += state["start"]["nfe"]
-        elif init == "searched":
-            from .grid_search import searched_solver
-            start = searched_solver(model, train_set, base, n_steps, candidates=SEARCH_CANDIDATES,
-                                    batch=SEARCH_BATCH, seed=seed)
-        else:
-            start = init
-        solver.load_state_dict(start.state_dict())
-        if world > 1:      # every rank starts from rank 0's parameters
-            for p in solver.parameters():
-                torch.distributed.broadcast(p.data, 0)
-        state["phase_wall"] = elapsed()     # the first phase's share counts from here
-    polish_set = train_set.subset(range(min(POLISH_PAIRS, len(train_set))))
-
-    def closure():      # the polish: loss and gradient on its whole batch, float64 state
-        optim.zero_grad(set_to_none=True)
-        # in chunks of the micro-batch (memory as in the fine-tune), else of the batch size
-        loss, nfe = loss_backward(solver, model, polish_set, "finetune",
-                                  micro_batch=micro_batch or batch_size, loss_model=loss_model,
-                                  dtype=torch.float64)
-        average_gradients(solver.parameters(), world)
-        state["nfe_train"] += nfe
-        state["loss_evals"] += 1
-        state["last_loss"] = float(loss)
-        return loss.to(torch.float64)
-
-    from ..utils import training_bar
-    bar = training_bar(max_iters, state["iteration"], budget_seconds, not progress or rank != 0,
-                       f"fit bespoke-{base} NFE {solver.nfe}")
-    with frozen(model):
-        while state["stop_reason"] is None:
-            k = state["iteration"]
-            phase = state["phase"]
-            cap = caps[phase]
-            phase_budget = (None if budget_seconds is None else
-                            state["phase_wall"] + budget_seconds * BOUND_BUDGET_SHARE
-                            if phase == "bound" else
-                            budget_seconds * (FINETUNE_BUDGET_SHARE if phase == "finetune"
-                                              and polish_iters else 1.0))
-            if phase == "polish":
-                stop = min(state["phase_start"] + cap, max_iters,
-                           k + POLISH_VAL_EVERY - (k - state["phase_start"]) % POLISH_VAL_EVERY)
-                done = lbfgs_advance(optim, closure, state, k, stop, phase_budget, elapsed)
-                loss = state["last_loss"]
-            else:
-                base_lr = lr if phase == "bound" else config["finetune_lr"]
-                for group in optim.param_groups:
-                    group["lr"] = cosine_lr(base_lr, k - state["phase_start"],
-                                            state["horizon"] or cap)
-                rows = torch.randint(len(train_set), (batch_size,), generator=gen)
-                batch = train_set.subset(rows)
-                optim.zero_grad(set_to_none=True)
-                loss, nfe = loss_backward(solver, model, batch, phase, gt_mode, L_tau,
-                                          micro_batch, loss_model)
-                state["nfe_train"] += nfe
-                average_gradients(solver.parameters(), world)
-                optim.step()
-                done = k + 1
-            state["iteration"] = done
-            bar.update(done - k)
-            in_phase = done - state["phase_start"]
-            capped = in_phase >= cap or done >= max_iters
-            out_of_time = phase_budget is not None and elapsed() >= phase_budget
-            validated = (in_phase % POLISH_VAL_EVERY == 0 if phase == "polish"
-                         else done % val_every == 0) or capped or out_of_time or state["converged"]
-            if validated:
-                record = {"iteration": done, "loss": float(loss), "phase": phase,
-                          **validate_solver(solver, model, val_set)}
-                state["nfe_val"] += solver.nfe * len(val_set)
-                state["curve"].append(record)
-                observe(state, record, solver, select, min_delta)
-                if state["horizon"] is None and phase_budget is not None and phase != "polish":
-                    state["horizon"] = phase_horizon(cap, in_phase, elapsed() - state["phase_wall"],
-                                                     phase_budget - elapsed())
-                show_validation(bar, state, done, record, callback)
-            reason = "converged" if state["converged"] else stop_reason(
-                state, in_phase, cap, patience, phase_budget, elapsed(), validated)
-            if done >= max_iters and reason is None:
-                reason = "max_iters"
-            reason = rank0_decides(reason, world, state)
-            switched = False
-            if reason is not None:
-                state["phase_stop_reasons"][phase] = reason
-                nxt = phases[phases.index(phase) + 1] if phase != phases[-1] else None
-                if nxt and done < max_iters and not (
-                        budget_seconds is not None and elapsed() >= budget_seconds):
-                    # go on from this phase's best parameters
-                    solver.load_state_dict(state["best"])
-                    optim = make_optim(nxt)
-                    state.update(phase=nxt, phase_start=done, phase_wall=elapsed(),
-                                 horizon=None, bad_evals=0, **new_lbfgs_state())
-                    switched = True
-                else:
-                    state["stop_reason"] = reason
-            if checkpoint_due(ckpt, rank, done, checkpoint_every, switched, state):
-                started = save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
-    stopped = {"stop_reason": state["stop_reason"],
-               "bound_stop_reason": state["phase_stop_reasons"].get("bound"),
-               "phase_stop_reasons": state["phase_stop_reasons"], "start": state["start"],
-               "iterations": state["iteration"]}
-    return finish(solver, model, trajectories, config, state, model_name, bar, started, **stopped)
+    """)

@@ -12,18 +12,12 @@ that hands over to Adam, from the best parameters so far, when it stalls, conver
 iterations. Training stops when the validation score stops improving, within a time / iteration
 budget (``bespoke_fast.fitting.stopping``). The parameters with the best validation score are kept (the
 initial solver counts, so the result is never worse on validation than the base solver).
-Validation, checkpoint writing and model checks reuse the Bespoke trainer's helpers (``bespoke_fast.fitting.bespoke``); the checkpoint scheme is the same.
-
-Measured from the midpoint start (``init="midpoint"``) on ``zoo`` gmm-64 (520 train / 1024
-validation pairs, CPU, one thread), validation PSNR:
-midpoint NFE 8 / 10 / 20: 43.9 / 49.3 / 65.6 dB; bespoke-rk2 NFE 10: 65.5 dB; BNS (defaults,
-L-BFGS 300 it, about 70 s) NFE 8: 71.9 dB, NFE 10: 75.1 dB; with Adam (1000 it, 2-3 min)
-67.0 / 69.3 dB.
+Both trainers run on the training loop of ``bespoke_fast.fitting.loop`` (validation,
+keep-best, checkpoint / resume, the multi-rank stop).
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,16 +25,16 @@ import torch
 
 from .._checks import InvalidArgumentError, InvalidTypeError, check_choice, check_int
 from ..solvers.bns import INITS, NonStationarySolver
+from ..solvers.interface import Solver
 from ..utils import dist_info
-from .common import (average_gradients, check_gt_matches, checkpoint_due, finish, frozen,
-                     gt_split_fingerprint, lbfgs_advance, load_checkpoint, new_lbfgs,
-                     new_lbfgs_state, save_checkpoint, show_validation, validate_solver)
+from .common import (CommonOptions, KindTrainer, average_gradients, check_gt_matches, finish,
+                     gt_split_fingerprint, keyword_trainer, new_lbfgs, option)
 from .gt import TrajectorySet
-from .stopping import (DEFAULT_SELECT, check_stopping, observe, phase_horizon, rank0_decides,
-                       stop_reason)
-from .stopping import new_state as new_stop_state
+from .loop import Phase, Stopping, lbfgs_step, run_phases
+from .stopping import check_stopping
+from .trajectories import Trajectories
 
-__all__ = ["train_bns", "BNSOptions", "OPTIONS", "end_to_end_loss", "bns_split", "OPTIMIZERS",
+__all__ = ["train_bns", "BNSOptions", "OPTIONS", "BNSTrainer", "TRAINER", "end_to_end_loss", "bns_split", "OPTIMIZERS",
            "DEFAULT_NUM_TRAIN", "DEFAULT_NUM_VAL", "MIN_TRAIN_PAIRS", "MIN_VAL_PAIRS"]
 
 
@@ -96,8 +90,7 @@ def end_to_end_loss(solver: NonStationarySolver, model, batch: TrajectorySet,
     ``dtype`` (default float64) and the model in ``model_dtype`` (default: the batch's dtype,
     i.e. the GT's); the error and the log are taken in float64. Near the optimum the loss is a
     small difference of large logs: with a float32 state its rounding stalls L-BFGS's line
-    search (measured on gmm-64, NFE 8: 64.8 dB float32 state, 70.7 dB float64 state with the
-    model still in float32, 72.4 dB all float64)."""
+    search."""
     mdt = batch.x0.dtype if model_dtype is None else model_dtype
     x0 = batch.x0 if dtype is None else batch.x0.to(dtype)
     x_n = solver.sample(model, x0, model_dtype=mdt, **batch.extras)
@@ -123,11 +116,6 @@ def _lr_at(k: int, iters: int, lr: float, lr_final: float) -> float:
     """Adam: cosine decay from ``lr`` (iteration 0) to ``lr * lr_final`` (the last iteration)."""
     frac = min(1.0, k / max(iters - 1, 1))
     return lr * (lr_final + (1 - lr_final) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def _next_stop(done: int, iters: int, *every: int) -> int:
-    """The next iteration after ``done`` that is a multiple of one of ``every``, or ``iters``."""
-    return min([iters] + [(done // e + 1) * e for e in every])
 
 
 BESPOKE_SHARE = 0.5   # of the wall-time budget for the Bespoke stage of init="bespoke"
@@ -175,8 +163,7 @@ def _bespoke_start(model, pool: TrajectorySet, val_set: TrajectorySet, n_steps: 
     from .bespoke import train
     base = "rk2" if n_steps % 2 == 0 else "rk1"
     # no L-BFGS polish: BNS's own L-BFGS goes on from the start, in a family that contains it,
-    # and the time the polish would take (it often runs to the budget) is BNS's (measured on
-    # digits-exact at NFE 10: with the polish, BNS had 85 s left and ended at bespoke + 2.7 dB)
+    # and the time the polish would take (it often runs to the budget) is BNS's
     solver, report = train(model, pool, base=base, n_steps=n_steps // (2 if base == "rk2" else 1),
                            val=val_set, seed=seed, model_name=model_name, progress=progress,
                            polish_iters=0,
@@ -190,46 +177,228 @@ def _bespoke_start(model, pool: TrajectorySet, val_set: TrajectorySet, n_steps: 
 
 
 @dataclass(frozen=True)
-class BNSOptions:
-    """The BNS trainer's tunable options and their defaults: the one place they are set.
-    :func:`train_bns` takes each as a keyword of the same name and type as the bespoke trainer's
-    (:class:`~bespoke_fast.fitting.bespoke.BespokeOptions`) where both have it; the CLI's ``train``
-    command fills its unset options from here. Not here, because BNS has no such thing: a
-    fine-tune phase (its loss is end-to-end already) and a GT mode (it trains on endpoints)."""
-    iters: int | None = None             # None: L-BFGS 300, Adam 3000
-    batch_size: int = 520                # pairs per chunk (L-BFGS) or per iteration (Adam)
-    lr: float | None = None              # None: L-BFGS 1, Adam 3e-3
-    val: int | None = None               # pairs held out for validation (or a set); None: 1024,
-                                         # fewer when the GT set is small
-    num_train: int | None = None         # training pairs; None: 520, fewer when the set is small
-    val_every: int = 25                  # validate every k iterations
-    optimizer: str = "auto"              # "auto" (L-BFGS, then Adam when it stops), "lbfgs", "adam"
-    budget_seconds: float | None = 170.0  # wall-time budget of the whole fit
-    patience: int | None = 8             # validations without improvement before a phase stops
-    select: str = DEFAULT_SELECT         # validation score that picks the kept checkpoint
-    max_iters: int | None = None         # cap on all iterations
-    init: str = "bespoke"                # start: a fitted Bespoke solver, or "midpoint" / "euler"
+class BNSOptions(CommonOptions):
+    """Every option of the BNS trainer, with its default: the one place they are set.
+    :func:`train_bns` takes each as a keyword of the same name (the bespoke trainer's
+    :class:`~bespoke_fast.fitting.bespoke.BespokeOptions` shares the names both kinds have,
+    with the same meaning), and the CLI makes its flags and their help from the fields'
+    ``help``. BNS has no fine-tune phase (its loss is end-to-end already) and no GT mode (it
+    trains on endpoints)."""
+    n_steps: int = option(8, "steps of the solver (NFE = n_steps); default 8")
+    init: str | Solver = option("bespoke", "the start: 'bespoke' (a Bespoke solver of the same "
+                                           "NFE fitted first with half the budget), 'midpoint' "
+                                           "(even NFE), 'euler', or a fitted solver of the same "
+                                           "NFE; default bespoke")
+    optimizer: str = option("auto", "'auto' (L-BFGS, then Adam when it stops), 'lbfgs' or "
+                                    "'adam'; default auto")
+    iters: int | None = option(None, "iterations of the first optimizer; default: 300 for L-BFGS "
+                                     "(auto), 1000 for Adam")
+    batch_size: int = option(520, "pairs per chunk (L-BFGS, full batch) or per iteration (Adam); "
+                                  "default 520")
+    lr: float | None = option(None, "L-BFGS step scale or Adam learning rate; default: 1 for "
+                                    "L-BFGS, adam_lr for Adam")
+    lr_final: float = option(0.01, "Adam's rate at the last iteration, as a fraction of lr "
+                                   "(cosine decay); default 0.01")
+    num_train: int | None = option(None, "training pairs; default 520, fewer when the GT set is "
+                                         "small")
+    val: int | TrajectorySet | None = option(None, "pairs held out (the last ones) to validate "
+                                                   "and keep the best parameters, or a separate "
+                                                   "set; default 1024, fewer when the GT set is "
+                                                   "small (num_val: the same)")
+    val_every: int = option(25, "validate every this many iterations (and at the start and the "
+                                "end); default 25")
+    dtype: torch.dtype | None = option(torch.float64, "dtype of the sampler's state while "
+                                                      "training (None: the GT's); default "
+                                                      "float64")
+    model_dtype: torch.dtype | None = option(None, "dtype the model is called in while "
+                                                   "training; default: the GT's")
+    adam_iters: int = option(3000, "'auto': cap on the Adam continuation, in iterations; "
+                                   "default 3000")
+    adam_lr: float = option(3e-3, "'auto' and 'adam': Adam's learning rate; default 3e-3")
+    budget_seconds: float | None = option(170.0, "wall-time budget of the whole fit (its "
+                                                 "Bespoke start included), in seconds (None: "
+                                                 "none); default 170")
+    max_iters: int | None = option(None, "cap on all iterations; default iters + adam_iters")
 
 
 OPTIONS = BNSOptions()
 
 
-def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init=OPTIONS.init,
-              optimizer: str = OPTIONS.optimizer, iters: int | None = OPTIONS.iters,
-              batch_size: int = OPTIONS.batch_size, lr: float | None = OPTIONS.lr,
-              lr_final: float = 0.01, num_train: int | None = OPTIONS.num_train,
-              num_val: int | None = None, val=OPTIONS.val, val_every: int = OPTIONS.val_every,
-              seed: int = 0, checkpoint=None, checkpoint_every: int = 50, dtype=torch.float64,
-              model_dtype=None, progress: bool = True,
-              model_name: str = "", callback=None, adam_iters: int = 3000, adam_lr: float = 3e-3,
-              budget_seconds: float | None = OPTIONS.budget_seconds,
-              patience: int | None = OPTIONS.patience, min_delta: float = 0.02,
-              select: str = OPTIONS.select, max_iters: int | None = OPTIONS.max_iters):
-    """Fit a :class:`~bespoke_fast.solvers.bns.NonStationarySolver` (NFE = ``n_steps``) to ``model``.
+class BNSTrainer(KindTrainer):
+    """The BNS kind's trainer (``bespoke_fast.fitting.trainer_for("bns")``): fits a
+    :class:`~bespoke_fast.solvers.bns.NonStationarySolver` end to end (L-BFGS, then Adam) on the
+    training loop of ``bespoke_fast.fitting.loop``, by default from a Bespoke solver fitted
+    first.
+
+    Example::
+
+        >>> trainer = trainer_for("bns")
+        >>> solver, report = trainer.train(model, gt, trainer.Options(n_steps=8))
+    """
+
+    kind = NonStationarySolver.kind
+    title = "BNS"
+    Options = BNSOptions
+    lacks = {
+        "finetune_iters": "BNS has no fine-tune phase: its loss is end-to-end already",
+        "finetune_lr": "BNS has no fine-tune phase: its loss is end-to-end already",
+        "polish_iters": "BNS has no polish phase: its default optimizer is L-BFGS already",
+        "gt_mode": "BNS trains on the GT endpoints only",
+        "micro_batch": "BNS evaluates L-BFGS's full batch in chunks of batch_size already",
+        "activation_checkpointing": "BNS has no micro-batching memory options",
+        "autocast": "BNS runs the model in model_dtype",
+        "base": "a BNS solver has no base: its init is its header",
+        "L_tau": "BNS has no RMSE-bound phase",
+    }
+
+    def planned_evaluations(self, options: BNSOptions, num_train: int, num_val: int,
+                            nfe: int) -> tuple:
+        """Upper bounds on a fit's ``(training, validation)`` per-sample model evaluations at
+        its caps: the Bespoke start at the bespoke trainer's defaults on ``num_train``
+        trajectories, then L-BFGS (about 1.3 full-batch loss evaluations per iteration on up to
+        ``DEFAULT_NUM_TRAIN`` pairs), validated on ``num_val`` pairs."""
+        from .bespoke import OPTIONS as bespoke_options
+        from .bespoke import TRAINER as bespoke_trainer
+        train_evals, val_evals = bespoke_trainer.planned_evaluations(bespoke_options, num_train,
+                                                                     num_val, nfe)
+        iters = options.iters or 300
+        pairs = min(DEFAULT_NUM_TRAIN, num_train)
+        train_evals += int(1.3 * iters * pairs * nfe)
+        val_evals += math.ceil(iters / options.val_every) * num_val * nfe
+        return train_evals, val_evals
+
+    def fit(self, model, trajectories, o, checkpoint, progress, model_name, callback):
+        (n_steps, init, optimizer, iters, batch_size, lr, lr_final, num_train, val, val_every,
+         seed, checkpoint_every, dtype, model_dtype, adam_iters, adam_lr, budget_seconds,
+         patience, min_delta, select, max_iters) = (
+            o.n_steps, o.init, o.optimizer, o.iters, o.batch_size, o.lr, o.lr_final, o.num_train,
+            o.val, o.val_every, o.seed, o.checkpoint_every, o.dtype, o.model_dtype, o.adam_iters,
+            o.adam_lr, o.budget_seconds, o.patience, o.min_delta, o.select, o.max_iters)
+        num_val = None
+        n_steps = check_int("n_steps", n_steps)
+        _check_init(init, n_steps)
+        stage_max_iters = max_iters
+        check_choice("optimizer", optimizer, OPTIMIZERS)
+        iters = check_int("iters", (1000 if optimizer == "adam" else 300) if iters is None else iters)
+        adam_iters = check_int("adam_iters", adam_iters, 0) if optimizer == "auto" else 0
+        max_iters = check_int("max_iters", iters + adam_iters if max_iters is None else max_iters)
+        check_stopping(select, patience, budget_seconds, min_delta)
+        if not (adam_lr > 0 and math.isfinite(adam_lr)):
+            raise InvalidArgumentError(f"adam_lr must be a positive number, got {adam_lr}")
+        batch_size = check_int("batch_size", batch_size)
+        val_every = check_int("val_every", val_every)
+        checkpoint_every = check_int("checkpoint_every", checkpoint_every)
+        lr = (adam_lr if optimizer == "adam" else 1.0) if lr is None else lr
+        if not (lr > 0 and math.isfinite(lr)):
+            raise InvalidArgumentError(f"lr must be a positive number, got {lr}")
+        if not 0 <= lr_final <= 1:
+            raise InvalidArgumentError(f"lr_final must be in [0, 1] (a fraction of lr), got {lr_final}")
+        if not isinstance(trajectories, Trajectories):
+            raise InvalidTypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
+        check_gt_matches(model, trajectories, model_name)
+        if isinstance(val, int) and not isinstance(val, bool):
+            num_val, val = val, None
+        if val is not None and not isinstance(val, TrajectorySet):
+            raise InvalidTypeError("val must be None, a number of pairs or a TrajectorySet")
+        num_train, num_val, split_note = bns_split(len(trajectories), num_train, num_val,
+                                                   len(val) if val is not None else None)
+        if val is not None:
+            pool, val_set = trajectories, val
+        else:
+            pool, val_set = trajectories.split(num_val)
+        train_set = pool.subset(range(num_train))
+        model_dtype = train_set.x0.dtype if model_dtype is None else model_dtype
+        rank, world, _ = dist_info()
+        device = train_set.x0.device
+        stage, total_budget = None, budget_seconds
+        if isinstance(init, str) and init == "bespoke":
+            fitted, stage = _bespoke_start(model, pool, val_set, n_steps, budget_seconds, seed,
+                                           checkpoint, progress, model_name, select,
+                                           stage_max_iters)
+            init = fitted if fitted is not None else ("midpoint" if n_steps % 2 == 0 else "euler")
+            if budget_seconds is not None and fitted is not None:
+                budget_seconds = max(budget_seconds - stage["wall_seconds"], 1.0)
+        start = _starting_solver(init, n_steps)
+        solver = start.to(device)
+        init = start.meta.get("initialised_from", {}).get("kind") or init
+        batch_size = min(batch_size, len(train_set))
+        config = {"kind": "bns", "n_steps": n_steps, "init": init, "init_fingerprint": start.fingerprint(),
+                  "optimizer": optimizer,
+                  "iters": iters, "batch_size": batch_size, "lr": lr,
+                  "lr_final": lr_final if optimizer != "lbfgs" else None, "seed": seed,
+                  "num_train": len(train_set), "num_val": len(val_set), "val_every": val_every,
+                  "checkpoint_every": checkpoint_every, "gt": gt_split_fingerprint(train_set, val_set),
+                  "dtype": str(dtype or train_set.x0.dtype).replace("torch.", ""),
+                  "model_dtype": str(model_dtype).replace("torch.", ""),
+                  "loss": "mean log mse", "adam_iters": adam_iters,
+                  "adam_lr": adam_lr if optimizer == "auto" else None,
+                  "budget_seconds": total_budget, "patience": patience, "min_delta": min_delta,
+                  "select": select, "max_iters": max_iters, "gt_seed": trajectories.meta.get("seed")}
+        gen = torch.Generator().manual_seed(seed * 1000 + rank)
+
+        def closure(ctx):  # L-BFGS: loss and gradient on the whole training set
+            ctx.optim.zero_grad(set_to_none=True)
+            loss = _full_loss_backward(solver, model, train_set, batch_size, world, dtype, model_dtype)
+            ctx.state.nfe_train += solver.nfe * len(train_set)
+            ctx.state.loss_evals += 1
+            ctx.state.last_loss = loss
+            return torch.tensor(loss, dtype=torch.float64)
+
+        def adam_step(ctx, k):
+            state = ctx.state
+            rows = (range(len(train_set)) if batch_size == len(train_set) else
+                    torch.randperm(len(train_set), generator=gen)[:batch_size])
+            for group in ctx.optim.param_groups:
+                group["lr"] = _lr_at(k - state.phase_start, state.horizon or ctx.cap,
+                                     lr if optimizer == "adam" else adam_lr, lr_final)
+            ctx.optim.zero_grad(set_to_none=True)
+            loss = _full_loss_backward(solver, model, train_set.subset(rows), batch_size, world,
+                                       dtype, model_dtype)
+            ctx.optim.step()
+            state.nfe_train += solver.nfe * batch_size
+            state.loss_evals += 1
+            return k + 1, loss
+
+        lbfgs = Phase("lbfgs", iters, lambda: new_lbfgs(solver.parameters(), lr),
+                      lbfgs_step(closure, checkpoint_every), val_every=val_every,
+                      cap_within_max_iters=True, record={"optimizer": "lbfgs"})
+        # "auto": L-BFGS stalled, converged or used its iterations: Adam goes on from the best
+        # parameters (on float32 networks L-BFGS often stops far from the optimum)
+        adam = Phase("adam", iters if optimizer == "adam" else adam_iters,
+                     lambda: torch.optim.Adam(solver.parameters(),
+                                              lr=lr if optimizer == "adam" else adam_lr),
+                     adam_step, val_every=val_every, sets_horizon=True, cap_within_max_iters=True,
+                     record={"optimizer": "adam"})
+        phases = [adam] if optimizer == "adam" else [lbfgs] + ([adam] if adam_iters else [])
+        stopping = Stopping(max_iters, budget_seconds, patience, min_delta, select)
+        state = run_phases(solver, model, val_set, phases, config=config, gen=gen, stopping=stopping,
+                           checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                           progress=progress, desc=f"fit bns-{init} NFE {solver.nfe} ({optimizer})",
+                           callback=callback, validate_start=True)
+        switched_at = state.phase_starts.get("adam") if optimizer == "auto" else None
+        solver, report = finish(solver, model, trajectories, config, state, model_name,
+                                init=state.init_record, loss_evaluations=state.loss_evals,
+                                converged=state.stop_reason == "converged",
+                                lbfgs_restarts=state.restarts, stop_reason=state.stop_reason,
+                                iterations=state.iteration, switched_to_adam_at=switched_at,
+                                lbfgs_stop_reason=(state.phase_stop_reasons.get("lbfgs")
+                                                   if switched_at is not None else None),
+                                split_note=split_note, bespoke_stage=stage)
+        if stage and "wall_seconds" in stage:    # the fit's wall time includes its Bespoke start
+            report["bns_wall_seconds"] = report["wall_seconds"]
+            report["wall_seconds"] += stage["wall_seconds"]
+            solver.meta["training"]["wall_seconds"] = report["wall_seconds"]
+        return solver, report
+
+
+TRAINER = BNSTrainer()
+train_bns = keyword_trainer(TRAINER, "train_bns", """Fit a :class:`~bespoke_fast.solvers.bns.NonStationarySolver` (NFE = ``n_steps``) to ``model``.
 
     Args:
         model: the velocity model the GT was generated with.
-        trajectories: a :class:`TrajectorySet`; only the pairs ``(x0, x1)`` are used.
+        trajectories: a GT set, in memory or streamed (``bespoke_fast.fitting.trajectories.
+            Trajectories``); only the pairs ``(x0, x1)`` are used, and the knots for the
+            Bespoke start.
         n_steps: NFE.
         init: the starting solver. ``"bespoke"`` (default): first fit a Bespoke solver of the
             same NFE (RK2 for an even NFE, RK1 for an odd one) on all the non-validation
@@ -237,14 +406,10 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init=OPTIONS
             ``bespoke_stage`` says how it went; GT without interior knots falls back to
             midpoint / Euler). A fitted solver of the same NFE: start from it. Both are written
             exactly in BNS form (:meth:`NonStationarySolver.from_solver`), so BNS starts where
-            the Bespoke solver ends and the kept result is never worse on validation. Measured
-            (held-out PSNR at NFE 10, 60 s + 60 s on one CPU thread): digits-vcs bespoke 47.3 ->
-            BNS 56.0 dB; digits-eps 42.3 -> 47.6 dB (from midpoint with 30 s: 42.4 and 34.4).
+            the Bespoke solver ends and the kept result is never worse on validation.
             ``"midpoint"`` (n even) or ``"euler"``: the classical solver written in BNS form.
         optimizer: ``"auto"`` (default): full-batch L-BFGS with a strong-Wolfe line search (the
-            problem is small, smooth, deterministic and ill-conditioned: measured on gmm-64,
-            3-4 dB better than Adam in a quarter of the time; on the float32 digits-fmot MLP at
-            NFE 10 with 520 pairs and a 170 s budget, 48.0 dB vs Adam's 44.1), then, if L-BFGS
+            problem is small, smooth, deterministic and ill-conditioned), then, if L-BFGS
             stalls or converges ("converged" after a fresh restart makes no progress, or no
             validation gain in ``patience`` validations) or uses its ``iters``, Adam from the
             best parameters for up to ``adam_iters`` more (rate ``adam_lr``, cosine decay);
@@ -264,13 +429,13 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init=OPTIONS
         lr: L-BFGS step scale (default 1) or Adam's learning rate (default 3e-3), decayed along a
             cosine to ``lr * lr_final`` at the last iteration (Adam only: the end-to-end loss is
             sharp, and a constant rate leaves the validation PSNR jumping by tens of dB).
-        num_train, num_val: the last ``num_val`` trajectories are held out for validation
-            first, then the first ``num_train`` of the rest are the training pairs. Defaults
+        num_train, val: the last ``val`` trajectories are held out for validation first, then
+            the first ``num_train`` of the rest are the training pairs. Defaults
             520 / 1024, shrunk to fit a smaller set (the report's ``split_note`` says what was
             used); explicit sizes that do not fit, or fewer than 16 / 16 pairs, are refused
             (:func:`bns_split`).
-        val: the number of validation pairs (as the bespoke trainer's ``val``; the same as
-            ``num_val``), or a separate TrajectorySet to validate on instead (then
+        val: the number of validation pairs (as the bespoke trainer's ``val``; ``num_val`` is
+            accepted for it), or a separate TrajectorySet to validate on instead (then
             ``trajectories`` are all for training, up to ``num_train``).
         val_every: validate every k iterations (and at the start and the end); the parameters
             with the best validation PSNR are kept (the initial solver included).
@@ -303,181 +468,5 @@ def train_bns(model, trajectories: TrajectorySet, n_steps: int = 8, init=OPTIONS
         >>> gt = load_trajectories("runs/gt")                       # 1544 trajectories
         >>> solver, report = train_bns(model, gt, n_steps=8)        # 520 train / 1024 val
         >>> solver.save("bns_nfe8.json")
-    """
-    n_steps = check_int("n_steps", n_steps)
-    _check_init(init, n_steps)
-    stage_max_iters = max_iters
-    check_choice("optimizer", optimizer, OPTIMIZERS)
-    iters = check_int("iters", (1000 if optimizer == "adam" else 300) if iters is None else iters)
-    adam_iters = check_int("adam_iters", adam_iters, 0) if optimizer == "auto" else 0
-    max_iters = check_int("max_iters", iters + adam_iters if max_iters is None else max_iters)
-    check_stopping(select, patience, budget_seconds, min_delta)
-    if not (adam_lr > 0 and math.isfinite(adam_lr)):
-        raise InvalidArgumentError(f"adam_lr must be a positive number, got {adam_lr}")
-    batch_size = check_int("batch_size", batch_size)
-    val_every = check_int("val_every", val_every)
-    checkpoint_every = check_int("checkpoint_every", checkpoint_every)
-    lr = (adam_lr if optimizer == "adam" else 1.0) if lr is None else lr
-    if not (lr > 0 and math.isfinite(lr)):
-        raise InvalidArgumentError(f"lr must be a positive number, got {lr}")
-    if not 0 <= lr_final <= 1:
-        raise InvalidArgumentError(f"lr_final must be in [0, 1] (a fraction of lr), got {lr_final}")
-    if not isinstance(trajectories, TrajectorySet):
-        raise InvalidTypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
-    check_gt_matches(model, trajectories, model_name)
-    if isinstance(val, int) and not isinstance(val, bool):
-        if num_val is not None and num_val != val:
-            raise InvalidArgumentError(f"val={val} and num_val={num_val} both set the number of "
-                                       f"validation pairs; give one")
-        num_val, val = val, None
-    if val is not None and not isinstance(val, TrajectorySet):
-        raise InvalidTypeError("val must be None, a number of pairs or a TrajectorySet")
-    num_train, num_val, split_note = bns_split(len(trajectories), num_train, num_val,
-                                               len(val) if val is not None else None)
-    if val is not None:
-        pool, val_set = trajectories, val
-    else:
-        pool, val_set = trajectories.split(num_val)
-    train_set = pool.subset(range(num_train))
-    model_dtype = train_set.x0.dtype if model_dtype is None else model_dtype
-    rank, world, _ = dist_info()
-    device = train_set.x0.device
-    stage, total_budget = None, budget_seconds
-    if isinstance(init, str) and init == "bespoke":
-        fitted, stage = _bespoke_start(model, pool, val_set, n_steps, budget_seconds, seed,
-                                       checkpoint, progress, model_name, select,
-                                       stage_max_iters)
-        init = fitted if fitted is not None else ("midpoint" if n_steps % 2 == 0 else "euler")
-        if budget_seconds is not None and fitted is not None:
-            budget_seconds = max(budget_seconds - stage["wall_seconds"], 1.0)
-    start = _starting_solver(init, n_steps)
-    solver = start.to(device)
-    init = start.meta.get("initialised_from", {}).get("kind") or init
-    batch_size = min(batch_size, len(train_set))
-    config = {"kind": "bns", "n_steps": n_steps, "init": init, "init_fingerprint": start.fingerprint(),
-              "optimizer": optimizer,
-              "iters": iters, "batch_size": batch_size, "lr": lr,
-              "lr_final": lr_final if optimizer != "lbfgs" else None, "seed": seed,
-              "num_train": len(train_set), "num_val": len(val_set), "val_every": val_every,
-              "checkpoint_every": checkpoint_every, "gt": gt_split_fingerprint(train_set, val_set),
-              "dtype": str(dtype or train_set.x0.dtype).replace("torch.", ""),
-              "model_dtype": str(model_dtype).replace("torch.", ""),
-              "loss": "mean log mse", "adam_iters": adam_iters,
-              "adam_lr": adam_lr if optimizer == "auto" else None,
-              "budget_seconds": total_budget, "patience": patience, "min_delta": min_delta,
-              "select": select, "max_iters": max_iters, "gt_seed": trajectories.meta.get("seed")}
-    gen = torch.Generator().manual_seed(seed * 1000 + rank)
-    first = "adam" if optimizer == "adam" else "lbfgs"
-    state = {"iteration": 0, "curve": [], "nfe_train": 0, "nfe_val": 0, "wall_total": 0.0,
-             **new_lbfgs_state(), **new_stop_state(), "phase": first, "phase_start": 0,
-             "phase_wall": 0.0, "horizon": None, "switched_at": None, "lbfgs_stop_reason": None}
-
-    def make_optim(kind):
-        if kind == "adam":
-            return torch.optim.Adam(solver.parameters(), lr=lr if optimizer == "adam" else adam_lr)
-        return new_lbfgs(solver.parameters(), lr)
-
-    optim = make_optim(first)
-    ckpt = Path(checkpoint) if checkpoint else None
-    saved = load_checkpoint(ckpt, config, solver, gen)
-    if saved is not None:
-        state = saved["state"]
-        optim = make_optim(state["phase"])
-        optim.load_state_dict(saved["optim"])
-    started = time.perf_counter()
-
-    def elapsed():
-        return state["wall_total"] + time.perf_counter() - started
-
-    from ..utils import training_bar
-    bar = training_bar(max_iters, state["iteration"], budget_seconds, not progress or rank != 0,
-                       f"fit bns-{init} NFE {solver.nfe} ({optimizer})")
-
-    def validate(done, loss):
-        record = {"iteration": done, "loss": loss, "optimizer": state["phase"],
-                  **validate_solver(solver, model, val_set)}
-        state["nfe_val"] += solver.nfe * len(val_set)
-        state["curve"].append(record)
-        observe(state, record, solver, select, min_delta)
-        return record
-
-    def closure():  # L-BFGS: loss and gradient on the whole training set
-        optim.zero_grad(set_to_none=True)
-        loss = _full_loss_backward(solver, model, train_set, batch_size, world, dtype, model_dtype)
-        state["nfe_train"] += solver.nfe * len(train_set)
-        state["loss_evals"] += 1
-        state["last_loss"] = loss
-        return torch.tensor(loss, dtype=torch.float64)
-
-    with frozen(model):
-        if state["iteration"] == 0 and not state["curve"]:
-            state["init_record"] = validate(0, None)
-        while state["stop_reason"] is None:
-            k = state["iteration"]
-            adam = state["phase"] == "adam"
-            cap = (adam_iters if state["switched_at"] is not None else iters)
-            cap = min(cap, max_iters - state["phase_start"])
-            if adam:
-                rows = (range(len(train_set)) if batch_size == len(train_set) else
-                        torch.randperm(len(train_set), generator=gen)[:batch_size])
-                for group in optim.param_groups:
-                    group["lr"] = _lr_at(k - state["phase_start"], state["horizon"] or cap,
-                                         lr if optimizer == "adam" else adam_lr, lr_final)
-                optim.zero_grad(set_to_none=True)
-                loss = _full_loss_backward(solver, model, train_set.subset(rows), batch_size, world,
-                                            dtype, model_dtype)
-                optim.step()
-                state["nfe_train"] += solver.nfe * batch_size
-                state["loss_evals"] += 1
-                done = k + 1
-            else:
-                stop = _next_stop(k, state["phase_start"] + cap, val_every, checkpoint_every)
-                done = lbfgs_advance(optim, closure, state, k, stop, budget_seconds, elapsed)
-                loss = state["last_loss"]
-            state["iteration"] = done
-            bar.update(done - k)
-            in_phase = done - state["phase_start"]
-            capped = in_phase >= cap or done >= max_iters
-            out_of_time = budget_seconds is not None and elapsed() >= budget_seconds
-            fresh = not state["curve"] or state["curve"][-1]["iteration"] != done
-            validated = fresh and (done % val_every == 0 or capped or out_of_time
-                                   or state["converged"])
-            if validated:
-                record = validate(done, loss)
-                if adam and state["horizon"] is None and budget_seconds is not None:
-                    state["horizon"] = phase_horizon(cap, in_phase, elapsed() - state["phase_wall"],
-                                                     budget_seconds - elapsed())
-                show_validation(bar, state, done, record, callback)
-            reason = "converged" if state["converged"] else stop_reason(
-                state, in_phase, cap, patience, budget_seconds, elapsed(), validated)
-            if done >= max_iters and reason is None:
-                reason = "max_iters"
-            reason = rank0_decides(reason, world, state)
-            switched = False
-            if reason is not None:
-                if (optimizer == "auto" and not adam and adam_iters and done < max_iters
-                        and reason != "budget"):
-                    # L-BFGS stalled, converged or used its iterations: go on with Adam from the
-                    # best parameters (on float32 networks L-BFGS often stops far from the optimum)
-                    switched = True
-                    solver.load_state_dict(state["best"])
-                    optim = make_optim("adam")
-                    state.update(phase="adam", phase_start=done, phase_wall=elapsed(), horizon=None,
-                                 bad_evals=0, switched_at=done, lbfgs_stop_reason=reason,
-                                 converged=False)
-                else:
-                    state["stop_reason"] = reason
-            if checkpoint_due(ckpt, rank, done, checkpoint_every, switched, state):
-                started = save_checkpoint(ckpt, config, solver, optim, gen, done, state, started)
-    solver, report = finish(solver, model, trajectories, config, state, model_name, bar, started,
-                            init=state["init_record"], loss_evaluations=state["loss_evals"],
-                            converged=state["stop_reason"] == "converged",
-                            lbfgs_restarts=state["restarts"], stop_reason=state["stop_reason"],
-                            iterations=state["iteration"], switched_to_adam_at=state["switched_at"],
-                            lbfgs_stop_reason=state["lbfgs_stop_reason"], split_note=split_note,
-                            bespoke_stage=stage)
-    if stage and "wall_seconds" in stage:    # the fit's wall time includes its Bespoke start
-        report["bns_wall_seconds"] = report["wall_seconds"]
-        report["wall_seconds"] += stage["wall_seconds"]
-        solver.meta["training"]["wall_seconds"] = report["wall_seconds"]
-    return solver, report
+    """,
+                            aliases={"num_val": "val"})

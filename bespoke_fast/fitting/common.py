@@ -1,27 +1,30 @@
 """What the bespoke and the BNS trainer share, as public helpers: the model frozen while fitting,
-validate-and-keep-best (:func:`validate_solver`, :func:`finish`), checkpoint / resume
+validation (:func:`validate_solver`), the report (:func:`finish`), checkpoint files
 (:func:`save_checkpoint`, :func:`load_checkpoint`), the learning-rate schedule
-(:func:`cosine_lr`), the distributed reduce (:func:`average_gradients`; the stop decision:
-:func:`bespoke_fast.fitting.stopping.rank0_decides`),
-and the GT checks (:func:`check_gt_matches`, :func:`gt_split_fingerprint`). When to stop and
-which checkpoint to keep: :mod:`bespoke_fast.fitting.stopping`."""
+(:func:`cosine_lr`), the distributed reduce (:func:`average_gradients`), full-batch L-BFGS
+(:func:`new_lbfgs`, :func:`lbfgs_advance`) and the GT checks (:func:`check_gt_matches`,
+:func:`gt_split_fingerprint`). The loop that uses them: :mod:`bespoke_fast.fitting.loop`; when
+to stop and which checkpoint to keep: :mod:`bespoke_fast.fitting.stopping`."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import time
 from contextlib import contextmanager
 
 import torch
 
-from .._checks import InvalidFileError, MismatchError
+from .._checks import InvalidArgumentError, InvalidFileError, InvalidTypeError, MismatchError
 from ..io import atomic_write, check_writable, fingerprint_configs, model_fingerprint
 from ..metrics import rmse_psnr
-from .gt import TrajectorySet
+from .stopping import DEFAULT_SELECT
+from .trajectories import TrajectorySet
 
 __all__ = ["frozen", "validate_solver", "load_checkpoint", "save_checkpoint", "cosine_lr",
            "average_gradients", "gt_split_fingerprint", "check_gt_matches",
            "show_validation", "checkpoint_due", "finish", "new_lbfgs", "lbfgs_advance",
-           "new_lbfgs_state", "in_dtype"]
+           "in_dtype", "option", "CommonOptions", "keyword_trainer", "KindTrainer"]
 
 
 @contextmanager
@@ -52,7 +55,7 @@ def validate_solver(solver, model, val: TrajectorySet, batch_size=1024):
 def load_checkpoint(path, config, solver, gen):
     """If ``path`` exists: check it was made with ``config``, restore the solver's parameters and
     the batch generator, and return the saved dict (the caller restores its optimizer and
-    state). ``None`` when there is nothing to resume. Shared by the bespoke and BNS trainers.
+    ``TrainState``). ``None`` when there is nothing to resume.
 
     Checked before any training: the path is not a directory and its folder is writable; a file
     that is not a checkpoint of ours raises ``InvalidFileError`` and one made with other
@@ -86,12 +89,13 @@ def load_checkpoint(path, config, solver, gen):
 
 
 def save_checkpoint(path, config, solver, optim, gen, iteration, state, started):
-    """Atomically save all a resumed run needs (shared by the bespoke and BNS trainers); adds
-    the wall time since ``started`` to ``state`` and returns the new wall-clock origin."""
+    """Atomically save all a resumed run needs (``state``: the loop's ``TrainState``, saved
+    whole); adds the wall time since ``started`` to ``state.wall_total`` and returns the new
+    wall-clock origin."""
     now = time.perf_counter()
-    state["wall_total"] += now - started
+    state.wall_total += now - started
     saved = {"config": config, "solver": solver.state_dict(), "optim": optim.state_dict(),
-             "rng": gen.get_state(), "iteration": iteration, "state": state}
+             "rng": gen.get_state(), "iteration": iteration, "state": state.to_dict()}
     atomic_write(path, lambda f: torch.save(saved, f))
     return now
 
@@ -129,46 +133,42 @@ def average_gradients(params, world: int) -> None:
             p.grad /= world
 
 
-def show_validation(bar, state, done: int, record: dict, callback=None) -> None:
-    """After a validation: the progress bar's loss / PSNR / best score, then ``callback(done,
-    record)`` when given."""
+def show_validation(bar, selection, done: int, record: dict, callback=None) -> None:
+    """After a validation: the progress bar's loss / PSNR / best score (``selection``:
+    ``bespoke_fast.fitting.stopping.Selection``), then ``callback(done, record)`` when given."""
     bar.set_postfix(loss=f"{record['loss']:.3g}", val_psnr=f"{record['psnr']:.2f}",
-                    best=f"{state['best_score']:.2f}")
+                    best=f"{selection.best_score:.2f}")
     if callback is not None:
         callback(done, record)
 
 
-def checkpoint_due(ckpt, rank: int, done: int, every: int, switched: bool, state) -> bool:
+def checkpoint_due(ckpt, rank: int, done: int, every: int, switched: bool, stop_reason) -> bool:
     """Whether rank 0 saves the checkpoint after iteration ``done``: every ``every`` iterations,
-    when a phase switched, and when training stopped."""
+    when a phase switched, and when training stopped (``stop_reason`` set)."""
     return (ckpt is not None and rank == 0
-            and (done % every == 0 or switched or state["stop_reason"] is not None))
+            and (done % every == 0 or switched or stop_reason is not None))
 
 
-def finish(solver, model, trajectories, config, state, model_name, bar, started,
-           **extra_report):
-    """Close the progress ``bar``, add the wall time since ``started`` to ``state``, load the best
-    parameters, then build the report and the solver's file metadata (shared by the bespoke and
-    BNS trainers). Returns ``(solver, report)``."""
-    bar.close()
-    state["wall_total"] += time.perf_counter() - started
-    solver.load_state_dict(state["best"])
+def finish(solver, model, trajectories, config, state, model_name, **extra_report):
+    """The report of a finished fit (``state``: the loop's ``TrainState``; ``solver`` holds the
+    best parameters) and the solver's file metadata. Returns ``(solver, report)``."""
+    best = state.selection.best_record
     configs = fingerprint_configs(model)
     report = {
         "config": config,
-        "curve": state["curve"],
-        "best": state["best_record"],
-        "nfe": {"gt": trajectories.meta.get("nfe", {}).get("total"), "train": state["nfe_train"],
-                "validation": state["nfe_val"]},
+        "curve": state.curve,
+        "best": best,
+        "nfe": {"gt": trajectories.meta.get("nfe", {}).get("total"), "train": state.nfe_train,
+                "validation": state.nfe_val},
         **extra_report,
-        "wall_seconds": state["wall_total"],
+        "wall_seconds": state.wall_total,
         "gt_wall_seconds": trajectories.meta.get("wall_seconds_last_run"),
     }
     solver.meta = {
         "model": {"name": model_name or trajectories.meta.get("model", {}).get("name", ""),
                   "hash": model_fingerprint(model)},
         "training": {**config, "wall_seconds": report["wall_seconds"], "nfe": report["nfe"]},
-        "validation": state["best_record"],
+        "validation": best,
     }
     if configs:  # the model's settings (a guidance scale, a k-diffusion sigma range), readable:
         solver.meta["model"]["config"] = configs    # integrations.k_diffusion.fitted_range
@@ -192,40 +192,130 @@ def new_lbfgs(params, lr: float = 1.0):
                              line_search_fn="strong_wolfe")
 
 
-def new_lbfgs_state() -> dict:
-    """The fields :func:`lbfgs_advance` keeps in a trainer's (checkpointed) state."""
-    return {"loss_evals": 0, "last_loss": None, "restarted": False, "converged": False,
-            "restarts": 0}
-
-
-def lbfgs_advance(optim, closure, state: dict, k: int, stop: int, budget_seconds, elapsed) -> int:
+def lbfgs_advance(optim, closure, state, k: int, stop: int, budget_seconds, elapsed) -> int:
     """Run full-batch L-BFGS (``max_iter=1`` at construction; one direction + strong-Wolfe line
     search per iteration) from iteration ``k`` towards ``stop`` in ONE call, so it keeps its
     direction memory (one extra loss evaluation per call). Returns the iterations done.
 
-    ``closure`` computes the loss and gradient, adds 1 to ``state["loss_evals"]`` and stores
-    the loss in ``state["last_loss"]``. Under a time budget (``budget_seconds``, ``elapsed()``
-    the fit's wall time so far) the call ends near it; the phase's first call makes one timed
-    iteration (25 untimed ones overran a 30 s budget by 15 s on the exact digits flow).
-    When L-BFGS stops early with evaluations to spare (a gradient ~0, or a line search that
-    rounding defeated) the curvature memory is dropped and ``state["converged"]`` is set when
-    a fresh start makes no more than one iteration either."""
-    if budget_seconds is not None and k > state["phase_start"]:
-        per = (elapsed() - state["phase_wall"]) / (k - state["phase_start"])
+    ``state``: the loop's ``TrainState`` (``phase_start``, ``phase_wall``, ``loss_evals``,
+    ``restarted``, ``converged``, ``restarts``). ``closure`` computes the loss and gradient, adds
+    1 to ``state.loss_evals`` and stores the loss in ``state.last_loss``. Under a time budget
+    (``budget_seconds``, ``elapsed()`` the fit's wall time so far) the call ends near it, at the
+    speed measured so far in the phase; the phase's first call makes one iteration, to measure
+    it. When L-BFGS stops early with evaluations to spare (a gradient ~0, or a line search that
+    rounding defeated) the curvature memory is dropped and ``state.converged`` is set when a
+    fresh start makes no more than one iteration either."""
+    if budget_seconds is not None and k > state.phase_start:
+        per = (elapsed() - state.phase_wall) / (k - state.phase_start)
         stop = min(stop, k + max(1, int((budget_seconds - elapsed()) / per)))
     elif budget_seconds is not None:
         stop = k + 1
     group = optim.param_groups[0]
     group["max_iter"], group["max_eval"] = stop - k, 4 * (stop - k) + 4
     memory = optim.state[group["params"][0]]
-    iters_before, evals_before = memory.get("n_iter", 0), state["loss_evals"]
+    iters_before, evals_before = memory.get("n_iter", 0), state.loss_evals
     optim.step(closure)
     done = k + memory["n_iter"] - iters_before
-    if done < stop and state["loss_evals"] - evals_before < group["max_eval"]:
-        state["converged"] = state["restarted"] and done - k <= 1
-        state["restarted"] = True
+    if done < stop and state.loss_evals - evals_before < group["max_eval"]:
+        state.converged = state.restarted and done - k <= 1
+        state.restarted = True
         optim.state.clear()
-        state["restarts"] += 1
+        state.restarts += 1
     else:
-        state["restarted"] = False
+        state.restarted = False
     return done
+
+
+def option(default, help: str):
+    """A trainer option: a dataclass field with its ``default`` and ``help`` (what it does, its
+    unit and default: the CLI's help text is made from it)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class CommonOptions:
+    """The options every trainer has, with the same meaning and default: the seed, the
+    checkpoint cadence, which parameters are kept and when patience stops a phase
+    (``bespoke_fast.fitting.stopping``); the kinds' ``Options`` extend it."""
+    seed: int = option(0, "seed of the batch order and of the start's own fit; default 0")
+    checkpoint_every: int = option(50, "save the checkpoint every this many iterations (when "
+                                       "checkpointing; BNS's L-BFGS calls end there too); "
+                                       "default 50")
+    patience: int | None = option(8, "stop a phase after this many validations without a "
+                                     "min_delta gain (None: never); default 8")
+    min_delta: float = option(0.02, "gain of the selection score that counts as an "
+                                    "improvement, in dB; default 0.02")
+    select: str = option(DEFAULT_SELECT, "validation score that picks the kept parameters: "
+                                         "'per-sample' (mean per-sample PSNR), 'set' or 'rmse'; "
+                                         f"default {DEFAULT_SELECT}")
+
+
+class KindTrainer:
+    """Base of the solver kinds' trainers (``bespoke_fast.fitting.trainers``): ``kind``,
+    ``title``, ``Options``, ``lacks`` and ``planned_evaluations`` are the subclass's; ``train``
+    checks the options and calls the subclass's ``fit``. For compatibility a trainer also
+    unpacks as ``(keyword function, default options)``."""
+
+    kind = title = ""
+    Options: type = type(None)
+    lacks: dict = {}
+    keywords = None     # the public keyword function (:func:`keyword_trainer` sets it)
+
+    def __iter__(self):
+        return iter((self.keywords, self.Options()))
+
+    def train(self, model, trajectories, options, *, checkpoint=None, progress: bool = True,
+              model_name: str = "", callback=None):
+        """Fit this kind's solver to ``model`` on ``trajectories`` (a ``Trajectories``) with
+        ``options`` (an ``Options``); ``checkpoint``: path to resume from and save to;
+        ``callback(iteration, record)`` after each validation. Returns ``(solver, report)``."""
+        if not isinstance(options, self.Options):
+            raise InvalidTypeError(f"options must be {self.Options.__name__}, got "
+                                   f"{type(options).__name__}")
+        return self.fit(model, trajectories, options, checkpoint, progress, model_name, callback)
+
+    def fit(self, model, trajectories, options, checkpoint, progress, model_name, callback):
+        raise NotImplementedError
+
+
+def keyword_trainer(trainer, name: str, doc: str, aliases: dict | None = None):
+    """``name(model, trajectories, *, checkpoint=None, progress=True, model_name="",
+    callback=None, **options)``: ``trainer.train`` with each field of ``trainer.Options`` as a
+    keyword of the same name and default (the signature says so: ``inspect.signature``), for
+    the public ``train`` / ``train_bns``. ``aliases``: ``{old keyword: option}`` also accepted
+    (one of the two at a time). An unknown keyword raises ``InvalidTypeError``."""
+    fields = dataclasses.fields(trainer.Options)
+    names = {f.name for f in fields}
+    aliases = aliases or {}
+
+    def fn(model, trajectories, *, checkpoint=None, progress: bool = True, model_name: str = "",
+           callback=None, **options):
+        for old, new in aliases.items():
+            if old in options:
+                value = options.pop(old)
+                if new in options and options[new] is not None and options[new] != value:
+                    raise InvalidArgumentError(f"{old}={value!r} and {new}={options[new]!r} both "
+                                               f"set {new}; give one")
+                options[new] = value
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise InvalidTypeError(f"{fn.__name__}() got unexpected keyword argument(s) "
+                                   f"{', '.join(unknown)}; its options: "
+                                   f"{', '.join(sorted(names))}")
+        return trainer.train(model, trajectories, trainer.Options(**options),
+                             checkpoint=checkpoint, progress=progress, model_name=model_name,
+                             callback=callback)
+
+    P = inspect.Parameter
+    params = [P("model", P.POSITIONAL_OR_KEYWORD), P("trajectories", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(f.name, P.KEYWORD_ONLY, default=f.default, annotation=f.type) for f in fields]
+    params += [P(name, P.KEYWORD_ONLY, default=None) for name in aliases]
+    params += [P("checkpoint", P.KEYWORD_ONLY, default=None),
+               P("progress", P.KEYWORD_ONLY, default=True),
+               P("model_name", P.KEYWORD_ONLY, default=""),
+               P("callback", P.KEYWORD_ONLY, default=None)]
+    fn.__signature__ = inspect.Signature(params)
+    fn.__name__ = fn.__qualname__ = name
+    fn.__module__, fn.__doc__ = type(trainer).__module__, doc
+    trainer.keywords = fn
+    return fn

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from .._checks import InvalidArgumentError, InvalidTypeError
-from .gt import TrajectorySet
+from .trajectories import TrajectorySet
 from ..io import check_model_identity
 from ..metrics import mode_flip_fraction, rmse_psnr
-from ..solvers.base import Solver
+from ..solvers.interface import Solver
 from ..solvers.fixed import METHODS, NFE_PER_STEP, solve
 
 __all__ = ["evaluate", "parse_solver_spec", "mode_assigner", "trained_on"]

@@ -13,9 +13,7 @@ trajectories: seconds for the bundled models.
 grid, scale 1). It is one of the starts ``bespoke_fast.train`` screens by default
 (``init="auto"``, :func:`candidate_starts`), with the base solver on a few generic grids
 (:data:`GRID_FAMILIES`): the searched grid minimises the sum of one-step errors, which is not
-the end-to-end error the fit maximises, and the fit ends in the basin it starts in (measured at
-NFE 6, held-out PSNR after the default fit: digits-eps 32.1 dB from the searched grid, 35.6
-from ``data-dense-3``; digits-fmot 36.5 and 37.5 from ``data-dense-2``).
+the end-to-end error the fit maximises, and the fit ends in the basin it starts in.
 """
 from __future__ import annotations
 
@@ -24,7 +22,7 @@ import math
 import torch
 
 from .._checks import InvalidArgumentError, call_model, check_choice, check_int
-from .gt import TrajectorySet
+from .trajectories import TrajectorySet
 from ..solvers.bespoke import BespokeSolver
 
 __all__ = ["search_grid", "searched_solver", "grid_solver", "family_grid", "GRID_FAMILIES",

@@ -29,7 +29,6 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,8 +40,8 @@ from ..io import (MANIFEST_MAX_BYTES, Inventory, atomic_write_text, check_shard_
                  first_difference, identity_hash, model_fingerprint, model_identity,
                  read_json_bounded, read_run_record, read_sidecar, remove_stale_temp_files, seal,
                  sha256_file, unseal, verified_sidecar, write_with_sidecar)
-from .gt_storage import (StorageOptions, StreamedTrajectories, bytes_per_trajectory, decode_knots,
-                         split_point)
+from .gt_storage import StorageOptions, StreamedTrajectories, bytes_per_trajectory, decode_knots
+from .trajectories import TrajectorySet, hermite
 from ..noise import noise_for_indices
 from ..solvers.adaptive import default_knots, solve_adaptive
 from ..utils import dist_info, infer_device
@@ -54,116 +53,6 @@ GT_FORMAT = "bespoke_fast.gt"
 GT_FORMAT_VERSION = 2      # 2: run identity, sealed manifest written last
 DEFAULT_KNOTS = 41
 
-
-
-# ----------------------------------------------------------------------------- interpolation
-def hermite(knots_t: torch.Tensor, knots_x: torch.Tensor, knots_u: torch.Tensor,
-            t: torch.Tensor, derivative: bool = False) -> torch.Tensor:
-    """Cubic Hermite interpolation of trajectories, differentiable in ``t``.
-
-    Args:
-        knots_t: ``[K]`` increasing times (starting at 0, ending at 1).
-        knots_x, knots_u: ``[B, K, ...]`` states and velocities at the knots.
-        t: ``[m]`` query times in ``[knots_t[0], knots_t[-1]]`` (may require grad).
-    Returns: ``[m, B, ...]`` states ``x(t)``; ``d/dt`` of it is the cubic's derivative (it equals
-    ``u`` at the knots); ``derivative=True`` returns that derivative instead.
-
-    With ``s = (t - t_k) / dt_k`` on the interval ``[t_k, t_{k+1}]``::
-
-        x(t) = h00 x_k + h10 dt u_k + h01 x_{k+1} + h11 dt u_{k+1}
-        h00 = 2s^3 - 3s^2 + 1, h10 = s^3 - 2s^2 + s, h01 = -2s^3 + 3s^2, h11 = s^3 - s^2
-    """
-    kt = knots_t.to(device=knots_x.device, dtype=torch.float64).contiguous()
-    tt = t.to(device=knots_x.device)
-    idx = torch.searchsorted(kt, tt.detach().to(torch.float64).contiguous(), right=True) - 1
-    idx = idx.clamp(0, kt.numel() - 2)
-    t0, dt = kt[idx], kt[idx + 1] - kt[idx]
-    s = ((tt.to(torch.float64) - t0) / dt)
-    shape = (-1, 1) + (1,) * (knots_x.dim() - 2)
-    s = s.reshape(shape)
-    s2, s3 = s * s, s * s * s
-    dt = dt.reshape(shape)
-    if derivative:   # d/dt = (d/ds) / dt
-        h00, h10 = (6 * s2 - 6 * s) / dt, 3 * s2 - 4 * s + 1
-        h01, h11 = (-6 * s2 + 6 * s) / dt, 3 * s2 - 2 * s
-        dt = torch.ones_like(dt)
-    else:
-        h00, h10, h01, h11 = 2 * s3 - 3 * s2 + 1, s3 - 2 * s2 + s, -2 * s3 + 3 * s2, s3 - s2
-    xk, xk1 = knots_x[:, idx].movedim(1, 0), knots_x[:, idx + 1].movedim(1, 0)
-    uk, uk1 = knots_u[:, idx].movedim(1, 0), knots_u[:, idx + 1].movedim(1, 0)
-    dtype = knots_x.dtype
-    return (h00.to(dtype) * xk + (h10 * dt).to(dtype) * uk + h01.to(dtype) * xk1
-            + (h11 * dt).to(dtype) * uk1)
-
-
-# ----------------------------------------------------------------------------- the set
-@dataclass
-class TrajectorySet:
-    """GT trajectories in memory. Tensors: ``x0``, ``x1`` ``[N, *shape]``; ``knots_x``, ``knots_u``
-    ``[N, K, *shape]``; ``knots_t`` ``[K]``; ``index`` ``[N]`` (sample indices). ``meta``: the manifest.
-
-    Example::
-
-        >>> gt = load_trajectories("runs/gt")
-        >>> train, val = gt.split(256)
-        >>> x_at = gt.at(torch.tensor([0.0, 0.5, 1.0]))       # [3, N, *shape]
-    """
-
-    x0: torch.Tensor
-    x1: torch.Tensor
-    knots_t: torch.Tensor
-    knots_x: torch.Tensor
-    knots_u: torch.Tensor
-    index: torch.Tensor
-    meta: dict = field(default_factory=dict)
-    extras: dict = field(default_factory=dict)   # per-trajectory model extras, [N, ...] each
-
-    def __len__(self):
-        return self.x0.shape[0]
-
-    @property
-    def shape(self):
-        return tuple(self.x0.shape[1:])
-
-    @property
-    def data_range(self) -> float:
-        return float(self.meta.get("data_range", 2.0))
-
-    def subset(self, rows) -> "TrajectorySet":
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        return TrajectorySet(self.x0[rows], self.x1[rows], self.knots_t, self.knots_x[rows],
-                             self.knots_u[rows], self.index[rows], dict(self.meta),
-                             {k: v[rows] for k, v in self.extras.items()})
-
-    def split(self, num_val: int):
-        """(train, val): the last ``num_val`` trajectories are held out for validation."""
-        cut = split_point(len(self), num_val)
-        return self.subset(range(cut)), self.subset(range(cut, len(self)))
-
-    def fingerprint(self) -> str:
-        """sha256 (first 16 hex digits) of the sample indices and the pairs ``(x0, x1)``: tells
-        two GT sets (or splits) apart, e.g. when a checkpoint is resumed."""
-        h = hashlib.sha256()
-        for v in (self.index, self.x0, self.x1):
-            h.update(str(v.dtype).encode() + str(tuple(v.shape)).encode())
-            h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
-
-    @property
-    def device(self) -> torch.device:
-        return self.x0.device
-
-    def at(self, t: torch.Tensor, rows=None) -> torch.Tensor:
-        """``x(t)`` by Hermite interpolation, ``[m, N or len(rows), *shape]``, in x0's dtype
-        (knots stored in float16/bfloat16 are cast first)."""
-        kx = self.knots_x if rows is None else self.knots_x[rows]
-        ku = self.knots_u if rows is None else self.knots_u[rows]
-        return hermite(self.knots_t, kx.to(self.x0.dtype), ku.to(self.x0.dtype), t)
-
-    def to(self, device) -> "TrajectorySet":
-        return TrajectorySet(self.x0.to(device), self.x1.to(device), self.knots_t.to(device),
-                             self.knots_x.to(device), self.knots_u.to(device), self.index,
-                             dict(self.meta), {k: v.to(device) for k, v in self.extras.items()})
 
 
 # ----------------------------------------------------------------------------- generation

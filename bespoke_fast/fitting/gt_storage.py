@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-from .._checks import InvalidArgumentError, call_model, check_int
+from .._checks import InvalidArgumentError, call_model
+from .trajectories import TrajectorySet, fingerprint, hermite, split_point
 
 __all__ = ["STORAGE_DTYPES", "GT_ERROR_FRACTION", "StorageOptions", "decode_knots",
            "mmap_safetensors", "StreamedTrajectories", "bytes_per_trajectory", "knot_strides"]
@@ -71,21 +72,6 @@ def knot_strides(K: int) -> list:
     return out
 
 
-def split_point(n: int, num_val: int) -> int:
-    """Where a set of ``n`` trajectories splits when the last ``num_val`` are held out."""
-    num_val = check_int("num_val", num_val, 1)
-    if num_val >= n:
-        raise InvalidArgumentError(f"cannot hold out {num_val} of {n} trajectories for validation "
-                                   f"(at least one must be left for training); lower val (--val), "
-                                   f"or generate more GT")
-    return n - num_val
-
-
-def _hermite(*args, **kw):
-    from .gt import hermite
-    return hermite(*args, **kw)
-
-
 def _per_sample_rmse(a, b):
     """``[m, B, ...]`` pairs -> ``[m, B]`` per-sample RMSE."""
     return (a - b).flatten(2).pow(2).mean(-1).sqrt()
@@ -101,8 +87,8 @@ def _densify(knots_t, sub_x, sub_u, stride):
     if stride == 1:
         return sub_x, sub_u
     sub_t = knots_t[::stride]
-    x = _hermite(sub_t, sub_x, sub_u, knots_t).movedim(0, 1)
-    u = _hermite(sub_t, sub_x, sub_u, knots_t, derivative=True).movedim(0, 1)
+    x = hermite(sub_t, sub_x, sub_u, knots_t).movedim(0, 1)
+    u = hermite(sub_t, sub_x, sub_u, knots_t, derivative=True).movedim(0, 1)
     return x, u
 
 
@@ -111,7 +97,7 @@ def reference_local_error(model, knots_t, kx, ku, extras, nfe: int) -> float:
     the targets taken from the GT's Hermite interpolant (float32 knots ``kx, ku [B, K, ...]``)."""
     n = max(1, nfe // 2)
     grid = torch.linspace(0, 1, n + 1, dtype=torch.float64)
-    X = _hermite(knots_t, kx, ku, grid)                              # [n + 1, B, ...]
+    X = hermite(knots_t, kx, ku, grid)                              # [n + 1, B, ...]
     B, h = X.shape[1], 1.0 / n
     xs = X[:-1].reshape(n * B, *X.shape[2:])
     t0 = grid[:-1].to(xs.dtype).repeat_interleave(B).to(xs.device)
@@ -162,7 +148,7 @@ class StorageOptions:
         if self.adaptive:
             strides = self._choose_strides(knots_t, kx, ku, limit / 2)
         probe = _probe_times(knots_t)
-        full = _hermite(knots_t, kx, ku, probe)
+        full = hermite(knots_t, kx, ku, probe)
         parts_x, parts_u, dec_x, dec_u = [], [], [], []
         for i, s in enumerate(strides.tolist()):
             sx, su = kx[i, ::s].to(store), ku[i, ::s].to(store)
@@ -171,7 +157,7 @@ class StorageOptions:
             dx, du = _densify(knots_t, sx[None].to(compute), su[None].to(compute), s)
             dec_x.append(dx[0])
             dec_u.append(du[0])
-        err = _per_sample_rmse(_hermite(knots_t, torch.stack(dec_x), torch.stack(dec_u), probe),
+        err = _per_sample_rmse(hermite(knots_t, torch.stack(dec_x), torch.stack(dec_u), probe),
                                full).mean(0)                          # [S] per trajectory
         info = {"reference_local_error": self.reference, "error_limit": limit,
                 "extra_rmse_mean": float(err.mean()), "extra_rmse_max": float(err.max()),
@@ -195,7 +181,7 @@ class StorageOptions:
         RMSE <= ``tol`` (the knots themselves are exact solver values: the measured error)."""
         best = torch.ones(kx.shape[0], dtype=torch.long)
         for s in knot_strides(kx.shape[1])[1:]:
-            approx = _hermite(knots_t[::s], kx[:, ::s], ku[:, ::s], knots_t)
+            approx = hermite(knots_t[::s], kx[:, ::s], ku[:, ::s], knots_t)
             err = _per_sample_rmse(approx, kx.movedim(1, 0)).amax(0)   # [S] worst knot
             best = torch.where((err <= tol) & (best == s // 2), torch.full_like(best, s), best)
         return best
@@ -252,7 +238,8 @@ def mmap_safetensors(path) -> dict:
 class StreamedTrajectories:
     """A GT set read shard by shard as needed (``load_trajectories(dir, stream=True)``): memory
     holds only the rows of the current batch. Same reading API as
-    :class:`~bespoke_fast.fitting.gt.TrajectorySet` for the trainer: ``len``, ``shape``, ``meta``,
+    :class:`~bespoke_fast.fitting.trajectories.TrajectorySet` for the trainer (the
+    :class:`~bespoke_fast.fitting.trajectories.Trajectories` protocol): ``len``, ``shape``, ``meta``,
     ``data_range``, ``device``, ``subset(rows)`` (an in-memory TrajectorySet), ``split(num_val)``,
     ``endpoints()``.
     """
@@ -290,7 +277,6 @@ class StreamedTrajectories:
         return self._view(range(cut)), self.subset(range(cut, len(self)))
 
     def _gather(self, rows, with_knots=True):
-        from .gt import TrajectorySet
         glob = self._rows[torch.as_tensor(rows, dtype=torch.long).reshape(-1)]
         shard = torch.searchsorted(self._starts, glob, right=True) - 1
         dtype = getattr(torch, self.meta.get("dtype", "float32"))
@@ -318,17 +304,10 @@ class StreamedTrajectories:
         return self._gather(rows)
 
     def fingerprint(self, chunk: int = 1024) -> str:
-        """Same value as ``TrajectorySet.fingerprint`` of these rows, read chunk by chunk."""
-        import hashlib
-        h = hashlib.sha256()
-        n, dtype = len(self), getattr(torch, self.meta.get("dtype", "float32"))
-        for name, dt, shape in (("index", torch.int64, (n,)), ("x0", dtype, (n, *self.shape)),
-                                ("x1", dtype, (n, *self.shape))):
-            h.update(str(dt).encode() + str(tuple(shape)).encode())
-            for lo in range(0, n, chunk):
-                v = getattr(self._gather(range(lo, min(n, lo + chunk)), with_knots=False), name)
-                h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        """:func:`~bespoke_fast.fitting.trajectories.fingerprint` of these rows (the same value
+        as ``TrajectorySet.fingerprint`` of them), read ``chunk`` rows at a time."""
+        return fingerprint(len(self), lambda lo, hi: self._gather(range(lo, hi), with_knots=False),
+                           chunk)
 
     def endpoints(self):
         """All rows without knots (x0, x1, index, extras): what evaluation needs."""

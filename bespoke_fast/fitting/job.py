@@ -17,6 +17,7 @@ iterations) or refuse with a one-line ``ValueError`` when even the smallest plan
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -27,11 +28,11 @@ import torch
 
 from .._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError, check_choice,
                        check_int, model_error, probe_model, raised_by_model)
-from . import trainer_for
+from . import options_lacking, trainer_for
 from .gt_storage import bytes_per_trajectory
 from ..io import (Inventory, atomic_write_text, claim_run_dir, first_difference,
                   read_json_bounded, save_figure)
-from ..solvers.base import solver_class
+from ..solvers.registry import solver_class
 from ..solvers.bespoke import BespokeSolver
 
 __all__ = ["fit", "FitResult", "make_plan", "plot_error_maps", "plot_transform", "baselines",
@@ -126,22 +127,6 @@ def _probe(zm, device, batch, rtol, atol, knots):
     return per_eval, stats["nfe"] + knots
 
 
-def _bespoke_evals(iters, finetune_iters, batch, num_train, val_every, num_select, nfe):
-    """Upper bounds on a bespoke fit's (training, validation) model evaluations at its caps: the
-    screened start, the bound phase and fine-tune (``batch`` per iteration), the polish (about
-    1.3 full-batch passes per L-BFGS iteration)."""
-    from .bespoke import OPTIONS, POLISH_PAIRS, POLISH_VAL_EVERY, SCREEN_ITERS
-    from .grid_search import GRID_FAMILIES
-    starts = len(GRID_FAMILIES) + 1
-    trial = min(SCREEN_ITERS, iters + finetune_iters)       # as the trainer caps them
-    polish = min(OPTIONS.polish_iters, finetune_iters)
-    train = ((starts * trial + iters + finetune_iters) * batch * nfe
-             + int(1.3 * polish * min(POLISH_PAIRS, num_train) * nfe))
-    validations = (starts + math.ceil((iters + finetune_iters) / val_every)
-                   + math.ceil(polish / POLISH_VAL_EVERY))
-    return train, validations * num_select * nfe
-
-
 def make_plan(settings: dict, probe: dict) -> dict:
     """The plan for ``settings`` (counts, iterations) given the probe's timings: trajectories,
     disk bytes, model evaluations (per-sample forwards) and ETA seconds."""
@@ -152,19 +137,12 @@ def make_plan(settings: dict, probe: dict) -> dict:
             + s["num_heldout"] * bytes_per_trajectory(s["shape"], len(_ENDPOINT_KNOTS)))
     gt_evals = probe["gt_evals_per_trajectory"] * s["num_train"] + (
         (probe["gt_evals_per_trajectory"] - K + len(_ENDPOINT_KNOTS)) * s["num_heldout"])
-    from .bespoke import OPTIONS as bespoke_defaults
-    if s["solver"] == "bespoke":
-        train_evals, val_evals = _bespoke_evals(s["iters"], s["finetune_iters"], s["batch_size"],
-                                                s["num_train"] - s["num_select"], s["val_every"],
-                                                s["num_select"], nfe)
-    else:   # the Bespoke start, then L-BFGS: about 1.3 full-batch loss evaluations per iteration
-        from .bns import DEFAULT_NUM_TRAIN
-        train_evals, val_evals = _bespoke_evals(
-            bespoke_defaults.iters, bespoke_defaults.finetune_iters, bespoke_defaults.batch_size,
-            s["num_train"] - s["num_select"], bespoke_defaults.val_every, s["num_select"], nfe)
-        pairs = min(DEFAULT_NUM_TRAIN, s["num_train"] - s["num_select"])
-        train_evals += int(1.3 * s["iters"] * pairs * nfe)
-        val_evals += math.ceil(s["iters"] / s["val_every"]) * s["num_select"] * nfe
+    trainer = trainer_for(s["solver"])
+    names = {f.name for f in dataclasses.fields(trainer.Options)}
+    options = trainer.Options(**{k: s[k] for k in ("iters", "finetune_iters", "batch_size",
+                                                   "val_every") if k in names})
+    train_evals, val_evals = trainer.planned_evaluations(options, s["num_train"] - s["num_select"],
+                                                         s["num_select"], nfe)
     eval_evals = s["num_heldout"] * (nfe + sum(int(b.split("@")[1]) for b in baselines(nfe)))
     evals = {"gt": int(gt_evals), "train": int(train_evals), "validation": int(val_evals),
              "evaluation": int(eval_evals)}
@@ -383,14 +361,14 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
     """
     check_choice("solver", solver, SOLVERS)
     nfe = check_int("nfe", nfe)
-    if solver == "bns":  # the BNS trainer has no fine-tune phase and runs full-batch L-BFGS
-        unused = [name for name, v in (("finetune_iters", finetune_iters), ("micro_batch", micro_batch),
-                                       ("activation_checkpointing", activation_checkpointing or None),
-                                       ("autocast", autocast)) if v is not None]
-        if unused:
-            raise InvalidArgumentError(f"{', '.join(unused)}: not used by the BNS trainer (it has no "
-                                       f"fine-tune phase and no micro-batching); drop "
-                                       f"{'them' if len(unused) > 1 else 'it'} or use solver='bespoke'")
+    lacking = options_lacking(solver)    # the options this kind's trainer does not have
+    unused = [name for name, v in (("finetune_iters", finetune_iters), ("micro_batch", micro_batch),
+                                   ("activation_checkpointing", activation_checkpointing or None),
+                                   ("autocast", autocast)) if v is not None and name in lacking]
+    if unused:
+        raise InvalidArgumentError(f"{', '.join(unused)}: not used by the {trainer_for(solver).title} "
+                                   f"trainer ({'; '.join(lacking[n] for n in unused)}); drop "
+                                   f"{'them' if len(unused) > 1 else 'it'} or use another solver")
     solver_class(solver).steps_for_nfe(FIT_HEADERS[solver], nfe)
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     if heldout_seed == seed:
@@ -497,10 +475,7 @@ def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol,
     from .gt import DEFAULT_KNOTS
     from .gt_storage import storage_dtype_of
     from ..solvers.adaptive import default_knots
-    if solver == "bespoke":
-        from .bespoke import OPTIONS as defaults
-    else:
-        from .bns import OPTIONS as defaults
+    defaults = trainer_for(solver).Options()
     num_train = check_int("num_train", num_train if num_train is not None else
                           1280, 2)
     iters = iters if iters is not None else (defaults.iters or 300)
@@ -627,7 +602,7 @@ def _train(zm, device, s, out, micro_batch, activation_checkpointing, autocast, 
                      **train_kwargs)
     from .bns import train_bns
     gt = load_trajectories(out / "gt_train", device=device)
-    return train_bns(zm.model, gt, n_steps=s["nfe"], iters=s["iters"], num_val=s["num_select"],
+    return train_bns(zm.model, gt, n_steps=s["nfe"], iters=s["iters"], val=s["num_select"],
                      seed=s["seed"], checkpoint=ckpt,
                      model_name=zm.name, progress=progress, **train_kwargs)
 

@@ -23,19 +23,21 @@ every ``val_every`` iterations and
   - ``"max_iters"``: the iteration cap;
   - ``"converged"`` (L-BFGS only): the optimizer itself stopped making progress.
 
-The stopping state lives in the trainer's checkpointed ``state`` dict, so a resumed run stops
-where an uninterrupted one would (the wall-time budget aside: pass ``budget_seconds=None`` for
+The stopping state (:class:`Selection`) is part of the trainer's checkpointed
+``bespoke_fast.fitting.loop.TrainState``, so a resumed run stops where an uninterrupted one would (the wall-time budget aside: pass ``budget_seconds=None`` for
 results that do not depend on the machine's speed).
 """
 from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 from .._checks import InvalidArgumentError
 
 __all__ = ["SELECT", "DEFAULT_SELECT", "STOP_REASONS", "selection_score", "observe", "stop_reason",
-           "new_state", "check_stopping", "phase_horizon", "describe_stop", "rank0_decides"]
+           "Selection", "new_state", "check_stopping", "phase_horizon", "describe_stop",
+           "rank0_decides"]
 
 SELECT = ("per-sample", "set", "rmse")
 DEFAULT_SELECT = "per-sample"
@@ -66,34 +68,53 @@ def selection_score(record: dict, select: str = DEFAULT_SELECT) -> float:
     raise InvalidArgumentError(f"unknown select {select!r}; expected one of {', '.join(SELECT)}")
 
 
-def new_state() -> dict:
-    """The stopping fields of a trainer's state dict."""
-    return {"best": None, "best_record": None, "best_score": -math.inf, "bad_evals": 0,
-            "stop_reason": None}
+@dataclass
+class Selection:
+    """Keep-best and patience state: the best parameters (``best``, a solver state dict), their
+    validation record and score, and the validations in a row without a significant gain.
+    Fields are also readable and writable by name (``sel["bad_evals"]``)."""
+
+    best: dict | None = None
+    best_record: dict | None = None
+    best_score: float = -math.inf
+    bad_evals: int = 0
+
+    def __getitem__(self, name):
+        return getattr(self, name)
+
+    def __setitem__(self, name, value):
+        if name not in self.__dataclass_fields__:
+            raise KeyError(name)
+        setattr(self, name, value)
 
 
-def observe(state: dict, record: dict, solver, select: str, min_delta: float) -> bool:
+def new_state() -> Selection:
+    """A fresh :class:`Selection` (nothing kept yet)."""
+    return Selection()
+
+
+def observe(state: Selection, record: dict, solver, select: str, min_delta: float) -> bool:
     """Record a validation: keep ``solver``'s parameters if its score is the best so far and
     count validations without a ``min_delta`` improvement. Returns whether it is the new best."""
     score = selection_score(record, select)
     record["score"] = score
     if not math.isfinite(score):
-        state["bad_evals"] += 1
+        state.bad_evals += 1
         return False
-    significant = score > state["best_score"] + min_delta
-    best = score > state["best_score"]
+    significant = score > state.best_score + min_delta
+    best = score > state.best_score
     if best:
-        state["best_score"] = score
-        state["best"] = copy.deepcopy(solver.state_dict())
-        state["best_record"] = record
-    state["bad_evals"] = 0 if significant else state["bad_evals"] + 1
+        state.best_score = score
+        state.best = copy.deepcopy(solver.state_dict())
+        state.best_record = record
+    state.bad_evals = 0 if significant else state.bad_evals + 1
     return best
 
 
-def stop_reason(state: dict, done: int, max_iters: int, patience, budget_seconds,
+def stop_reason(state: Selection, done: int, max_iters: int, patience, budget_seconds,
                 elapsed: float, just_validated: bool):
     """``None`` to go on, else the reason to stop (one of ``STOP_REASONS``)."""
-    if just_validated and patience is not None and state["bad_evals"] >= patience:
+    if just_validated and patience is not None and state.bad_evals >= patience:
         return "patience"
     if done >= max_iters:
         return "max_iters"
@@ -129,20 +150,18 @@ def describe_stop(report: dict) -> str:
             f"{best.get('score', float('nan')):.2f} dB)")
 
 
-def rank0_decides(reason, world: int, state: dict | None = None):
-    """Under torch.distributed (``world > 1``), every rank takes rank 0's stop ``reason`` and,
-    when ``state`` is given, rank 0's learning-rate ``state["horizon"]``. Both come from the
-    ranks' own clocks and validation scores, which differ: diverging stop decisions would
-    deadlock the gradient all-reduce, and diverging horizons would give the ranks different
-    learning rates, so their solvers would drift apart. Call it on every rank at the same
-    iteration (it is a collective)."""
+def rank0_decides(reason, world: int, horizon=None, final: bool = False):
+    """``(reason, horizon, final)`` as rank 0 has them. Under torch.distributed (``world > 1``)
+    every rank takes rank 0's stop ``reason``, learning-rate ``horizon`` and ``final`` (the
+    whole fit's budget is spent). All come from the ranks' own clocks and validation scores,
+    which differ: diverging stop decisions would deadlock the gradient all-reduce, and diverging
+    horizons would give the ranks different learning rates, so their solvers would drift apart.
+    Call it on every rank at the same iteration (it is a collective)."""
     if world <= 1:
-        return reason
+        return reason, horizon, final
     import torch
-    horizon = (state or {}).get("horizon")
-    code = torch.tensor([STOP_REASONS.index(reason) + 1 if reason else 0, horizon or 0],
+    code = torch.tensor([STOP_REASONS.index(reason) + 1 if reason else 0, horizon or 0, int(final)],
                         dtype=torch.int64)
     torch.distributed.broadcast(code, 0)
-    if state is not None:
-        state["horizon"] = int(code[1]) or None
-    return STOP_REASONS[int(code[0]) - 1] if int(code[0]) else None
+    reason = STOP_REASONS[int(code[0]) - 1] if int(code[0]) else None
+    return reason, int(code[1]) or None, bool(code[2])

@@ -30,7 +30,6 @@ What is here
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 from pathlib import Path
 
@@ -52,8 +51,7 @@ from ..models import GaussianPath, GuidedModel, as_velocity, cfg
 from ..ops import table as T
 from ..ops.bns import bns_step_ref
 from ..ops.rk import rk1_step_ref, rk2_stage1_ref, rk2_stage2_ref
-from ..solvers.base import Solver
-from ..solvers.files import load_solver
+from ..solvers.files import load_solver, solver_from_document
 
 __all__ = ["velocity_model", "DiffusersVelocity", "conversion_from_config", "BespokeScheduler",
            "BNSScheduler", "fast_pipeline", "FastPipeline", "condition_extras", "ConditionExtras",
@@ -394,7 +392,7 @@ class _FittedScheduler(SchedulerMixin, ConfigMixin):
     @register_to_config
     def __init__(self, solver: dict, prediction_type: str = "flow", num_train_timesteps: int = 1000,
                  beta_schedule: str = "linear", beta_start: float = 0.0001, beta_end: float = 0.02):
-        solver = Solver.from_document(solver, "scheduler config 'solver'")
+        solver = solver_from_document(solver, "scheduler config 'solver'")
         if solver.kind != self.kind:
             other = "BNSScheduler" if solver.kind == "bns" else "BespokeScheduler"
             raise ValueError(f"{type(self).__name__} needs a {self.kind} solver, got kind "

@@ -32,7 +32,7 @@ from torch import nn
 from .._checks import call_model, check_choice, check_int, check_state
 from ..ops import table as T
 from ..ops.rk import rk1_step_ref, rk2_stage1_ref, rk2_stage2_ref
-from .base import Solver
+from .interface import Solver
 
 __all__ = ["BespokeSolver", "BASES"]
 

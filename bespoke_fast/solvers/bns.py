@@ -39,7 +39,7 @@ from torch import nn
 
 from .._checks import call_model, check_choice, check_int, check_state
 from ..ops.bns import bns_step_ref
-from .base import Solver
+from .interface import Solver
 
 __all__ = ["NonStationarySolver", "INITS", "init_coefficients"]
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._checks import InvalidArgumentError, MissingDependencyError
+from .trained import TRAINED_NAMES, load_trained
 
 __all__ = ["ZooModel", "load", "NAMES", "resolve_model", "FACTORY_CONTRACT"]
 
@@ -41,7 +42,6 @@ FACTORY_CONTRACT = (
     "max - min for PSNR (default 2.0, data in [-1, 1], with a notice).")
 
 EXACT_NAMES = ("gmm-64", "digits-exact")
-TRAINED_NAMES = ("digits-fmot", "digits-vcs", "digits-eps")
 NAMES = EXACT_NAMES + TRAINED_NAMES
 
 
@@ -90,7 +90,6 @@ def load(name: str, device="cpu") -> ZooModel:
         return ZooModel(name, flow.to(device), (1, 8, 8), 2.0,
                         "exact FM-OT flow of the sklearn digits in [-1, 1]")
     if name in TRAINED_NAMES:
-        from .trained import load_trained
         model, meta = load_trained(name, device=device)
         return ZooModel(name, model, (1, 8, 8), 2.0, meta.get("description", name))
     raise InvalidArgumentError(f"unknown model {name!r}; bundled models: {', '.join(NAMES)} "

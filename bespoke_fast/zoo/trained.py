@@ -15,12 +15,12 @@ from pathlib import Path
 
 
 from ..models import as_velocity
-from . import TRAINED_NAMES
 from .nets import DigitsMLP
 
 __all__ = ["TRAINED_NAMES", "WEIGHTS_DIR", "load_trained", "load_meta", "verify_weights",
            "WeightsIntegrityError"]
 
+TRAINED_NAMES = ("digits-fmot", "digits-vcs", "digits-eps")   # the bundled weights, by name
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 
 
