@@ -17,9 +17,13 @@ coefficients do not change the cost), ``backend="reference"``. Rows, each one ca
 * ``flow_matching``    ``ODESolver.sample(method="midpoint", step_size=1/5)``
 * ``diffusers``        ``FlowMatchEulerDiscreteScheduler`` loop, 10 steps (scheduler built once)
 
+``FastSampler(..., compile_model=True)`` is not a row: it compiles the network, which the floor
+and every peer would need too; the sampler's own step is not compiled.
+
 Timing: ``--reps`` rounds; in each round every row is timed once, in a rotated order, as
 ``calls`` back-to-back calls (``calls`` per batch size such that one timing takes about
-``--sample-ms`` on the floor row); per-call medians with min and max over the rounds. The
+``--sample-ms`` on the floor row); per-call medians with min and max over the rounds, and the
+median of the per-round ratio to the floor (``p``: robust to load drifting between rounds). The
 machine's load average is recorded before and after (other processes share the cores).
 Midpoint rows are checked against the hand-written loop (``allclose``, 1e-5).
 
@@ -161,9 +165,12 @@ def summarise(batch, times, calls):
     recs = []
     for name, ts in times.items():
         med = statistics.median(ts)
+        # the same ratio taken within each round (robust to load that drifts between rounds)
+        paired = statistics.median(t / f for t, f in zip(ts, times["floor"]))
         recs.append({"batch": batch, "row": name, "median_ms": med, "min_ms": min(ts),
-                     "max_ms": max(ts), "x_floor": med / floor, "samples_per_s": batch / med * 1e3,
-                     "reps": len(ts), "calls_per_timing": calls})
+                     "max_ms": max(ts), "x_floor": med / floor, "x_floor_paired": paired,
+                     "samples_per_s": batch / med * 1e3, "reps": len(ts),
+                     "calls_per_timing": calls})
     return recs
 
 
@@ -191,7 +198,8 @@ def markdown(records, meta) -> str:
     lines = [f"# CPU sampling overhead, NFE {NFE} ({meta['date']})", "",
              f"* {meta['model']}; {meta['solver']}; torch threads {meta['threads']}",
              f"* {meta['reps']} interleaved rounds per batch; per-call median (min-max); "
-             f"`x` = median / floor median",
+             f"`x` = median / floor median; `p` = median over rounds of (row / floor in the "
+             f"same round)",
              f"* load average before {meta['load_before']}, after {meta['load_after']} "
              f"({meta['machine']['cpu_count']} CPUs; other processes shared them)",
              f"* machine: {meta['machine']['cpu']}, torch {meta['machine']['torch']}, "
@@ -203,7 +211,7 @@ def markdown(records, meta) -> str:
         for n in names:
             r = by.get((b, n))
             cells.append("-" if r is None else
-                         f"{r['median_ms']:.3f} ms ({r['x_floor']:.2f}x) "
+                         f"{r['median_ms']:.3f} ms ({r['x_floor']:.2f}x, p {r['x_floor_paired']:.2f}x) "
                          f"[{r['min_ms']:.3f}-{r['max_ms']:.3f}]")
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (issue 27, rk2 at NFE 10):", ""]
@@ -219,10 +227,10 @@ def parse_args(argv=None):
                    help="results folder (default bench/results/<UTC date>-cpu)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16, 256],
                    help="batch sizes (default 1 16 256)")
-    p.add_argument("--reps", type=int, default=40,
-                   help="interleaved rounds per batch size (default 40)")
-    p.add_argument("--sample-ms", type=float, default=20.0,
-                   help="about how long one timing runs on the floor row, in ms (default 20)")
+    p.add_argument("--reps", type=int, default=200,
+                   help="interleaved rounds per batch size (default 200)")
+    p.add_argument("--sample-ms", type=float, default=5.0,
+                   help="about how long one timing runs on the floor row, in ms (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--seed", type=int, default=0, help="weights and noise seed (default 0)")
     p.add_argument("--quick", action="store_true", help="3 rounds of ~2 ms: a smoke run")

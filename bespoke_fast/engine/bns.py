@@ -64,21 +64,20 @@ class BNSProgram(Program):
         return out
 
     def loop(self, st, x, x0, extras, call) -> None:
-        ts, alias, guided, n = st.t_rows, self.alias, self.guided, self.n_steps
+        mi, guided, last = st.model_in, self.guided, self.n_steps - 1
         us, acc = st.us_rows, st.acc
         x2 = x.expand(2, *x.shape) if guided else None
         self.write_in(st, x0)
         ref, low = self.backend == "reference", st.us.dtype != torch.float32
-        for i, (a, bs) in enumerate(self.coefs):
-            last = i == n - 1
+        for i, (a, bs), t in zip(range(last + 1), self.coefs, st.t_rows):
             # fp32 without guidance the model reads the state itself: x0 at step 0, then x
-            u = call((x0 if i == 0 else x) if alias else st.model_in, ts[i], extras)
+            u = call((x0 if i == 0 else x) if mi is None else mi, t, extras)
             if guided:
                 u = self.combine(st, u, self.w)  # [2Bp] -> [Bp] float32
             us[i].copy_(u)  # before x is overwritten (a model may return its input)
             if not ref:
                 bns_step(x0, st.us, i, self.a, self.b, out=x,
-                         model_in=None if last else st.model_in, backend=self.backend)
+                         model_in=None if i == last else mi, backend=self.backend)
                 continue
             torch.mul(x0, a, out=x)
             for uj, bij in zip(us, bs):  # j ascending: the reference's (and kernel's) order
@@ -88,5 +87,5 @@ class BNSProgram(Program):
                 else:
                     torch.mul(uj, bij, out=acc)
                 x.add_(acc)
-            if not last:
+            if mi is not None and i != last:
                 self.write_in(st, x, x2)

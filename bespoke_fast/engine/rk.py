@@ -85,57 +85,61 @@ class RKProgram(Program):
         return u if u.is_contiguous() else u.contiguous()
 
     def _loop_rk1(self, st, x, x0, extras, call) -> None:
-        ts, alias, guided, n = st.t_rows, self.alias, self.guided, self.n_steps
+        mi, guided, last = st.model_in, self.guided, self.n_steps - 1
         x2 = x.expand(2, *x.shape) if guided else None
         self.write_in(st, x, x2)
-        ref, xp = self.backend == "reference", x.data_ptr()
-        for i, (a, b, _, _, _, w) in enumerate(self.coefs):
-            last = i == n - 1
-            u = call(x if alias else st.model_in, ts[i], extras)
-            if not ref:
-                rk1_step(x, self._kernel_velocity(u, x), self.table, i,
-                         model_in=None if last else st.model_in, guidance=guided, out=x,
-                         backend=self.backend)
-                continue
+        inp = x if mi is None else mi
+        if self.backend != "reference":
+            for i, t in enumerate(st.t_rows):
+                u = self._kernel_velocity(call(inp, t, extras), x)
+                rk1_step(x, u, self.table, i, model_in=None if i == last else mi,
+                         guidance=guided, out=x, backend=self.backend)
+            return
+        xp = x.data_ptr()
+        for i, (a, b, _, _, _, w), t in zip(range(last + 1), self.coefs, st.t_rows):
+            u = call(inp, t, extras)
             if guided:
                 u = self.combine(st, u, w)
-            elif alias and u.data_ptr() == xp:
+            elif u.data_ptr() == xp:
                 u = u.clone()  # a model returning (a view of) its input: x is overwritten first
             torch.mul(x, a, out=x)
             x.addcmul_(u, b)
-            if not last:
+            if mi is not None and i != last:
                 self.write_in(st, x, x2)
 
     def _loop_rk2(self, st, x, x0, extras, call) -> None:
-        ts, alias, guided, n = st.t_rows, self.alias, self.guided, self.n_steps
+        mi, guided, last = st.model_in, self.guided, self.n_steps - 1
         xm, xm2 = st.x_mid, st.x_mid2
         x2 = x.expand(2, *x.shape) if guided else None
         self.write_in(st, x, x2)
-        ref, xp, xmp = self.backend == "reference", x.data_ptr(), xm.data_ptr()
-        for i, (a, b, c, d, e, w) in enumerate(self.coefs):
-            last = i == n - 1
-            u = call(x if alias else st.model_in, ts[2 * i], extras)
-            if not ref:
-                rk2_stage1(x, self._kernel_velocity(u, xm), self.table, i, model_in=st.model_in,
-                           guidance=guided, out=xm, backend=self.backend)
-                u = call(xm if alias else st.model_in, ts[2 * i + 1], extras)
-                rk2_stage2(x, xm, self._kernel_velocity(u, x), self.table, i,
-                           model_in=None if last else st.model_in, guidance=guided, out=x,
+        in1, in2 = (x, xm) if mi is None else (mi, mi)
+        ts1, ts2 = st.t_rows[0::2], st.t_rows[1::2]
+        if self.backend != "reference":
+            for i, t1, t2 in zip(range(last + 1), ts1, ts2):
+                u = self._kernel_velocity(call(in1, t1, extras), xm)
+                rk2_stage1(x, u, self.table, i, model_in=mi, guidance=guided, out=xm,
                            backend=self.backend)
-                continue
+                u = self._kernel_velocity(call(in2, t2, extras), x)
+                rk2_stage2(x, xm, u, self.table, i, model_in=None if i == last else mi,
+                           guidance=guided, out=x, backend=self.backend)
+            return
+        xp, xmp = x.data_ptr(), xm.data_ptr()
+        for i, (a, b, c, d, e, w), t1, t2 in zip(range(last + 1), self.coefs, ts1, ts2):
+            u = call(in1, t1, extras)
             if guided:
                 u = self.combine(st, u, w)
-            elif alias and u.data_ptr() == xmp:
+            elif u.data_ptr() == xmp:
                 u = u.clone()
             torch.mul(x, a, out=xm)
             xm.addcmul_(u, b)
-            self.write_in(st, xm, xm2)
-            u = call(xm if alias else st.model_in, ts[2 * i + 1], extras)
+            if mi is not None:
+                self.write_in(st, xm, xm2)
+            u = call(in2, t2, extras)
             if guided:
                 u = self.combine(st, u, w)
-            elif alias and u.data_ptr() == xp:
+            elif u.data_ptr() == xp:
                 u = u.clone()
             torch.mul(x, c, out=x)
             x.addcmul_(xm, d).addcmul_(u, e)
-            if not last:
+            if mi is not None and i != last:
                 self.write_in(st, x, x2)
