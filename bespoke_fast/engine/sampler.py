@@ -157,8 +157,8 @@ class _State:
     float32 state itself; ``model_in2`` its ``[2, Bp]`` view under guidance), the model times
     ``times`` ``[n, stages, rows]`` (copied from the table's time view ``times_src`` by ONE copy
     when the state is made and after each ``load_solver``, outside any graph; ``t_rows`` its
-    ``[rows]`` row per model call) and the
-    program's own buffers (RK2 ``x_mid``; BNS ``us``; guidance scratch) as attributes.
+    ``[rows]`` row per model call) and the program's own buffers (RK2 ``x_mid``; BNS ``us``;
+    guidance scratch) as attributes.
 
     Static, for the CUDA graph (and :meth:`FastSampler.captured_region`) only, made on the first
     :meth:`load`: ``x`` (the state and result), ``x0`` (the start: ``x`` itself for RK, its own
@@ -207,7 +207,9 @@ class FastSampler:
         model: velocity model ``model(x [B, *shape], t [B] float32, **extras) -> u`` (``u`` in
             ``model_dtype``, shaped like ``x``), or a :class:`~bespoke_fast.models.GuidedModel`
             from :func:`bespoke_fast.cfg` for classifier-free guidance. The sampler does not cast
-            the model's weights: pass a model that takes ``model_dtype`` inputs.
+            the model's weights: pass a model that takes ``model_dtype`` inputs. ``x`` and ``t``
+            are the sampler's buffers (``t`` is reused by every call): read them, never write
+            them.
         solver: a :class:`~bespoke_fast.BespokeSolver` (base ``"rk1"`` or ``"rk2"``) or a
             :class:`~bespoke_fast.solvers.bns.NonStationarySolver` (``kind == "bns"``). A BNS
             solver keeps every past velocity in a ``us`` buffer ``[n, Bp, *shape]`` in
