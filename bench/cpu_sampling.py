@@ -233,7 +233,8 @@ def parse_args(argv=None):
                    help="about how long one timing runs on the floor row, in ms (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--seed", type=int, default=0, help="weights and noise seed (default 0)")
-    p.add_argument("--quick", action="store_true", help="3 rounds of ~2 ms: a smoke run")
+    p.add_argument("--quick", action="store_true",
+                   help="at most 3 rounds of at most ~2 ms: a smoke run")
     args = p.parse_args(argv)
     for name in ("reps", "threads"):
         if getattr(args, name) < 1:
@@ -241,7 +242,7 @@ def parse_args(argv=None):
     if args.sample_ms <= 0 or any(b < 1 for b in args.batches):
         p.error("--sample-ms and --batches must be positive")
     if args.quick:
-        args.reps, args.sample_ms = 3, 2.0
+        args.reps, args.sample_ms = min(args.reps, 3), min(args.sample_ms, 2.0)
     return args
 
 
