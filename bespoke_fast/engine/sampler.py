@@ -359,8 +359,12 @@ class FastSampler:
         b = x0.shape[0]
         separate = st.separate_start
         if b == run_b:
-            start = x0.to(device=self.device, dtype=torch.float32,
-                          memory_format=torch.contiguous_format, copy=not separate)
+            if (x0.dtype == torch.float32 and x0.device == self.device
+                    and x0.is_contiguous()):  # the common case, without .to()'s arguments
+                start = x0 if separate else x0.clone()
+            else:
+                start = x0.to(device=self.device, dtype=torch.float32,
+                              memory_format=torch.contiguous_format, copy=not separate)
         else:  # padded with zero rows
             start = torch.zeros(run_b, *self.shape, dtype=torch.float32, device=self.device)
             start[:b].copy_(x0)
@@ -502,8 +506,9 @@ class FastSampler:
         tensor). ``B <= batch_size`` runs padded to ``batch_size``; larger ``B`` runs at ``B``."""
         if x0 is None:
             x0 = self._randn(self.batch_size, generator)
-        else:
-            x0 = self._check_x0(x0)
+        elif not (isinstance(x0, torch.Tensor) and x0.is_floating_point() and x0.dim() > 0
+                  and x0.shape[0] > 0 and x0.shape[1:] == self.shape):
+            x0 = self._check_x0(x0)  # raises the error that says what is wrong
         b = x0.shape[0]
         return self._run(x0, max(b, self.batch_size), extras)
 
