@@ -222,3 +222,29 @@ def test_load_solver_refreshes_the_model_times_of_cached_states():
     run, x = sampler.captured_region(x0)
     run()
     assert torch.equal(x, fresh(x0))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_contract_is_checked_on_every_call(kind, dtype):
+    from bespoke_fast._checks import ModelContractError
+
+    class Bad(nn.Module):
+        """Right for the first ``good`` calls, then ``mode``."""
+
+        def __init__(self, mode, good):
+            super().__init__()
+            self.mode, self.good, self.net = mode, good, Net()
+
+        def forward(self, x, t):
+            u = self.net(x, t)
+            self.good -= 1
+            if self.good >= 0:
+                return u
+            return {"shape": u[:, :1], "dtype": u.double(), "type": u.tolist()}[self.mode]
+
+    for mode, match in (("shape", "shape"), ("dtype", "dtype"), ("type", "torch.Tensor")):
+        sampler = FastSampler(Bad(mode, 1), make_solver(kind, 2), SHAPE, 4, model_dtype=dtype,
+                              backend="reference")
+        with pytest.raises(ModelContractError, match=match):
+            sampler(torch.randn(4, *SHAPE))

@@ -69,9 +69,13 @@ class BNSProgram(Program):
         x2 = x.expand(2, *x.shape) if guided else None
         self.write_in(st, x0)
         ref, low = self.backend == "reference", st.us.dtype != torch.float32
+        net, shape, dtype = call.net, x0.shape if mi is None else mi.shape, st.us.dtype
         for i, (a, bs), t in zip(range(last + 1), self.coefs, st.t_rows):
             # fp32 without guidance the model reads the state itself: x0 at step 0, then x
-            u = call((x0 if i == 0 else x) if mi is None else mi, t, extras)
+            inp = (x0 if i == 0 else x) if mi is None else mi
+            u = net(inp, t, **extras)  # the call, inlined: checked by call.check on a mismatch
+            if not isinstance(u, torch.Tensor) or u.shape != shape or u.dtype != dtype:
+                call.check(u, inp, t, extras)
             if guided:
                 u = self.combine(st, u, self.w)  # [2Bp] -> [Bp] float32
             us[i].copy_(u)  # before x is overwritten (a model may return its input)

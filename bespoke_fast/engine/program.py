@@ -129,5 +129,7 @@ class Program:
         """The whole solve on ``st``'s buffers. ``x`` float32 ``[Bp, *shape]`` receives the
         result; ``x0`` float32 ``[Bp, *shape]`` is the start (read only; RK programs get
         ``x0 is x`` and update it in place). ``call(inp, t, extras)`` runs the network on
-        ``inp`` at the ``[rows]`` time ``t`` and returns its checked output."""
+        ``inp`` at the ``[rows]`` time ``t`` and returns its checked output; a loop may instead
+        call ``call.net(inp, t, **extras)`` itself and hand an output that is not a tensor of
+        ``inp``'s shape and dtype to ``call.check(u, inp, t, extras)`` (which raises)."""
         raise NotImplementedError

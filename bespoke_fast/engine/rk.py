@@ -95,9 +95,11 @@ class RKProgram(Program):
                 rk1_step(x, u, self.table, i, model_in=None if i == last else mi,
                          guidance=guided, out=x, backend=self.backend)
             return
-        xp = x.data_ptr()
+        xp, net, shape, dtype = x.data_ptr(), call.net, inp.shape, inp.dtype
         for i, (a, b, _, _, _, w), t in zip(range(last + 1), self.coefs, st.t_rows):
-            u = call(inp, t, extras)
+            u = net(inp, t, **extras)  # the call, inlined: checked by call.check on a mismatch
+            if not isinstance(u, torch.Tensor) or u.shape != shape or u.dtype != dtype:
+                call.check(u, inp, t, extras)
             if guided:
                 u = self.combine(st, u, w)
             elif u.data_ptr() == xp:
@@ -123,9 +125,11 @@ class RKProgram(Program):
                 rk2_stage2(x, xm, u, self.table, i, model_in=None if i == last else mi,
                            guidance=guided, out=x, backend=self.backend)
             return
-        xp, xmp = x.data_ptr(), xm.data_ptr()
+        xp, xmp, net, shape, dtype = x.data_ptr(), xm.data_ptr(), call.net, in1.shape, in1.dtype
         for i, (a, b, c, d, e, w), t1, t2 in zip(range(last + 1), self.coefs, ts1, ts2):
-            u = call(in1, t1, extras)
+            u = net(in1, t1, **extras)  # the call, inlined: checked by call.check on a mismatch
+            if not isinstance(u, torch.Tensor) or u.shape != shape or u.dtype != dtype:
+                call.check(u, in1, t1, extras)
             if guided:
                 u = self.combine(st, u, w)
             elif u.data_ptr() == xmp:
@@ -134,7 +138,9 @@ class RKProgram(Program):
             xm.addcmul_(u, b)
             if mi is not None:
                 self.write_in(st, xm, xm2)
-            u = call(in2, t2, extras)
+            u = net(in2, t2, **extras)
+            if not isinstance(u, torch.Tensor) or u.shape != shape or u.dtype != dtype:
+                call.check(u, in2, t2, extras)
             if guided:
                 u = self.combine(st, u, w)
             elif u.data_ptr() == xp:

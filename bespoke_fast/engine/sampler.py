@@ -150,6 +150,24 @@ def _release_graph(graph) -> None:
     torch.cuda.empty_cache()
 
 
+class _ModelCall:
+    """``call(inp, t, extras)``: the network on ``inp`` at the ``[rows]`` time row ``t``, its
+    output checked against the model contract (a tensor of ``inp``'s shape and dtype, which is
+    ``model_dtype``) on the host. ``net`` and ``check(u, inp, t, extras)`` (raises the contract
+    error) are there for loops that make the call themselves (``Program.loop``)."""
+
+    __slots__ = ("net", "check")
+
+    def __init__(self, net, check):
+        self.net, self.check = net, check
+
+    def __call__(self, inp: torch.Tensor, t: torch.Tensor, extras: dict) -> torch.Tensor:
+        u = self.net(inp, t, **extras)
+        if not isinstance(u, torch.Tensor) or u.shape != inp.shape or u.dtype != inp.dtype:
+            self.check(u, inp, t, extras)
+        return u
+
+
 class _State:
     """The buffers (and the graph, once captured) of one cache key.
 
@@ -290,6 +308,7 @@ class FastSampler:
         if compile_model:
             net = torch.compile(net, mode="default")
         self._net = net
+        self._call = _ModelCall(net, self._check_output)
         # fp32 without guidance: the model reads the state buffers directly (no input copy).
         self._alias = model_dtype == torch.float32 and not self.guided
 
@@ -337,19 +356,15 @@ class FastSampler:
         self.program.set_guidance_scale(self.guidance_scale)
 
     # ------------------------------------------------------------------ the loop
-    def _net_call(self, inp: torch.Tensor, t: torch.Tensor, extras: dict) -> torch.Tensor:
-        """The network on ``inp`` at the ``[rows]`` device time row ``t``; the output is checked
-        against the model contract (tensor, ``inp``'s shape, ``model_dtype``) on the host."""
-        u = self._net(inp, t, **extras)
-        if not isinstance(u, torch.Tensor) or u.shape != inp.shape or u.dtype != self.model_dtype:
-            call_model(lambda *a, **k: u, inp, t, extras, expect_dtype=self.model_dtype)  # raises
-        return u
+    def _check_output(self, u, inp: torch.Tensor, t: torch.Tensor, extras: dict) -> None:
+        """Raise the model-contract error that ``u`` (the output on ``inp``) earns."""
+        call_model(lambda *a, **k: u, inp, t, extras, expect_dtype=self.model_dtype)
 
     def _loop(self, st: _State) -> None:
         """The whole n-step solve on ``st``'s static buffers (the captured region): no host
         reads, no Python branching on tensor values, no allocation outside what the model
         makes -- so it can be captured as it is."""
-        self.program.loop(st, st.x, st.x0, st.extras, self._net_call)
+        self.program.loop(st, st.x, st.x0, st.extras, self._call)
 
     def _eager(self, st: _State, x0: torch.Tensor, run_b: int, extras: dict) -> torch.Tensor:
         """The same loop, eagerly, on a fresh float32 output: ``x0`` is converted (or, BNS,
@@ -369,7 +384,7 @@ class FastSampler:
             start = torch.zeros(run_b, *self.shape, dtype=torch.float32, device=self.device)
             start[:b].copy_(x0)
         x = torch.empty_like(start) if separate else start
-        self.program.loop(st, x, start, extras, self._net_call)
+        self.program.loop(st, x, start, extras, self._call)
         self.num_eager_runs += 1
         return x if b == run_b else x[:b].clone()
 
@@ -489,14 +504,19 @@ class FastSampler:
         return st
 
     def _run(self, x0: torch.Tensor, run_b: int, extras: dict) -> torch.Tensor:
-        with torch.no_grad():
-            net_extras = self._network_extras(extras, x0.shape[0], run_b)
-            st = self._state_for(run_b, net_extras)
-            if self.use_graph and (st.graph is not None or not st.capture_tried):
-                st.load(x0, net_extras)
-                self._execute(st)  # replay, or capture (falling back to eager on failure)
-                return st.x[:x0.shape[0]].clone()
-            return self._eager(st, x0, run_b, net_extras)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self._run_no_grad(x0, run_b, extras)
+        return self._run_no_grad(x0, run_b, extras)  # already off: skip the context manager
+
+    def _run_no_grad(self, x0: torch.Tensor, run_b: int, extras: dict) -> torch.Tensor:
+        net_extras = self._network_extras(extras, x0.shape[0], run_b)
+        st = self._state_for(run_b, net_extras)
+        if self.use_graph and (st.graph is not None or not st.capture_tried):
+            st.load(x0, net_extras)
+            self._execute(st)  # replay, or capture (falling back to eager on failure)
+            return st.x[:x0.shape[0]].clone()
+        return self._eager(st, x0, run_b, net_extras)
 
     # ------------------------------------------------------------------ public
     def __call__(self, x0: torch.Tensor | None = None, generator: torch.Generator | None = None,
