@@ -46,6 +46,8 @@ def test_targets_are_judged_from_the_records(cpu_sampling):
                    "batch 1: FastSampler ahead of every library peer": False,
                    "batch 256: FastSampler <= 1.05x floor": False,
                    "batch 256: FastSampler ahead of every library peer": True}
+    with_paired = dict(cpu_sampling.targets(records, {1: 1.02}))
+    assert [v for k, v in with_paired.items() if "paired" in k] == [False]
 
 
 @pytest.mark.parametrize("argv", [["--reps", "0"], ["--threads", "0"], ["--sample-ms", "-1"],
