@@ -29,12 +29,14 @@ __all__ = ["RKProgram"]
 
 
 def _shares(u: torch.Tensor, buf: torch.Tensor) -> bool:
+    """``u`` lives in ``buf``'s storage (the Triton paths' test)."""
     return u.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
 
 
-# A model returning its input (or a view of it: same shape, so the same first element) would be
-# clobbered by the in-place update of that buffer before it is read: the reference loop compares
-# the output's first element with the buffer's (one host call, no op) and copies it then.
+# A model returning its input (or a view of it: the same shape, so the same first element)
+# would be clobbered by the in-place update of that buffer before it is read: the reference
+# loops compare the output's data pointer with the buffer's (a host call, no op) and copy it
+# then.
 
 
 class RKProgram(Program):
