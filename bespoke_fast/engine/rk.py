@@ -1,16 +1,21 @@
 """The engine program of Bespoke solvers (kind ``"bespoke"``, base RK1 or RK2).
 
 Device table: ``[n, NUM_COLS]`` float32 (``BespokeSolver.coefficient_table``; layout in
-``bespoke_fast.ops.table``), the guidance scale in its ``W`` column. Buffers: RK2 adds
-``x_mid`` float32 ``[Bp, *shape]``. Step ``i`` (RK2; RK1 has the first stage only, ``a``/``b``)::
+``bespoke_fast.ops.table``), the guidance scale in its ``W`` column; the per-step coefficients
+are 0-d views into it, made once. Buffers: RK2 adds ``x_mid`` float32 ``[Bp, *shape]``; guidance
+adds the combine's float32 scratch (``Program.guidance_buffers``). Step ``i`` (RK2; RK1 has the
+first stage only, ``a``/``b``)::
 
-    t <- table[i, T0];  u1 = net(model_in, t, **extras)
+    u1 = net(model_in, t[2i], **extras)
     x_mid = A x + B u1         -> also writes model_in          (ops.rk.rk2_stage1)
-    t <- table[i, TM];  u2 = net(model_in, t, **extras)
+    u2 = net(model_in, t[2i+1], **extras)
     x = C x + D x_mid + E u2   -> also writes model_in          (ops.rk.rk2_stage2)
 
 When the model runs in float32 without guidance, the model input IS the state buffer (``x`` or
-``x_mid``) and no ``model_in`` exists.
+``x_mid``) and no ``model_in`` exists. On the ``"reference"`` backend each stage is the
+reference op's own torch ops (``mul(out=)``, then ``addcmul_`` per term; guidance: upcast,
+``sub``, ``addcmul``; a low-precision ``u`` is read by ``addcmul_`` in place of the reference's
+upcast copy, the same float32 values), so the result is bitwise the reference's.
 """
 from __future__ import annotations
 
@@ -23,6 +28,17 @@ from .program import Program
 __all__ = ["RKProgram"]
 
 
+def _shares(u: torch.Tensor, buf: torch.Tensor) -> bool:
+    """``u`` lives in ``buf``'s storage (the Triton paths' test)."""
+    return u.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+
+
+# A model returning its input (or a view of it: the same shape, so the same first element)
+# would be clobbered by the in-place update of that buffer before it is read: the reference
+# loops compare the output's data pointer with the buffer's (a host call, no op) and copy it
+# then.
+
+
 class RKProgram(Program):
     """RK1 / RK2 steps on the ``[n, NUM_COLS]`` table (see the module docs)."""
 
@@ -33,8 +49,12 @@ class RKProgram(Program):
         if solver.base not in ("rk1", "rk2"):
             raise ValueError(f"unsupported bespoke base {solver.base!r}")
         self._base = solver.base
+        self.stages = 1 if self._base == "rk1" else 2
         super().__init__(solver, **kwargs)
-        self.step = self._step_rk1 if self._base == "rk1" else self._step_rk2
+        # step i's coefficients (A, B, C, D, E, W) as 0-d views of the table: made once
+        self.coefs = [tuple(self.table[i, c] for c in (T.A, T.B, T.C, T.D, T.E, T.W))
+                      for i in range(self.n_steps)]
+        self.loop = self._loop_rk1 if self._base == "rk1" else self._loop_rk2
 
     @property
     def base(self):
@@ -44,32 +64,90 @@ class RKProgram(Program):
         return solver.coefficient_table(guidance_scale=self.guidance_scale, dtype=torch.float32,
                                         device=self.device).detach().contiguous()
 
+    def time_view(self) -> torch.Tensor:
+        # T0, TM are the table's first two columns: call order t_k0(0), t_km(0), t_k0(1), ...
+        return self.table[:, T.T0:T.T0 + self.stages].unsqueeze(-1)
+
     def set_guidance_scale(self, scale: float) -> None:
         super().set_guidance_scale(scale)
         self.table[:, T.W].fill_(self.guidance_scale)
 
     def buffers(self, run_b, shape, model_dtype) -> dict:
-        if self._base == "rk1":
-            return {}
-        return {"x_mid": torch.zeros(run_b, *shape, dtype=torch.float32, device=self.device)}
+        out = self.guidance_buffers(run_b, shape, model_dtype) if self.guided else {}
+        if self._base == "rk2":
+            x_mid = torch.zeros(run_b, *shape, dtype=torch.float32, device=self.device)
+            out.update(x_mid=x_mid, x_mid2=x_mid.expand(2, *x_mid.shape) if self.guided else None)
+        return out
 
-    def _velocity(self, st, inp, i, col, out, call):
-        u = call(st, inp, self.table[i, col])
-        if u.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
-            u = u.clone()  # a model returning (a view of) its input: the in-place update would clobber it
-        elif self.backend == "triton" and not u.is_contiguous():
-            u = u.contiguous()
-        return u
+    def _kernel_velocity(self, u, out):
+        # the Triton ops read u after writing out: a model returning (a view of) its input
+        # would be clobbered; and the kernels index u as contiguous
+        if _shares(u, out):
+            return u.clone()
+        return u if u.is_contiguous() else u.contiguous()
 
-    def _step_rk1(self, st, i, last, call) -> None:
-        u = self._velocity(st, st.x if self.alias else st.model_in, i, T.T0, st.x, call)
-        rk1_step(st.x, u, self.table, i, model_in=None if last else st.model_in,
-                 guidance=self.guided, out=st.x, backend=self.backend)
+    def _loop_rk1(self, st, x, x0, extras, call) -> None:
+        mi, guided, last = st.model_in, self.guided, self.n_steps - 1
+        x2 = x.expand(2, *x.shape) if guided else None
+        self.write_in(st, x, x2)
+        inp = x if mi is None else mi
+        if self.backend != "reference":
+            for i, t in enumerate(st.t_rows):
+                u = self._kernel_velocity(call(inp, t, extras), x)
+                rk1_step(x, u, self.table, i, model_in=None if i == last else mi,
+                         guidance=guided, out=x, backend=self.backend)
+            return
+        xp, net, shape, dtype = x.data_ptr(), call.net, inp.shape, inp.dtype
+        for i, (a, b, _, _, _, w), t in zip(range(last + 1), self.coefs, st.t_rows):
+            u = net(inp, t, **extras)  # the call, inlined: checked by call.check on a mismatch
+            if not isinstance(u, torch.Tensor) or u.shape != shape or u.dtype != dtype:
+                call.check(u, inp, t, extras)
+            if guided:
+                u = self.combine(st, u, w)
+            elif u.data_ptr() == xp:
+                u = u.clone()  # a model returning (a view of) its input: x is overwritten first
+            torch.mul(x, a, out=x)
+            x.addcmul_(u, b)
+            if mi is not None and i != last:
+                self.write_in(st, x, x2)
 
-    def _step_rk2(self, st, i, last, call) -> None:
-        u1 = self._velocity(st, st.x if self.alias else st.model_in, i, T.T0, st.x_mid, call)
-        rk2_stage1(st.x, u1, self.table, i, model_in=st.model_in, guidance=self.guided,
-                   out=st.x_mid, backend=self.backend)
-        u2 = self._velocity(st, st.x_mid if self.alias else st.model_in, i, T.TM, st.x, call)
-        rk2_stage2(st.x, st.x_mid, u2, self.table, i, model_in=None if last else st.model_in,
-                   guidance=self.guided, out=st.x, backend=self.backend)
+    def _loop_rk2(self, st, x, x0, extras, call) -> None:
+        mi, guided, last = st.model_in, self.guided, self.n_steps - 1
+        xm, xm2 = st.x_mid, st.x_mid2
+        x2 = x.expand(2, *x.shape) if guided else None
+        self.write_in(st, x, x2)
+        in1, in2 = (x, xm) if mi is None else (mi, mi)
+        ts1, ts2 = st.t_rows[0::2], st.t_rows[1::2]
+        if self.backend != "reference":
+            for i, t1, t2 in zip(range(last + 1), ts1, ts2):
+                u = self._kernel_velocity(call(in1, t1, extras), xm)
+                rk2_stage1(x, u, self.table, i, model_in=mi, guidance=guided, out=xm,
+                           backend=self.backend)
+                u = self._kernel_velocity(call(in2, t2, extras), x)
+                rk2_stage2(x, xm, u, self.table, i, model_in=None if i == last else mi,
+                           guidance=guided, out=x, backend=self.backend)
+            return
+        xp, xmp, net, shape, dtype = x.data_ptr(), xm.data_ptr(), call.net, in1.shape, in1.dtype
+        for i, (a, b, c, d, e, w), t1, t2 in zip(range(last + 1), self.coefs, ts1, ts2):
+            u = net(in1, t1, **extras)  # the call, inlined: checked by call.check on a mismatch
+            if not isinstance(u, torch.Tensor) or u.shape != shape or u.dtype != dtype:
+                call.check(u, in1, t1, extras)
+            if guided:
+                u = self.combine(st, u, w)
+            elif u.data_ptr() == xmp:
+                u = u.clone()
+            torch.mul(x, a, out=xm)
+            xm.addcmul_(u, b)
+            if mi is not None:
+                self.write_in(st, xm, xm2)
+            u = net(in2, t2, **extras)
+            if not isinstance(u, torch.Tensor) or u.shape != shape or u.dtype != dtype:
+                call.check(u, in2, t2, extras)
+            if guided:
+                u = self.combine(st, u, w)
+            elif u.data_ptr() == xp:
+                u = u.clone()
+            torch.mul(x, c, out=x)
+            x.addcmul_(xm, d).addcmul_(u, e)
+            if mi is not None and i != last:
+                self.write_in(st, x, x2)

@@ -4,20 +4,43 @@ CUDA graph and replayed.
 
 Anatomy of one call (``B`` = rows asked for, ``Bp`` = the run size, see *Batch sizes*)::
 
-    x      float32 [Bp, *shape]   solver state (x0 copied in, padded with zeros; the output)
+    x      float32 [Bp, *shape]   solver state: x0 copied in (padded with zeros); the output
     model_in  model_dtype [Bp or 2Bp, *shape]   the network's input, written by the update op
-    t      float32 [Bp or 2Bp]    model time, copied from the device table (never .item())
-    extras   static copies of the tensor extras (padded / doubled for guidance)
-    + the program's own device table and buffers
+    times  float32 [NFE, Bp or 2Bp]   the model times, one row per model call, copied from the
+           device table when the state is made and after load_solver (never .item())
+    + the program's own device table (and 0-d coefficient views into it) and buffers
 
-    for i in range(n):
-        program.step(i)            # model call(s), then the fused update op
+    program.loop(x, x0, extras)    # for each step: model call(s), then the update op(s)
 
 The program is chosen by the solver's ``kind`` (``PROGRAMS``): :mod:`bespoke_fast.engine.rk`
 (Bespoke RK1 / RK2: ``[n, 8]`` table, ``x_mid``) and :mod:`bespoke_fast.engine.bns`
-(non-stationary: flat ``t | a | b`` table, ``x0`` and the past velocities ``us``); each module
-shows its step. Table layouts: :mod:`bespoke_fast.ops.table`. When the model runs in float32
-without guidance the model input IS the state buffer, so no model-input copy is made at all.
+(non-stationary: flat ``t | a | b`` table, the past velocities ``us``); each module shows its
+step. Table layouts: :mod:`bespoke_fast.ops.table`. When the model runs in float32 without
+guidance the model input IS the state buffer, so no model-input copy is made at all.
+
+Eager path (CPU; CUDA with ``cuda_graph=False``; a key whose capture failed)
+    The loop runs on a NEW float32 output tensor (RK: a copy of ``x0``; BNS: an empty ``x``,
+    reading a float32 contiguous ``x0`` in place) and the caller's extras (padded / doubled for
+    guidance only when needed): no static buffers, no copies into them, no output clone when
+    ``B == batch_size``. Everything else lives in the cached state and is reused. On the
+    ``"reference"`` backend each update is the reference op's own torch ops on 0-d coefficient
+    views made once per solver, so the result is bitwise equal to the reference ops
+    (``tests/test_eager_ops.py``). Update ops per call (aten ops, the model's own excluded;
+    ``n`` steps, ``T = n (n + 1) / 2`` terms of the BNS sums; ``B == batch_size``), pinned by
+    ``tests/test_eager_ops.py``::
+
+        kind  fp32          bf16 (low precision)   guided fp32 / bf16
+        rk1   2n + 1        3n + 1                 6n + 5
+        rk2   5n + 1        7n + 1                 13n + 5
+        bns   2n + 2T + 1   3n + 3T + 1            6n + 2T + 6  /  6n + 3T + 6
+
+    Per RK2 step (fp32): ``mul(out=)`` + ``addcmul_`` (stage 1), ``mul(out=)`` + 2
+    ``addcmul_`` (stage 2); bf16 adds one copy into ``model_in`` per stage (the update reads
+    the bf16 output in place: no upcast copy); guidance adds the combine (split or upcast copy,
+    ``sub(out=)``, ``addcmul(out=)``) per stage and writes both halves of ``model_in`` in one
+    copy. The ``+ 1`` is the output (a copy of ``x0``, or BNS's empty ``x``); a model-input
+    buffer adds its first write, guidance the doubled condition (3 ops) and the ``[2, Bp]``
+    view of ``x``. No step allocates.
 
 Batch sizes
     A call with ``B <= batch_size`` rows runs at ``Bp = batch_size``: the rows are PADDED with
@@ -69,7 +92,6 @@ from .._checks import NonFiniteError, call_model, check_int, check_state
 from ..models import GuidedModel
 from ..noise import noise_for_indices
 from ..ops.backend import resolve_backend
-from ..ops.rk import write_model_in
 from ..solvers.base import Solver
 from ..utils import infer_device
 from .bns import BNSProgram
@@ -154,31 +176,69 @@ def _release_failed_capture(graph, pool) -> None:
     torch.cuda.empty_cache()
 
 
+class _ModelCall:
+    """``call(inp, t, extras)``: the network on ``inp`` at the ``[rows]`` time row ``t``, its
+    output checked against the model contract (a tensor of ``inp``'s shape and dtype, which is
+    ``model_dtype``) on the host. ``net`` and ``check(u, inp, t, extras)`` (raises the contract
+    error) are there for loops that make the call themselves (``Program.loop``)."""
+
+    __slots__ = ("net", "check")
+
+    def __init__(self, net, check):
+        self.net, self.check = net, check
+
+    def __call__(self, inp: torch.Tensor, t: torch.Tensor, extras: dict) -> torch.Tensor:
+        u = self.net(inp, t, **extras)
+        if not isinstance(u, torch.Tensor) or u.shape != inp.shape or u.dtype != inp.dtype:
+            self.check(u, inp, t, extras)
+        return u
+
+
 class _State:
-    """Static buffers (and the graph, once captured) for one cache key: the common ones, plus
-    the program's own (RK2 ``x_mid``; BNS ``x0``, ``us``) as attributes of the same name."""
+    """The buffers (and the graph, once captured) of one cache key.
+
+    Made with the state, used by both paths: ``model_in`` (``None`` when the model reads the
+    float32 state itself; ``model_in2`` its ``[2, Bp]`` view under guidance), the model times
+    ``times`` ``[n, stages, rows]`` (copied from the table's time view ``times_src`` by ONE copy
+    when the state is made and after each ``load_solver``, outside any graph; ``t_rows`` its
+    ``[rows]`` row per model call) and the program's own buffers (RK2 ``x_mid``; BNS ``us``;
+    guidance scratch) as attributes.
+
+    Static, for the CUDA graph (and :meth:`FastSampler.captured_region`) only, made on the first
+    :meth:`load`: ``x`` (the state and result), ``x0`` (the start: ``x`` itself for RK, its own
+    buffer for BNS) and copies of the tensor extras. The eager path never touches them: it runs
+    on a fresh output tensor and the caller's extras."""
 
     def __init__(self, key, run_b, shape, model_dtype, device, guided, alias, program, extras):
-        f32 = dict(dtype=torch.float32, device=device)
-        self.key = key
-        self.run_b = run_b
+        self.key, self.run_b, self.shape, self.device = key, run_b, shape, device
         rows = 2 * run_b if guided else run_b
-        self.x = torch.zeros(run_b, *shape, **f32)
         self.model_in = None if alias else torch.zeros(rows, *shape, dtype=model_dtype, device=device)
-        self.t = torch.zeros(rows, **f32)
-        self.extras = {k: (torch.empty_like(v, device=device) if isinstance(v, torch.Tensor) else v)
-                       for k, v in extras.items()}
+        self.model_in2 = (self.model_in.view(2, run_b, *shape)
+                          if guided and self.model_in is not None else None)
+        n, stages = program.n_steps, program.stages
+        self.times = torch.zeros(n, stages, rows, dtype=torch.float32, device=device)
+        self.times_src = program.time_view().expand(n, stages, rows)
+        self.t_rows = list(self.times.view(n * stages, rows).unbind(0))
+        self.times_version = -1  # the program's table version the times were copied from
         vars(self).update(program.buffers(run_b, shape, model_dtype))
-        self.start = program.start(self)
+        self.separate_start = program.kind == "bns"  # the BNS loop reads x0 and writes x
+        self.x = self.x0 = self.extras = None
         self.graph = None
         self.failure: str | None = None
         self.capture_tried = False
 
     def load(self, x0: torch.Tensor, extras: dict) -> None:
+        """Copy ``x0`` (zero-padded) and the tensor extras into the static buffers."""
+        if self.x is None:
+            f32 = dict(dtype=torch.float32, device=self.device)
+            self.x = torch.zeros(self.run_b, *self.shape, **f32)
+            self.x0 = torch.zeros_like(self.x) if self.separate_start else self.x
+            self.extras = {k: (torch.empty_like(v, device=self.device)
+                               if isinstance(v, torch.Tensor) else v) for k, v in extras.items()}
         b = x0.shape[0]
-        self.start[:b].copy_(x0)
+        self.x0[:b].copy_(x0)
         if b < self.run_b:
-            self.start[b:].zero_()
+            self.x0[b:].zero_()
         for k, v in extras.items():
             if isinstance(v, torch.Tensor):
                 self.extras[k].copy_(v)
@@ -209,7 +269,9 @@ class FastSampler:
         model: velocity model ``model(x [B, *shape], t [B] float32, **extras) -> u`` (``u`` in
             ``model_dtype``, shaped like ``x``), or a :class:`~bespoke_fast.models.GuidedModel`
             from :func:`bespoke_fast.cfg` for classifier-free guidance. The sampler does not cast
-            the model's weights: pass a model that takes ``model_dtype`` inputs.
+            the model's weights: pass a model that takes ``model_dtype`` inputs. ``x`` and ``t``
+            are the sampler's buffers (``t`` is reused by every call): read them, never write
+            them.
         solver: a :class:`~bespoke_fast.BespokeSolver` (base ``"rk1"`` or ``"rk2"``) or a
             :class:`~bespoke_fast.solvers.bns.NonStationarySolver` (``kind == "bns"``). A BNS
             solver keeps every past velocity in a ``us`` buffer ``[n, Bp, *shape]`` in
@@ -296,6 +358,7 @@ class FastSampler:
         if compile_model:
             net = torch.compile(net, mode="default")
         self._net = net
+        self._call = _ModelCall(net, self._check_output)
         # fp32 without guidance: the model reads the state buffers directly (no input copy).
         self._alias = model_dtype == torch.float32 and not self.guided
 
@@ -322,7 +385,9 @@ class FastSampler:
 
     @property
     def table(self) -> torch.Tensor:
-        """The program's device table (layout: ``bespoke_fast.ops.table``)."""
+        """The program's device table (layout: ``bespoke_fast.ops.table``). Change it through
+        :meth:`load_solver` / :meth:`set_guidance_scale`: the cached model times are refreshed
+        from it only then."""
         return self.program.table
 
     def load_solver(self, other) -> None:
@@ -341,18 +406,37 @@ class FastSampler:
         self.program.set_guidance_scale(self.guidance_scale)
 
     # ------------------------------------------------------------------ the loop
-    def _call(self, st: _State, inp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The network on ``inp`` at the 0-d device time ``t`` (copied into ``st.t``: no host read)."""
-        st.t.copy_(t.expand(st.t.shape[0]))
-        return call_model(self._net, inp, st.t, st.extras, expect_dtype=self.model_dtype)
+    def _check_output(self, u, inp: torch.Tensor, t: torch.Tensor, extras: dict) -> None:
+        """Raise the model-contract error that ``u`` (the output on ``inp``) earns."""
+        call_model(lambda *a, **k: u, inp, t, extras, expect_dtype=self.model_dtype)
 
     def _loop(self, st: _State) -> None:
-        """The whole n-step solve on ``st``'s buffers: no host reads, no Python branching on
-        tensor values, no allocation outside what the model (and guidance/low-precision
-        upcasts in the reference ops) make -- so it can be captured as it is."""
-        write_model_in(st.model_in, st.start)
-        for i in range(self.n_steps):
-            self.program.step(st, i, i == self.n_steps - 1, self._call)
+        """The whole n-step solve on ``st``'s static buffers (the captured region): no host
+        reads, no Python branching on tensor values, no allocation outside what the model
+        makes -- so it can be captured as it is."""
+        self.program.loop(st, st.x, st.x0, st.extras, self._call)
+
+    def _eager(self, st: _State, x0: torch.Tensor, run_b: int, extras: dict) -> torch.Tensor:
+        """The same loop, eagerly, on a fresh float32 output: ``x0`` is converted (or, BNS,
+        read in place when it already is float32, contiguous and on the device) and the
+        network extras are passed as they are -- no static-buffer copies, no output clone
+        when ``B == run_b``."""
+        b = x0.shape[0]
+        separate = st.separate_start
+        if b == run_b:
+            if (x0.dtype == torch.float32 and x0.device == self.device
+                    and x0.is_contiguous()):  # the common case, without .to()'s arguments
+                start = x0 if separate else x0.clone()
+            else:
+                start = x0.to(device=self.device, dtype=torch.float32,
+                              memory_format=torch.contiguous_format, copy=not separate)
+        else:  # padded with zero rows
+            start = torch.zeros(run_b, *self.shape, dtype=torch.float32, device=self.device)
+            start[:b].copy_(x0)
+        x = torch.empty_like(start) if separate else start
+        self.program.loop(st, x, start, extras, self._call)
+        self.num_eager_runs += 1
+        return x if b == run_b else x[:b].clone()
 
     # ------------------------------------------------------------------ graph capture
     def _capture(self, st: _State) -> None:
@@ -424,19 +508,24 @@ class FastSampler:
         st = self._states.get(key)
         if st is not None:
             self._states.move_to_end(key)
-            return st
-        st = _State(key, run_b, self.shape, self.model_dtype, self.device, self.guided,
-                    self._alias, self.program, net_extras)
-        self._states[key] = st
-        while len(self._states) > self.max_graphs:
-            old_key, _ = self._states.popitem(last=False)
-            self.capture_seconds.pop(old_key, None)
-            self.num_evictions += 1
+        else:
+            st = _State(key, run_b, self.shape, self.model_dtype, self.device, self.guided,
+                        self._alias, self.program, net_extras)
+            self._states[key] = st
+            while len(self._states) > self.max_graphs:
+                old_key, _ = self._states.popitem(last=False)
+                self.capture_seconds.pop(old_key, None)
+                self.num_evictions += 1
+        if st.times_version != self.program.version:  # new state, or load_solver since
+            st.times.copy_(st.times_src)  # outside the graph: a replay reads the new times
+            st.times_version = self.program.version
         return st
 
     def _network_extras(self, extras: dict, b: int, run_b: int) -> dict:
         """User extras -> what the network sees: tensors on the device, per-sample ones (first
         dim ``b``) padded to ``run_b`` by repeating the last row, doubled for guidance."""
+        if not extras and not self.guided:
+            return extras
         out = {}
         for k, v in extras.items():
             if isinstance(v, torch.Tensor):
@@ -445,8 +534,7 @@ class FastSampler:
                     v = torch.cat([v, v[-1:].expand(run_b - b, *v.shape[1:])])
             out[k] = v
         if self.guided:
-            dummy = torch.empty(run_b, 0, device=self.device)  # only its batch size is used
-            _, _, out = self.model.doubled_inputs(dummy, dummy, out)
+            out = self.model.doubled_extras(out, run_b)
         return out
 
     def _check_x0(self, x0) -> torch.Tensor:
@@ -470,10 +558,11 @@ class FastSampler:
     def _run(self, x0: torch.Tensor, run_b: int, extras: dict) -> torch.Tensor:
         if self.check_finite:
             _check_inputs_finite(x0, extras)
-        with torch.no_grad():
-            st = self._load(x0, run_b, extras)
-            self._execute(st)
-            out = st.x[:x0.shape[0]].clone()
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                out = self._run_no_grad(x0, run_b, extras)
+        else:
+            out = self._run_no_grad(x0, run_b, extras)  # already off: skip the context manager
         if self.check_finite:
             bad = _first_nonfinite_row(out)
             if bad is not None:
@@ -481,6 +570,15 @@ class FastSampler:
                                      f"x0 and the extras are finite: the model returned NaN/Inf "
                                      f"(or the solver's coefficients overflow)")
         return out
+
+    def _run_no_grad(self, x0: torch.Tensor, run_b: int, extras: dict) -> torch.Tensor:
+        net_extras = self._network_extras(extras, x0.shape[0], run_b)
+        st = self._state_for(run_b, net_extras)
+        if self.use_graph and (st.graph is not None or not st.capture_tried):
+            st.load(x0, net_extras)
+            self._execute(st)  # replay, or capture (falling back to eager on failure)
+            return st.x[:x0.shape[0]].clone()
+        return self._eager(st, x0, run_b, net_extras)
 
     # ------------------------------------------------------------------ public
     def __call__(self, x0: torch.Tensor | None = None, generator: torch.Generator | None = None,
@@ -490,8 +588,9 @@ class FastSampler:
         tensor). ``B <= batch_size`` runs padded to ``batch_size``; larger ``B`` runs at ``B``."""
         if x0 is None:
             x0 = self._randn(self.batch_size, generator)
-        else:
-            x0 = self._check_x0(x0)
+        elif not (isinstance(x0, torch.Tensor) and x0.is_floating_point() and x0.dim() > 0
+                  and x0.shape[0] > 0 and x0.shape[1:] == self.shape):
+            x0 = self._check_x0(x0)  # raises the error that says what is wrong
         b = x0.shape[0]
         return self._run(x0, max(b, self.batch_size), extras)
 

@@ -1,7 +1,9 @@
 """Bespoke RK1 / RK2 update ops: each reference (pure torch) op beside the dispatch to its Triton
 twin in ``bespoke_fast.kernels.bespoke_rk``.
 
-The references are the correctness oracle for the kernels and the CPU path of every sampler.
+The references are the correctness oracle for the kernels and for the engine's eager program
+(``bespoke_fast.engine``: the same torch ops, in the same order, on coefficient views made once
+and preallocated buffers -- bitwise equal, ``tests/test_eager_ops.py``).
 Each op reads its scalars from the ``[n, NUM_COLS]`` coefficient table (``bespoke_fast.ops.table``)
 at a step index, updates the float32 state and, optionally, writes the model's next input in the
 model's dtype (``model_in``), all without reading anything back to the host.

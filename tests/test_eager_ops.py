@@ -1,0 +1,250 @@
+"""FastSampler's eager path (``backend="reference"``): the update ops it runs per call and per
+step are pinned (counted with a ``TorchDispatchMode``, the model's own ops excluded), no step
+allocates, and the result is bitwise a loop of the reference ops (``bespoke_fast.ops``) for every
+solver kind, model dtype, with and without guidance, padded or not -- and bitwise the graph
+path's loop on its static buffers."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bespoke_fast import cfg
+from bespoke_fast.engine import FastSampler
+from bespoke_fast.ops import table as T
+from bespoke_fast.ops.bns import bns_step_ref
+from bespoke_fast.ops.rk import guidance_combine_ref, rk1_step_ref, rk2_stage1_ref, rk2_stage2_ref
+from bespoke_fast.solvers.bespoke import BespokeSolver
+from bespoke_fast.solvers.bns import NonStationarySolver
+from tests.helpers import perturbed
+
+SHAPE = (2, 3)
+DIM = 6
+KINDS = ("rk1", "rk2", "bns")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# what a step may run: arithmetic into preallocated buffers (``out=`` / in place), copies into
+# them, and (guidance, fp32) the split of the model's output into its halves (views)
+STEP_OPS = {"mul.out", "addcmul_.default", "add_.Tensor", "mul_.Tensor", "copy_.default",
+            "sub.out", "addcmul.out", "split.Tensor"}
+
+
+class _Counter(TorchDispatchMode):
+    """Counts aten ops by name, except while ``paused`` (the model's own ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.paused = collections.Counter(), False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.ops[func.__name__] += 1  # e.g. "mul.out"
+        return func(*args, **(kwargs or {}))
+
+
+class Net(nn.Module):
+    """A small nonlinear conditional velocity (fp32 inside, output in the input's dtype); it
+    pauses the op counter of the test that runs it, so only the sampler's ops are counted."""
+
+    counter: _Counter | None = None
+
+    def __init__(self, k=3):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w1 = nn.Parameter(torch.randn(DIM + 1, 16, generator=g) / 3, requires_grad=False)
+        self.w2 = nn.Parameter(torch.randn(16, DIM, generator=g) / 4, requires_grad=False)
+        self.emb = nn.Parameter(torch.randn(k + 1, DIM, generator=g), requires_grad=False)
+
+    def forward(self, x, t, y=None):
+        c = Net.counter
+        if c is not None:
+            c.paused = True
+        try:
+            h = torch.cat([x.reshape(x.shape[0], -1).float(), t.float().reshape(-1, 1)], 1)
+            u = torch.tanh(h @ self.w1) @ self.w2 - 0.5 * h[:, :DIM]
+            if y is not None:
+                u = u + t.float().reshape(-1, 1) * self.emb[y]
+            return u.reshape(x.shape).to(x.dtype)
+        finally:
+            if c is not None:
+                c.paused = False
+
+
+def make_solver(kind, n):
+    if kind == "bns":
+        return perturbed(NonStationarySolver(n), seed=n, scale=0.05)
+    return perturbed(BespokeSolver(kind, n), seed=n, scale=0.05)
+
+
+def make_sampler(kind, n, dtype, guided, batch_size=4):
+    model = cfg(Net(), 1.7, "y", 3) if guided else Net()
+    return FastSampler(model, make_solver(kind, n), SHAPE, batch_size, model_dtype=dtype,
+                       backend="reference")
+
+
+def extras_for(guided, b):
+    return {"y": torch.arange(b) % 3} if guided else {}
+
+
+# ----------------------------------------------------------------------------- op count
+# The documented count (engine/sampler.py, "Ops per call"): update ops per call, n steps.
+def expected_ops(kind, dtype, guided, n):
+    low = dtype != torch.float32
+    if kind == "rk1":
+        return 6 * n + 5 if guided else (3 * n + 1 if low else 2 * n + 1)
+    if kind == "rk2":
+        return 13 * n + 5 if guided else (7 * n + 1 if low else 5 * n + 1)
+    tri = n * (n + 1) // 2          # terms of the sums: sum_i (i + 1)
+    if guided:
+        return 6 * n - 1 + (3 if low else 2) * tri + 7
+    return 3 * n + 3 * tri + 1 if low else 2 * n + 2 * tri + 1
+
+
+def count_call(kind, dtype, guided, n, b=4):
+    sampler = make_sampler(kind, n, dtype, guided)
+    x0, ex = torch.randn(b, *SHAPE), extras_for(guided, b)
+    sampler(x0, **ex)  # the first call makes the state (buffers, model times)
+    counter = _Counter()
+    Net.counter = counter
+    try:
+        with counter:
+            sampler(x0, **ex)
+    finally:
+        Net.counter = None
+    return counter.ops
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_op_count_per_call_and_step_is_pinned(kind, dtype, guided):
+    counts = {n: count_call(kind, dtype, guided, n) for n in (2, 4)}
+    for n, ops in counts.items():
+        assert sum(ops.values()) == expected_ops(kind, dtype, guided, n), (n, dict(ops))
+    # what the extra steps cost is update arithmetic and copies into preallocated buffers:
+    # no step allocates
+    extra = counts[4] - counts[2]
+    assert set(extra) <= STEP_OPS, dict(extra)
+    # per call, one new tensor: the output (RK: a copy of x0; BNS: x0 is read in place)
+    made = ("clone.default", "_to_copy.default", "empty_like.default")
+    assert sum(counts[2][op] for op in made) == 1, dict(counts[2])
+
+
+# ----------------------------------------------------------------------------- bitwise
+def reference_loop(sampler, x0, extras):
+    """The solve as a plain loop of the reference ops on fresh tensors, at the sampler's run
+    size (x0 padded with zero rows, per-sample extras with their last row), rows ``:B``."""
+    b, run_b = x0.shape[0], max(x0.shape[0], sampler.batch_size)
+    dt, guided, w = sampler.model_dtype, sampler.guided, sampler.guidance_scale
+    x = torch.zeros(run_b, *SHAPE)
+    x[:b] = x0
+    ex = {k: torch.cat([v, v[-1:].expand(run_b - b)]) for k, v in extras.items()}
+    net = sampler.model.model if guided else sampler.model
+    if guided:
+        ex = sampler.model.doubled_extras(ex, run_b)
+    rows = 2 * run_b if guided else run_b
+
+    def velocity(state, t):
+        inp = state.to(dt)
+        if guided:
+            inp = torch.cat([inp, inp])
+        return net(inp, t.expand(rows).contiguous(), **ex)
+
+    with torch.no_grad():
+        if sampler.kind == "bns":
+            t, a, bb = (v.detach().float() for v in sampler.solver.coefficient_tables())
+            us, x0p, xs = [], x, x
+            for i in range(sampler.n_steps):
+                u = velocity(xs, t[i])
+                if guided:
+                    u = guidance_combine_ref(u, torch.tensor(w))
+                us.append(u.to(dt))
+                xs = bns_step_ref(x0p, torch.stack(us), i, a, bb, None)
+            return xs[:b]
+        table = sampler.solver.coefficient_table(guidance_scale=w, dtype=torch.float32).detach()
+        for i in range(sampler.n_steps):
+            u = velocity(x, table[i, T.T0])
+            if sampler.base == "rk1":
+                x = rk1_step_ref(x, u, table, i, guidance=guided)
+                continue
+            xm = rk2_stage1_ref(x, u, table, i, guidance=guided)
+            x = rk2_stage2_ref(x, xm, velocity(xm, table[i, T.TM]), table, i, guidance=guided)
+        return x[:b]
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_eager_is_bitwise_the_reference_ops(kind, dtype, guided):
+    sampler = make_sampler(kind, 4, dtype, guided, batch_size=5)
+    for b in (5, 3):  # B == batch_size (the fast path) and padded
+        x0 = torch.randn(b, *SHAPE, generator=torch.Generator().manual_seed(b))
+        ex = extras_for(guided, b)
+        want = reference_loop(sampler, x0, ex)
+        got = sampler(x0, **ex)
+        assert got.shape == (b, *SHAPE) and got.dtype == torch.float32
+        assert torch.equal(got, want), (b, (got - want).abs().max())
+        assert torch.equal(sampler(x0, **ex), got)  # the reused buffers carry nothing over
+    # and the graph path's loop (static buffers, static extras) is the same computation
+    x0 = torch.randn(5, *SHAPE)
+    run, x = sampler.captured_region(x0, **extras_for(guided, 5))
+    run()
+    assert torch.equal(x, sampler(x0, **extras_for(guided, 5)))
+
+
+def test_eager_does_not_write_the_callers_tensors():
+    for kind in KINDS:
+        sampler = make_sampler(kind, 2, torch.float32, False)
+        x0 = torch.randn(4, *SHAPE)
+        keep = x0.clone()
+        out = sampler(x0)
+        assert torch.equal(x0, keep) and out.data_ptr() != x0.data_ptr()
+        assert not torch.equal(out, sampler(x0 + 1))
+        # other dtypes and layouts of x0 take the converting path: the same result
+        strided = x0.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        assert not strided.is_contiguous()
+        assert torch.equal(sampler(strided), out) and torch.equal(sampler(x0.double()), out)
+
+
+def test_load_solver_refreshes_the_model_times_of_cached_states():
+    # another solver of the same kind and n has other model times: a cached state must use
+    # them on its next call (eager) and on the captured region
+    sampler = make_sampler("rk2", 3, torch.float32, False)
+    x0 = torch.randn(4, *SHAPE)
+    sampler(x0)
+    other = make_solver("rk2", 3)
+    perturbed(other, seed=9, scale=0.1)
+    sampler.load_solver(other)
+    fresh = FastSampler(Net(), other, SHAPE, 4, backend="reference")
+    assert torch.equal(sampler(x0), fresh(x0))
+    run, x = sampler.captured_region(x0)
+    run()
+    assert torch.equal(x, fresh(x0))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_contract_is_checked_on_every_call(kind, dtype):
+    from bespoke_fast._checks import ModelContractError
+
+    class Bad(nn.Module):
+        """Right for the first ``good`` calls, then ``mode``."""
+
+        def __init__(self, mode, good):
+            super().__init__()
+            self.mode, self.good, self.net = mode, good, Net()
+
+        def forward(self, x, t):
+            u = self.net(x, t)
+            self.good -= 1
+            if self.good >= 0:
+                return u
+            return {"shape": u[:, :1], "dtype": u.double(), "type": u.tolist()}[self.mode]
+
+    for mode, match in (("shape", "shape"), ("dtype", "dtype"), ("type", "torch.Tensor")):
+        sampler = FastSampler(Bad(mode, 1), make_solver(kind, 2), SHAPE, 4, model_dtype=dtype,
+                              backend="reference")
+        with pytest.raises(ModelContractError, match=match):
+            sampler(torch.randn(4, *SHAPE))
