@@ -159,6 +159,20 @@ def test_cli_gt_train_eval_sample_doctor(tmp_path, capsys):
     assert "capturable" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_fit_job_end_to_end_with_image_error_maps(tmp_path):
+    pytest.importorskip("matplotlib")
+    lines = []
+    r = bf.fit("photo-32", out=tmp_path / "fit", nfe=4, num_train=24, num_heldout=8, iters=2,
+               finetune_iters=1, batch_size=8, rtol=1e-3, atol=1e-3, progress=False,
+               log=lines.append)
+    assert lines[0].startswith("plan: bespoke solver at NFE 4 for photo-32 (shape (3, 32, 32))")
+    rows = r.report["heldout"]
+    assert [x["solver"] for x in rows][:2] == ["bespoke-rk2@4", "euler@4"]
+    assert all(x["n"] == 8 for x in rows)
+    assert (tmp_path / "fit" / "error_maps.png").stat().st_size > 20000
+
+
 # ----------------------------------------------------------------------------- image statistics
 def test_spectrum_and_stats_known_answers():
     g = torch.Generator().manual_seed(0)
