@@ -329,6 +329,7 @@ def cmd_demo(args):
     summary = run_demo(args.model, nfe=args.nfe, out=args.out, num_gt=args.num_gt,
                        num_val=args.num_val, iters=args.iters,
                        finetune_iters=args.finetune_iters,
+                       budget_seconds=args.budget_seconds or None,
                        device=_device(args.device), progress=not args.quiet,
                        log=(lambda *a: None) if args.json else print)
     if args.json:
@@ -453,6 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-iters", type=int, default=None,
                    help="fine-tune iterations (default: the trainer's)")
     p.add_argument("--out", type=Path, default=Path("bespoke_demo"), help="output directory")
+    from .demo import DEFAULT_BUDGET_SECONDS
+    p.add_argument("--budget-seconds", type=float, default=DEFAULT_BUDGET_SECONDS,
+                   help="planned seconds for the whole demo (from the fit's timed plan): a "
+                        "slower model gets fewer trajectories, and the demo says so; 0: no limit "
+                        "(default %(default)s)")
 
     from .zoo import FACTORY_CONTRACT
     p = _command(sub, "fit", cmd_fit,

@@ -37,13 +37,51 @@ def _psnr_vs_nfe(path: Path, curve_rows, ours_row, label):
     plt.close(fig)
 
 
+DEFAULT_BUDGET_SECONDS = 600.0
+_CURVES = {"euler": 1, "midpoint": 2, "rk4": 4}          # the base solvers' PSNR-vs-NFE curves
+_CURVE_NFES = (4, 6, 8, 10, 12, 16, 20)
+
+
+def _curve_nfes(per: int) -> list:
+    return [k for k in _CURVE_NFES if k % per == 0]
+
+
+def _sizes_within_budget(model, nfe, num_gt, num_val, seed, iters, finetune_iters, device,
+                         budget_seconds, log):
+    """``(num_gt, num_val)``, scaled down (both by one factor; at least 96 / 64) when the fit's
+    planned time (:func:`fit` with ``plan_only``: a timed probe of the model) plus the curves'
+    model evaluations exceeds ``budget_seconds``. The training time is the trainer's budget and
+    does not scale."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:       # plan_only writes nothing; a fresh folder
+        plan = fit(model, nfe=nfe, solver="bespoke", out=Path(tmp) / "plan", num_train=num_gt,
+                   num_heldout=num_val, seed=seed, iters=iters, finetune_iters=finetune_iters,
+                   device=device, progress=False, log=lambda *a: None, plan_only=True)
+    per_eval = plan["probe"]["seconds_per_eval"]
+    curve_evals = num_val * sum(sum(_curve_nfes(per)) for per in _CURVES.values())
+    eta = plan["eta_seconds"] + per_eval * curve_evals
+    if eta <= budget_seconds:
+        return num_gt, num_val
+    train_s = plan["train_seconds"]
+    scale = max(0.0, budget_seconds - train_s) / max(1e-9, eta - train_s)
+    new_gt, new_val = max(min(num_gt, 96), int(num_gt * scale)), max(min(num_val, 64), int(num_val * scale))
+    log(f"demo: {num_gt} + {num_val} trajectories would take about {eta / 60:.1f} min here "
+        f"({per_eval * 1e3:.3g} ms per sample-evaluation, timed); using {new_gt} + {new_val} to fit "
+        f"the {budget_seconds:.0f} s budget (--budget-seconds; 0: no limit)")
+    return new_gt, new_val
+
+
 def run_demo(model: str = "digits-fmot", nfe: int = 10, out="bespoke_demo", num_gt: int = 1280,
              num_val: int = 1024, iters: int | None = None, finetune_iters: int | None = None,
-             device: str = "cpu", seed: int = 0, progress: bool = True, log=print) -> dict:
+             device: str = "cpu", seed: int = 0, progress: bool = True, log=print,
+             budget_seconds: float | None = DEFAULT_BUDGET_SECONDS) -> dict:
     """Run the demo; returns a summary dict (also written to ``out/summary.json``).
 
     ``num_gt`` training trajectories (seed ``seed``) and ``num_val`` held-out ones (seed
-    ``seed + 1``) that only the evaluation sees.
+    ``seed + 1``) that only the evaluation sees. ``budget_seconds``: the planned time of the
+    whole demo (GT, training, held-out evaluation, the base solvers' curves), from the fit's
+    timed plan: a model too slow for it gets proportionally fewer trajectories, and the demo
+    says so (``None``: no limit). The plan's timing is pessimistic (it times small batches).
 
     Example::
 
@@ -54,6 +92,9 @@ def run_demo(model: str = "digits-fmot", nfe: int = 10, out="bespoke_demo", num_
                                    f"got {nfe}")
     out = Path(out)
     started = time.perf_counter()
+    if budget_seconds is not None:
+        num_gt, num_val = _sizes_within_budget(model, nfe, num_gt, num_val, seed, iters,
+                                               finetune_iters, device, budget_seconds, log)
     result = fit(model, nfe=nfe, solver="bespoke", out=out, num_train=num_gt, num_heldout=num_val,
                  seed=seed, iters=iters, finetune_iters=finetune_iters, device=device,
                  progress=progress, log=log, overwrite=True,   # the demo owns `out`
@@ -62,9 +103,8 @@ def run_demo(model: str = "digits-fmot", nfe: int = 10, out="bespoke_demo", num_
     heldout = load_trajectories(out / "gt_heldout", device=device)
     zm = result.model
     curve = {}
-    for method, per in (("euler", 1), ("midpoint", 2), ("rk4", 4)):
-        nfes = [k for k in (4, 6, 8, 10, 12, 16, 20) if k % per == 0]
-        curve[method] = [evaluate(zm.model, f"{method}@{k}", heldout) for k in nfes]
+    for method, per in _CURVES.items():
+        curve[method] = [evaluate(zm.model, f"{method}@{k}", heldout) for k in _curve_nfes(per)]
     files = dict(report["files"])
     if files:   # matplotlib is there
         _psnr_vs_nfe(out / "psnr_vs_nfe.png", curve, report["heldout"][0], report["heldout"][0]["solver"])

@@ -23,7 +23,8 @@ def _restore_threads():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", bf.zoo.NAMES)
+@pytest.mark.parametrize("model", [n for n in bf.zoo.NAMES if n not in bf.zoo.IMAGE_NAMES])
+# (the image model photo-32: a smaller fit in tests/test_zoo_photo.py; this size takes minutes)
 def test_fit_runs_end_to_end_on_every_bundled_model(model, tmp_path):
     lines = []
     r = bf.fit(model, out=tmp_path / "fit", plots=model == "digits-fmot", log=lines.append, **SMALL)

@@ -30,8 +30,10 @@ from .._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError,
                        check_int, model_error, probe_model, raised_by_model)
 from . import options_lacking, trainer_for
 from .gt_storage import bytes_per_trajectory
+from .plots import plot_error_maps, plot_transform  # the report's figures (re-exported)
+from .plots import pyplot as _plt
 from ..io import (Inventory, atomic_write_text, claim_run_dir, first_difference,
-                  read_json_bounded, save_figure)
+                  read_json_bounded)
 from ..solvers.registry import solver_class
 from ..solvers.bespoke import BespokeSolver
 
@@ -238,73 +240,6 @@ def plan_lines(plan, settings) -> list:
             + (f"training at most {_duration(plan['train_budget_seconds'])}, the trainer's "
                f"time budget)" if plan.get("train_budget_seconds") is not None
                else "training without a time budget)")]
-
-
-# ----------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_error_maps(path, gt_x1, samples: dict, data_range: float, n: int = 4):
-    """For ``n`` held-out samples: the GT sample, then per solver ``|x - x_GT|`` (mean over
-    channels for images; per coordinate for vectors), each panel titled with its PSNR."""
-    from ..metrics import rmse_psnr
-    plt = _plt()
-    n = min(n, gt_x1.shape[0])
-    rows = 1 + len(samples)
-    fig, axes = plt.subplots(rows, n, figsize=(2.3 * n, 2.3 * rows), squeeze=False)
-    errs = {k: (v[:n].double() - gt_x1[:n].double()).abs().cpu() for k, v in samples.items()}
-    vmax = max(float(e.max()) for e in errs.values()) or 1.0
-    image = gt_x1.dim() == 4
-    im = None
-    for j in range(n):
-        ax = axes[0, j]
-        g = gt_x1[j].double().cpu()
-        if image:
-            pic = g.permute(1, 2, 0) if g.shape[0] == 3 else g.mean(0)
-            ax.imshow(((pic / data_range) + 0.5).clamp(0, 1).numpy(),
-                      cmap=None if g.shape[0] == 3 else "gray")
-            ax.axis("off")
-        else:
-            ax.plot(g.reshape(-1).numpy(), lw=0.8)
-        ax.set_title(f"GT sample {j}", fontsize=8)
-        for i, (label, e) in enumerate(errs.items(), start=1):
-            ax = axes[i, j]
-            psnr = rmse_psnr(samples[label][j:j + 1], gt_x1[j:j + 1], data_range)["psnr"]
-            if image:
-                im = ax.imshow(e[j].mean(0).numpy(), cmap="magma", vmin=0, vmax=vmax)
-                ax.axis("off")
-            else:
-                ax.plot(e[j].reshape(-1).numpy(), lw=0.8, color=f"C{i}")
-                ax.set_ylim(0, vmax)
-            ax.set_title(f"{label}: {psnr:.1f} dB", fontsize=8)
-    if im is not None:
-        fig.colorbar(im, ax=axes[1:].ravel().tolist(), shrink=0.8, label="|x - x_GT|")
-    fig.suptitle("Error against the GT sample (adaptive RK45), same noise, equal NFE; "
-                 "title: the panel's PSNR", fontsize=9)
-    return save_figure(fig, path, dpi=110)
-
-
-def plot_transform(path, solver):
-    """The learned scale-time transform of a Bespoke solver, with axis names and a caption."""
-    plt = _plt()
-    tb = {k: v.detach().double().cpu() for k, v in solver.tables().items()}
-    r = torch.linspace(0, 1, len(tb["t"]))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.6))
-    a.plot(r, tb["t"], "o-", ms=3, label="learned $t_r$")
-    a.plot(r, r, "--", color="gray", label="identity (plain RK)")
-    a.set_xlabel("solver time r (uniform steps)"), a.set_ylabel("model time $t_r$"), a.legend()
-    b.plot(r, tb["s"], "o-", ms=3, color="C1", label="learned $s_r$")
-    b.axhline(1, ls="--", color="gray", label="no scaling")
-    b.set_xlabel("solver time r (uniform steps)"), b.set_ylabel("state scale $s_r$"), b.legend()
-    fig.text(0.5, 0.01, "The solver steps uniformly in r; $t_r$ is the model time it evaluates "
-             "at step r, $s_r$ the factor the state is scaled by ($\\bar{x}_r = s_r\\,x(t_r)$).",
-             ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return save_figure(fig, path, dpi=120)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -622,14 +557,15 @@ def _report_plots(out, zm, solver, heldout, s, label, log):
         return {}
     files = {}
     with torch.no_grad():
-        x0 = heldout.x0[:4]
+        x0 = heldout.x0[:4 if heldout.x0.dim() == 4 else 256]   # vectors: a scatter of many
         samples = {label: solver.sample(zm.model, x0)}
         if s["nfe"] % 2 == 0:
             samples[f"midpoint@{s['nfe']}"] = solve(zm.model, x0, "midpoint", n_steps=s["nfe"] // 2)
         else:
             samples[f"euler@{s['nfe']}"] = solve(zm.model, x0, "euler", n_steps=s["nfe"])
-    files["error_maps"] = str(plot_error_maps(out / "error_maps.png", heldout.x1[:4], samples,
-                                              zm.data_range))
+    files["error_maps"] = str(plot_error_maps(out / "error_maps.png", heldout.x1[:x0.shape[0]],
+                                              samples, zm.data_range, n=x0.shape[0],
+                                              model_name=zm.name))
     if isinstance(solver, BespokeSolver):
         files["transform"] = str(plot_transform(out / "transform.png", solver))
     return files

@@ -11,10 +11,14 @@ name                  what it is
 ``digits-vcs``        small MLP trained on the digits, FM/v-CS (cosine) velocity prediction
 ``digits-eps``        small MLP trained on the digits, eps-VP noise prediction, used through
                       ``as_velocity(net, "eps", "vp", time="diffusion")``
+``photo-32``          small conv UNet (:class:`~bespoke_fast.zoo.nets.PhotoUNet`, shape
+                      (3, 32, 32), RGB in [-1, 1]) trained on 32x32 crops of the photos
+                      bundled in scikit-learn / scikit-image, FM-OT velocity prediction
 ====================  =====================================================================
 
 The trained weights ship with the package (safetensors, < 2 MB each) and are reproducible with
-``python -m bespoke_fast.zoo.train --all``. ``digits-exact`` reads the digits from scikit-learn
+``python -m bespoke_fast.zoo.train --all`` (digits) and ``python -m bespoke_fast.zoo.train_photo``
+(``photo-32``; loading it needs no extra package, retraining it needs scikit-image). ``digits-exact`` reads the digits from scikit-learn
 (installed by the ``digits`` extra: ``pip install "bespoke_fast[digits]"``).
 
 Your own model: ``package.module:factory`` (see :func:`resolve_model`); its name is that spec,
@@ -31,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._checks import InvalidArgumentError, MissingDependencyError
-from .trained import TRAINED_NAMES, load_trained
+from .trained import IMAGE_NAMES, TRAINED_NAMES, load_trained
 
 __all__ = ["ZooModel", "load", "NAMES", "resolve_model", "FACTORY_CONTRACT"]
 
@@ -42,7 +46,7 @@ FACTORY_CONTRACT = (
     "max - min for PSNR (default 2.0, data in [-1, 1], with a notice).")
 
 EXACT_NAMES = ("gmm-64", "digits-exact")
-NAMES = EXACT_NAMES + TRAINED_NAMES
+NAMES = EXACT_NAMES + TRAINED_NAMES + IMAGE_NAMES
 
 
 @dataclass
@@ -92,6 +96,10 @@ def load(name: str, device="cpu") -> ZooModel:
     if name in TRAINED_NAMES:
         model, meta = load_trained(name, device=device)
         return ZooModel(name, model, (1, 8, 8), 2.0, meta.get("description", name))
+    if name in IMAGE_NAMES:
+        from .trained import load_trained
+        model, meta = load_trained(name, device=device)
+        return ZooModel(name, model, tuple(meta["shape"]), 2.0, meta.get("description", name))
     raise InvalidArgumentError(f"unknown model {name!r}; bundled models: {', '.join(NAMES)} "
                      f"(or give 'package.module:factory' for your own)")
 

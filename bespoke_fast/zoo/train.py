@@ -50,7 +50,7 @@ DEFAULTS = dict(iters=8000, batch_size=128, lr=2e-3, warmup=200, ema_decay=0.998
 DEFAULT_OUT = Path(__file__).with_name("weights")
 
 
-def _loadavg():
+def loadavg():
     try:
         import os
         return os.getloadavg()[0]
@@ -58,7 +58,7 @@ def _loadavg():
         return None
 
 
-def _lr_factor(it: int, iters: int, warmup: int) -> float:
+def lr_factor(it: int, iters: int, warmup: int) -> float:
     if it < warmup:
         return (it + 1) / warmup
     return 0.5 * (1.0 + math.cos(math.pi * (it - warmup) / max(1, iters - warmup)))
@@ -128,7 +128,7 @@ def train_model(name: str, iters: int = DEFAULTS["iters"], seed: int = DEFAULTS[
     ema.load_state_dict(net.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: _lr_factor(it, iters, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(it, iters, warmup))
     g = torch.Generator().manual_seed(seed)
     ema_params, net_params = list(ema.parameters()), list(net.parameters())
 
@@ -138,7 +138,7 @@ def train_model(name: str, iters: int = DEFAULTS["iters"], seed: int = DEFAULTS[
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=iters, desc=name, dynamic_ncols=True)
-    load_start = _loadavg()
+    load_start = loadavg()
     t_start = time.perf_counter()
     for it in range(iters):
         if pos + batch_size > N:
@@ -179,7 +179,7 @@ def train_model(name: str, iters: int = DEFAULTS["iters"], seed: int = DEFAULTS[
                              else f"diffusion time ~ U({t_eps}, {1 - t_eps})"),
                  n_train=int(N), split="bespoke_fast.zoo.quality.digits_split(seed=0)",
                  final_loss=sum(losses[-k:]) / k, loss_curve=curve, wall_time_s=wall,
-                 loadavg_1min_start_end=[load_start, _loadavg()],
+                 loadavg_1min_start_end=[load_start, loadavg()],
                  torch_threads=torch.get_num_threads(), net_config=cfg,
                  params=count_params(ema), flops_per_sample=ema.flops_per_sample())
     if eval_loss:
