@@ -97,7 +97,6 @@ def load(name: str, device="cpu") -> ZooModel:
         model, meta = load_trained(name, device=device)
         return ZooModel(name, model, (1, 8, 8), 2.0, meta.get("description", name))
     if name in IMAGE_NAMES:
-        from .trained import load_trained
         model, meta = load_trained(name, device=device)
         return ZooModel(name, model, tuple(meta["shape"]), 2.0, meta.get("description", name))
     raise InvalidArgumentError(f"unknown model {name!r}; bundled models: {', '.join(NAMES)} "
