@@ -31,13 +31,17 @@ setup(
         "diffusers": ["diffusers", "transformers"],
         # the digits-exact model reads the 1797 digits from scikit-learn
         "digits": ["scikit-learn"],
+        # photo-32's training photos (and its held-out crops) ship with these two; loading the
+        # model needs neither
+        "photos": ["scikit-learn", "scikit-image"],
         # flow_matching and diffusers: the peer-conversion tests check our adapters to them, and
         # the diffusers integration tests; nvidia-ml-py: the telemetry test runs against a fake
         # NVML on CPU machines
         # torchsde: k_diffusion.sampling's one dependency beyond these (k-diffusion itself
         # installs --no-deps: its requirements pull torchvision, which replaces torch)
         "test": ["pytest", "pytest-benchmark", "torchdiffeq", "scipy", "scikit-learn", "matplotlib",
-                 "flow_matching", "diffusers", "transformers", "nvidia-ml-py", "torchsde"],
+                 "flow_matching", "diffusers", "transformers", "nvidia-ml-py", "torchsde",
+                 "scikit-image"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "torchdiffeq", "flow_matching", "diffusers",
                   "matplotlib"],
         "viz": ["matplotlib"],

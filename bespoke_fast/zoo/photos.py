@@ -39,7 +39,7 @@ TRAIN_FRACTION = 0.8
 CROP = 32
 _SKIMAGE_FILES = {"astronaut": "astronaut.png", "chelsea": "chelsea.png", "coffee": "coffee.png",
                   "rocket": "rocket.jpg", "motorcycle_left": "motorcycle_left.png"}
-_INSTALL = 'pip install "scikit-learn" "scikit-image"'
+_INSTALL = 'pip install "bespoke_fast[photos]" (scikit-learn and scikit-image)'
 
 
 def load_photos() -> dict:
