@@ -1,6 +1,7 @@
 """Small shared fixtures for the test-suite (importable as ``tests.helpers``)."""
 import os
 
+import pytest
 import torch
 
 from bespoke_fast.models import GaussianMixtureFlow
@@ -159,3 +160,14 @@ def perturbed(solver, seed=0, scale=0.05):
         for p in solver.parameters():
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return solver
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module: import it there and set
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``. On a shared 2-core machine two OpenMP
+    threads next to other jobs ran ~10x slower than one."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

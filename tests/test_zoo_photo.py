@@ -16,20 +16,15 @@ from bespoke_fast.solvers.fixed import solve
 from bespoke_fast.zoo.nets import PhotoUNet
 from bespoke_fast.zoo.photo_stats import channel_stats, compare, radial_power_spectrum
 from bespoke_fast.zoo.trained import WEIGHTS_DIR, load_trained, verify_weights
+from tests.helpers import one_thread  # noqa: F401  (a fixture)
 from tests.test_engine import perturbed, perturbed_bns
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 CURVE = ROOT / "bench" / "results" / "2026-12-04-cpu" / "photo-32" / "training_curve.json"
 HAS_PHOTOS = all(importlib.util.find_spec(m) is not None for m in ("sklearn", "skimage"))
 needs_photos = pytest.mark.skipif(not HAS_PHOTOS, reason="needs scikit-learn and scikit-image")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

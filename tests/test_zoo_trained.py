@@ -10,6 +10,9 @@ from bespoke_fast.zoo.quality import sample_stats
 from bespoke_fast.zoo.trained import (TRAINED_NAMES, WEIGHTS_DIR, WeightsIntegrityError,
                                       load_trained)
 from bespoke_fast.zoo.nets import DigitsMLP
+from tests.helpers import one_thread  # noqa: F401  (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MAX_BYTES = 2 * 1024 * 1024
 
@@ -18,15 +21,6 @@ MAX_BYTES = 2 * 1024 * 1024
 # nearest-train-image RMSE 0.26-0.34 vs 0.265 for held-out real digits, no near copies.
 MIN_CONFIDENCE = 0.7
 MIN_CLASSES = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # a shared 2-core machine: two OpenMP threads next to other jobs ran ~10x slower than one
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,38 @@ def lr_factor(it: int, iters: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (it - warmup) / max(1, iters - warmup)))
 
 
+def training_setup(net_class, cfg: dict, seed: int, lr: float, iters: int, warmup: int):
+    """The seeded start of a zoo network's training: ``(net, ema, opt, sched, g, ema_params,
+    net_params)``; ``net`` initialised under ``torch.manual_seed(seed)``, ``ema`` a frozen copy,
+    Adam with the warm-up + cosine factor :func:`lr_factor`, ``g`` the data generator."""
+    torch.manual_seed(seed)
+    net = net_class(**cfg)
+    ema = net_class(**cfg)
+    ema.load_state_dict(net.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(it, iters, warmup))
+    g = torch.Generator().manual_seed(seed)
+    return net, ema, opt, sched, g, list(ema.parameters()), list(net.parameters())
+
+
+def optimizer_step(loss, net, opt, sched, grad_clip, ema_params, net_params, ema_decay: float,
+                   it: int) -> float:
+    """One training step of a zoo network: backward, gradient clip (``grad_clip`` > 0), Adam and
+    learning-rate steps, then the EMA update (decay warmed up as ``(1 + it) / (10 + it)``, capped
+    at ``ema_decay``). Returns the loss as a float."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
+    opt.step()
+    sched.step()
+    d = min(ema_decay, (1.0 + it) / (10.0 + it))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, net_params, 1.0 - d)
+    return float(loss.detach())
+
+
 def _pair(spec: dict, path: GaussianPath, x1: torch.Tensor, x0: torch.Tensor, u: torch.Tensor,
           t_eps: float):
     """``(x_t, t_net, target)`` for data x1 [B,...], noise x0 and uniforms u [B] in [0, 1)."""
@@ -122,15 +154,8 @@ def train_model(name: str, iters: int = DEFAULTS["iters"], seed: int = DEFAULTS[
     xtr, _, xte, _ = digits_split()
     N = xtr.shape[0]
 
-    torch.manual_seed(seed)
-    net = DigitsMLP(**cfg)
-    ema = DigitsMLP(**cfg)
-    ema.load_state_dict(net.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(it, iters, warmup))
-    g = torch.Generator().manual_seed(seed)
-    ema_params, net_params = list(ema.parameters()), list(net.parameters())
+    net, ema, opt, sched, g, ema_params, net_params = training_setup(DigitsMLP, cfg, seed, lr,
+                                                                    iters, warmup)
 
     losses = []
     perm, pos = torch.randperm(N, generator=g), 0
@@ -149,16 +174,8 @@ def train_model(name: str, iters: int = DEFAULTS["iters"], seed: int = DEFAULTS[
         x0 = torch.randn(x1.shape, generator=g)
         u = torch.rand(x1.shape[0], generator=g)
         loss = _loss_fn(net, spec, path, x1, x0, u, t_eps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        opt.step()
-        sched.step()
-        d = min(ema_decay, (1.0 + it) / (10.0 + it))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, net_params, 1.0 - d)
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(loss, net, opt, sched, grad_clip, ema_params, net_params,
+                                     ema_decay, it))
         if bar is not None:
             bar.update(1)
             if it % 25 == 0 or it == iters - 1:

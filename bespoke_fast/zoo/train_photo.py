@@ -35,7 +35,7 @@ from ..io import atomic_write_text
 from ..utils import count_params
 from .nets import PhotoUNet
 from .photos import HELDOUT_PHOTOS, fixed_crops, photo_split, random_crops
-from .train import loadavg, lr_factor, machine_info
+from .train import loadavg, machine_info, optimizer_step, training_setup
 
 __all__ = ["NAME", "NET_CONFIG", "DEFAULTS", "train_photo", "save_photo_model", "fm_loss",
            "eval_sets", "main"]
@@ -118,15 +118,8 @@ def train_photo(iters: int = DEFAULTS["iters"], seed: int = DEFAULTS["seed"],
     train_parts, heldout_parts = photo_split()
     sets = eval_sets(train_parts, heldout_parts, eval_n)
 
-    torch.manual_seed(seed)
-    net = PhotoUNet(**cfg)
-    ema = PhotoUNet(**cfg)
-    ema.load_state_dict(net.state_dict())
-    ema.requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda it: lr_factor(it, iters, warmup))
-    g = torch.Generator().manual_seed(seed)
-    ema_params, net_params = list(ema.parameters()), list(net.parameters())
+    net, ema, opt, sched, g, ema_params, net_params = training_setup(PhotoUNet, cfg, seed, lr,
+                                                                    iters, warmup)
 
     chunk = max(1, min(100, iters // 20))
     curve = dict(name=NAME, seed=int(seed), batch_size=int(batch_size), iters=int(iters),
@@ -155,16 +148,8 @@ def train_photo(iters: int = DEFAULTS["iters"], seed: int = DEFAULTS["seed"],
         x0 = torch.randn(x1.shape, generator=g)
         t = torch.rand(batch_size, generator=g)
         loss = fm_loss(net, x1, x0, t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
-        opt.step()
-        sched.step()
-        d = min(ema_decay, (1.0 + it) / (10.0 + it))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, net_params, 1.0 - d)
-        losses.append(float(loss.detach()))
+        losses.append(optimizer_step(loss, net, opt, sched, grad_clip, ema_params, net_params,
+                                     ema_decay, it))
         if (it + 1) % chunk == 0 or it == iters - 1:
             start = (it // chunk) * chunk
             curve["train_chunks"]["iter_end"].append(it + 1)
