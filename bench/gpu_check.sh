@@ -101,6 +101,7 @@ step() {  # step NAME CAP LOGFILE CMD...: run with a time cap, tee output, recor
 # ---- environment (no hostname)
 {
   echo "date: $(date -u +%FT%TZ)"
+  echo "interpreter: $PY ($(command -v "$PY"))"
   echo "git: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo +dirty)"
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 | head -5
   "$PY" - <<'EOF' 2>&1

@@ -150,7 +150,8 @@ def test_dry_run_goes_through_every_stage_and_packs_every_file(bare_image, tmp_p
                  "kernels.md", "throughput.json", "throughput.md", "summary.md"):
         assert (files / name).stat().st_size > 0, name
     env_txt = (files / "env.txt").read_text()
-    assert "python3" in env_txt or "python " in env_txt  # the interpreter the script found
+    # no `python` on the PATH: the script must have found the image's python3
+    assert f"interpreter: python3 ({venv / 'bin' / 'python3'})\n" in env_txt, env_txt
     assert "diffusers: NOT AVAILABLE" in env_txt          # the image's environment, truly
     plan = (files / "plan.txt").read_text()  # (the real run's caps: test_gpu_check.py)
     assert "time plan:" in plan and re.search(r"worst case: .*= \d+s", plan), plan
