@@ -162,6 +162,7 @@ def _train_options(args) -> dict:
     opts = {name: getattr(args, name) if getattr(args, name, None) is not None
             else getattr(defaults, name) for name in names}
     opts["budget_seconds"] = opts["budget_seconds"] or None    # 0: no budget
+    opts["budget_evals"] = opts["budget_evals"] or None        # 0: no budget
     opts["patience"] = opts["patience"] or None                # 0: no patience stop
     return opts
 
@@ -192,7 +193,7 @@ def cmd_train(args):
             print(f"bespoke-fast train: the GT set has {len(gt)} trajectories: holding out the last "
                   f"{opts['val']} (a fifth) for validation and training on {len(gt) - opts['val']} "
                   f"(--val sets it)", file=sys.stderr)
-    from .fitting.stopping import describe_stop
+    from .fitting.stopping import describe_events, describe_stop
     train, _ = trainer_for(args.solver)
     solver, report = train(zm.model, gt, n_steps=n, seed=args.seed, checkpoint=args.checkpoint,
                            progress=not args.quiet, model_name=zm.name, **header, **opts)
@@ -201,13 +202,15 @@ def cmd_train(args):
     solver.save(args.out)
     best = report["best"]
     _emit(args, {"out": str(args.out), "nfe": solver.nfe, "best": best, "nfe_spent": report["nfe"],
+                 "evaluations": report["evaluations"], "events": report["events"],
                  "wall_seconds": report["wall_seconds"], "stop_reason": report["stop_reason"],
                  "iterations": report["iterations"], "start": report.get("start")},
           [f"saved {args.solver} solver (NFE {solver.nfe}) to {args.out}",
            f"validation: RMSE {best['rmse']:.3e}, PSNR {best['psnr']:.2f} dB "
            f"(set {best['psnr_set']:.2f} dB) "
            f"(iteration {best['iteration']}, {report['wall_seconds']:.1f} s)",
-           describe_stop(report)] + _start_line(report))
+           describe_stop(report), _evaluations_line(report)] + _start_line(report)
+          + [f"note: {line}" for line in describe_events(report)])
 
 
 def _solver_out(raw) -> Path:
@@ -233,6 +236,17 @@ def _solver_out(raw) -> Path:
                            f"refusing to replace it: move it, or pick another --out")
     check_writable(path, "solver file")
     return path
+
+
+def _evaluations_line(report) -> str:
+    """The fit's exact model evaluations, one line."""
+    ev = report["evaluations"]
+    parts = ", ".join(f"{name} {row['forward_equivalent']:,}" for name, row in ev.items()
+                      if name != "total")
+    budget = report["config"].get("budget_evals")
+    return (f"model evaluations: {ev['total']['forward_equivalent']:,} forward-equivalents "
+            f"({ev['total']['forward']:,} forward + {ev['total']['backward']:,} backward rows"
+            + (f"; budget {budget:,}" if budget else "") + f"): {parts}")
 
 
 def _start_line(report) -> list:
@@ -366,6 +380,8 @@ def cmd_fit(args):
                      heldout_seed=args.heldout_seed, storage_dtype=args.storage_dtype,
                      adaptive_knots=args.adaptive_knots, max_disk=args.max_disk,
                      budget_seconds=args.budget_seconds, device=_device(args.device),
+                     **({} if args.budget_evals is None else
+                        {"budget_evals": args.budget_evals or None}),
                      iters=args.iters, finetune_iters=args.finetune_iters,
                      batch_size=args.batch_size, micro_batch=args.micro_batch,
                      activation_checkpointing=args.checkpoint_activations, autocast=autocast,
@@ -448,7 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "NFE and midpoint at twice the NFE, save the solver file, a report, "
                              "error maps against GT, the learned transform and a PSNR-vs-NFE plot.")
     p.add_argument("--nfe", type=int, default=10, help="network evaluations (even; default %(default)s)")
-    p.add_argument("--num-gt", type=int, default=1280, help="GT trajectories (default %(default)s)")
+    from .fitting.job import DEFAULT_NUM_TRAIN
+    p.add_argument("--num-gt", type=int, default=DEFAULT_NUM_TRAIN,
+                   help="training GT trajectories (default %(default)s, the fit's)")
     p.add_argument("--num-val", type=int, default=1024, help="held-out GT trajectories (separate seed; evaluation only) (default %(default)s)")
     p.add_argument("--iters", type=int, default=None, help="bound-phase iterations (default: the trainer's)")
     p.add_argument("--finetune-iters", type=int, default=None,
@@ -475,7 +493,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bespoke (RK2 scale-time) or bns (non-stationary) (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--num-train", type=int, default=None,
-                   help="training GT trajectories (default 1280)")
+                   help="training GT trajectories (default 160; the last fifth select the "
+                        "checkpoint)")
     p.add_argument("--num-heldout", type=int, default=1024, help="held-out GT trajectories (separate seed; evaluation only) (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="training noise seed (default %(default)s)")
     p.add_argument("--heldout-seed", type=int, default=None, help="held-out noise seed (default seed + 1)")
@@ -487,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-disk", type=_size, default=None, help="e.g. 20GB: scale down or refuse beyond it")
     p.add_argument("--budget-seconds", type=float, default=None,
                    help="scale down (fewer trajectories, then iterations) to fit the ETA, or refuse")
+    p.add_argument("--budget-evals", type=int, default=None,
+                   help="model evaluations the fit may spend (forward-equivalents: a backward "
+                        "counts 2), training GT and trainer together; 0: the trainer's own "
+                        "(default 250,000: the same fit on any device)")
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the trainer's)")
     p.add_argument("--finetune-iters", type=int, default=None, help="fine-tune iterations (bespoke)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch (default: the trainer's)")
@@ -528,8 +551,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-iters", type=int, default=None,
                    help="end-to-end fine-tune iterations after the bound phase (bespoke only)")
     p.add_argument("--polish-iters", type=int, default=None,
-                   help="full-batch L-BFGS iterations after the fine-tune (bespoke only; "
-                        "default 200, 0: none)")
+                   help="cap on the full-batch L-BFGS polish (and warm-up) iterations (bespoke "
+                        "only; default 1000, 0: none; the budget usually ends it first)")
+    p.add_argument("--warmup-pairs", type=int, default=None,
+                   help="trajectories of the warm-up L-BFGS before the one on all of them "
+                        "(default 32; 0: none)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--val", type=int, default=None,
@@ -547,13 +573,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=("auto", "lbfgs", "adam"), default=None,
                    help="bns only (default auto: L-BFGS, then Adam when L-BFGS stalls)")
     p.add_argument("--init", default=None, metavar="NAME|FILE",
-                   help="the starting solver. bespoke: auto (default: the best of a few starting "
-                        "grids after a short trial each), searched or identity; bns: bespoke "
-                        "(default: fit a Bespoke solver of the same NFE first, with half the "
-                        "budget, and start from it), midpoint or euler. Or a solver file of the "
-                        "same kind (bespoke) or NFE (bns)")
+                   help="the starting solver. bespoke: searched (default: the base solver on "
+                        "the grid of least one-step error), auto (the best of a few starting "
+                        "grids after a short trial each) or identity; bns: bespoke (default: "
+                        "fit a Bespoke solver of the same NFE first, with 40%% of the budget, "
+                        "and start from it), midpoint or euler. Or a solver file of the same "
+                        "kind (bespoke) or NFE (bns)")
+    p.add_argument("--budget-evals", type=int, default=None,
+                   help="model evaluations the fit may spend (forward-equivalents: one sample "
+                        "through the model; a backward counts 2), start, phases and validation "
+                        "included; 0: no limit (default: the trainer's, 200,000)")
     p.add_argument("--budget-seconds", type=float, default=None,
-                   help="wall-time budget of the fit; 0: none (default: the trainer's, 170 s)")
+                   help="wall-time cap on the fit, besides --budget-evals; 0: none (default "
+                        "none)")
     p.add_argument("--max-iters", type=int, default=None,
                    help="cap on all training iterations (default: the trainer's phase caps)")
     p.add_argument("--patience", type=int, default=None,

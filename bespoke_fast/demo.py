@@ -14,7 +14,7 @@ import torch
 
 from ._checks import InvalidArgumentError
 from .fitting.evaluation import evaluate
-from .fitting.job import baselines, fit
+from .fitting.job import DEFAULT_NUM_TRAIN, baselines, fit
 from .fitting.gt import load_trajectories
 from .io import atomic_write_text
 
@@ -71,7 +71,8 @@ def _sizes_within_budget(model, nfe, num_gt, num_val, seed, iters, finetune_iter
     return new_gt, new_val
 
 
-def run_demo(model: str = "digits-fmot", nfe: int = 10, out="bespoke_demo", num_gt: int = 1280,
+def run_demo(model: str = "digits-fmot", nfe: int = 10, out="bespoke_demo",
+             num_gt: int = DEFAULT_NUM_TRAIN,
              num_val: int = 1024, iters: int | None = None, finetune_iters: int | None = None,
              device: str = "cpu", seed: int = 0, progress: bool = True, log=print,
              budget_seconds: float | None = DEFAULT_BUDGET_SECONDS) -> dict:

@@ -34,15 +34,27 @@ def count_params(net: torch.nn.Module) -> int:
 
 
 def training_bar(total: int, initial: int = 0, budget_seconds=None, disable: bool = False,
-                 desc: str = ""):
-    """The trainers' tqdm bar over iterations up to the cap ``total``. With a wall-time budget
-    the run usually ends at the budget, long before the cap, so the bar shows the elapsed time
-    against the budget instead of an ETA computed from the cap (which read e.g. 3:56:53 for a
-    two-minute fit)."""
+                 desc: str = "", budget_evals=None, spent: int = 0):
+    """The trainers' progress bar; ``bar.advance(iterations, spent)`` after each step (then
+    ``set_postfix`` / ``close`` as tqdm's).
+
+    With an evaluation budget (``budget_evals``, forward-equivalents) the bar counts the
+    evaluations ``spent`` against it: the fit ends there or earlier, so its ETA is an upper
+    bound that holds on any device. Otherwise it counts iterations to the cap ``total``; with a
+    wall-time budget the run usually ends at the budget, long before the cap, so the bar shows
+    the elapsed time against the budget instead of an ETA from the cap (which read e.g. 3:56:53
+    for a two-minute fit)."""
     from tqdm.auto import tqdm
+    if budget_evals:
+        bar = tqdm(total=int(budget_evals), initial=min(int(spent), int(budget_evals)),
+                   disable=disable, desc=desc, unit=" evals", unit_scale=True, dynamic_ncols=True)
+        bar.advance = lambda iterations, now: bar.update(max(0, min(int(now), bar.total) - bar.n))
+        return bar
     kwargs = {}
     if budget_seconds:
         kwargs["bar_format"] = ("{desc}: {n_fmt} it [{elapsed} of a " + f"{budget_seconds:.0f}"
                                 + " s budget, {rate_fmt}{postfix}]")
-    return tqdm(total=total, initial=initial, disable=disable, desc=desc, unit="it",
-                dynamic_ncols=True, **kwargs)
+    bar = tqdm(total=total, initial=initial, disable=disable, desc=desc, unit="it",
+               dynamic_ncols=True, **kwargs)
+    bar.advance = lambda iterations, now: bar.update(iterations)
+    return bar

@@ -736,6 +736,13 @@ def test_training_bars_show_the_budget_not_an_eta_from_the_iteration_cap(base, t
     assert main(["train", "--model", "gmm-64", "--device", "cpu", "--gt", str(base / "gt"),
                  "--nfe", "4", "--iters", "3", "--finetune-iters", "0", "--polish-iters", "0",
                  "--val", "16", "--init", "identity", "--budget-seconds", "100",
-                 "--out", str(tmp_path / "s.json")]) == 0
+                 "--budget-evals", "0", "--out", str(tmp_path / "s.json")]) == 0
     err = capsys.readouterr().err
     assert "of a 100 s budget" in err and "<" not in err.split("fit bespoke", 1)[1], err
+    # under an evaluation budget (the default) the bar counts evaluations to it: its ETA is a
+    # true upper bound
+    assert main(["train", "--model", "gmm-64", "--device", "cpu", "--gt", str(base / "gt"),
+                 "--nfe", "4", "--val", "16", "--budget-evals", "20000",
+                 "--out", str(tmp_path / "s.json")]) == 0
+    err = capsys.readouterr().err
+    assert "/20.0k" in err and "evals/s" in err, err

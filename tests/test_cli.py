@@ -38,8 +38,8 @@ def test_gt_train_eval_flow(gt_dir, tmp_path, capsys):
     capsys.readouterr()
     solver = tmp_path / "s.json"
     assert main(["train", "--model", "gmm-64", "--gt", str(gt_dir), "--nfe", "6", "--iters", "30",
-                 "--finetune-iters", "10", "--val", "32", "--out", str(solver), "--quiet", "--json",
-                 "--device", "cpu"]) == 0
+                 "--finetune-iters", "10", "--val", "32", "--init", "auto", "--out", str(solver),
+                 "--quiet", "--json", "--device", "cpu"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["nfe"] == 6 and solver.is_file()
     assert summary["start"]["chosen"] in [c["start"] for c in summary["start"]["candidates"]]
@@ -80,12 +80,16 @@ def test_train_bespoke_start_and_polish_options(gt_dir, tmp_path, capsys):
     base = ["train", "--model", "gmm-64", "--gt", str(gt_dir), "--nfe", "4", "--iters", "5",
             "--finetune-iters", "5", "--val", "32", "--device", "cpu", "--quiet"]
     capsys.readouterr()
-    assert main(base + ["--out", str(tmp_path / "auto.json")]) == 0
+    assert main(base + ["--init", "auto", "--out", str(tmp_path / "auto.json")]) == 0
     out = capsys.readouterr().out
     assert "start: " in out and "6 starts screened" in out
+    assert "model evaluations: " in out and "budget 200,000" in out
     assert main(base + ["--init", "identity", "--polish-iters", "0", "--json",
                         "--out", str(tmp_path / "id.json")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["start"] is None and summary["iterations"] == 10
+    ev = summary["evaluations"]     # exact: 5 + 5 iterations of 128 trajectories x 4 rows each way
+    assert ev["bound"]["forward"] == ev["finetune"]["backward"] == 5 * 128 * 4
+    assert ev["total"]["forward_equivalent"] == ev["total"]["forward"] + 2 * ev["total"]["backward"]
     t = bf.BespokeSolver.load(tmp_path / "id.json").meta["training"]
     assert t["init"] == "identity" and t["polish_iters"] == 0

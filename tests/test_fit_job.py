@@ -131,14 +131,20 @@ def test_an_interrupted_fit_resumes_to_the_uninterrupted_result(tmp_path):
 def test_the_plan_scales_down_or_refuses_under_disk_and_time_limits(tmp_path):
     lines = []
     full = bf.fit("gmm-64", out=tmp_path / "p", plan_only=True, log=lines.append)
-    assert full["trajectories"]["train"] == 1280 and full["trajectories"]["heldout"] == 1024
-    assert full["model_evaluations"]["total"] > 0 and full["eta_seconds"] > 0
+    assert full["trajectories"]["train"] == 160 and full["trajectories"]["heldout"] == 1024
+    ev = full["model_evaluations"]
+    # the default budget covers the training GT and the trainer, which gets what the GT leaves
+    assert ev["budget"] == 250_000 and ev["fit"] == ev["gt"] + ev["train"] <= 250_000
+    assert ev["gt"] >= 160 * full["probe"]["gt_evals_per_trajectory"] and full["eta_seconds"] > 0
+    assert any(line.startswith("  memory: about") for line in lines)
+    with pytest.raises(ValueError, match="the training GT alone needs about"):
+        bf.fit("gmm-64", out=tmp_path / "p", plan_only=True, num_train=2000, log=lambda *a: None)
     assert not (tmp_path / "p").exists()                          # a plan writes nothing
     lines.clear()
     half = bf.fit("gmm-64", out=tmp_path / "p", plan_only=True, max_disk=full["disk_bytes"] / 2,
                   log=lines.append)
     assert half["disk_bytes"] <= full["disk_bytes"] / 2
-    assert half["trajectories"]["train"] < 1280 and lines[0].startswith("scaled down to fit max disk")
+    assert half["trajectories"]["train"] < 160 and lines[0].startswith("scaled down to fit max disk")
     with pytest.raises(ValueError, match="refusing to start: .* exceeds max disk"):
         bf.fit("gmm-64", out=tmp_path / "p", plan_only=True, max_disk=1000, log=lambda *a: None)
     with pytest.raises(ValueError, match="refusing to start: .* exceeds budget"):
@@ -155,7 +161,10 @@ def test_fit_cli_plan_and_errors(tmp_path, capsys):
     assert "refusing to start" in capsys.readouterr().err
     assert main(["fit", "--model", "gmm-64", "--out", str(tmp_path / "x"), "--plan", "--json",
                  "--device", "cpu"]) == 0
-    assert json.loads(capsys.readouterr().out)["trajectories"]["train"] == 1280
+    assert json.loads(capsys.readouterr().out)["trajectories"]["train"] == 160
+    assert main(["fit", "--model", "gmm-64", "--out", str(tmp_path / "x"), "--plan", "--json",
+                 "--device", "cpu", "--budget-evals", "400000"]) == 0
+    assert json.loads(capsys.readouterr().out)["model_evaluations"]["budget"] == 400_000
 
 
 @pytest.mark.slow

@@ -143,7 +143,7 @@ def test_trainer_starts_from_the_searched_grid_or_the_identity(gmm_gt):
 
 
 def test_auto_init_starts_from_the_start_whose_trial_scores_best(gmm_gt):
-    from bespoke_fast.fitting.bespoke import SCREEN_ITERS, screen_starts
+    from bespoke_fast.fitting.bespoke import SCREEN_ITERS, SEARCH_BATCH, screen_starts
     from bespoke_fast.fitting.common import validate_solver
     from bespoke_fast.fitting.grid_search import GRID_FAMILIES, candidate_starts
     flow, gt = gmm_gt
@@ -151,7 +151,7 @@ def test_auto_init_starts_from_the_start_whose_trial_scores_best(gmm_gt):
     # the screening: every start's trial trains it (its score beats the start's own), and the
     # start of the best trial is returned untrained
     start, record = screen_starts(flow, train, val, "rk2", 2)
-    starts = candidate_starts(flow, train, "rk2", 2, candidates=32, batch=32)
+    starts = candidate_starts(flow, train, "rk2", 2, candidates=32, batch=SEARCH_BATCH)
     assert [c["start"] for c in record["candidates"]] == ["searched", *GRID_FAMILIES] == list(starts)
     for c in record["candidates"]:
         assert c["iterations"] == SCREEN_ITERS
@@ -162,9 +162,9 @@ def test_auto_init_starts_from_the_start_whose_trial_scores_best(gmm_gt):
     for k, v in start.state_dict().items():
         torch.testing.assert_close(v, starts[record["chosen"]].state_dict()[k], rtol=0, atol=0)
     assert record["nfe"] == len(starts) * (SCREEN_ITERS * 128 * 4 + 32 * 4)
-    # the trainer's default init="auto" runs exactly this screening and starts from its choice
+    # the trainer's init="auto" runs exactly this screening and starts from its choice
     kw = dict(base="rk2", n_steps=2, iters=1, finetune_iters=0, polish_iters=0, lr=1e-12, val=32,
-              budget_seconds=None, progress=False)
+              budget_seconds=None, budget_evals=None, init="auto", progress=False)
     solver, report = bf.train(flow, gt, **kw)
     _, same = screen_starts(flow, train, val, "rk2", 2, iters=1, lr=1e-12)
     assert report["start"]["candidates"] == [dict(c, seconds=r["seconds"]) for c, r in
@@ -172,7 +172,9 @@ def test_auto_init_starts_from_the_start_whose_trial_scores_best(gmm_gt):
     chosen = starts[report["start"]["chosen"]]
     torch.testing.assert_close(solver.tables()["t"].detach(), chosen.tables()["t"], rtol=0,
                                atol=1e-9)
-    assert report["nfe"]["train"] == report["start"]["nfe"] + 1 * 128 * 4
+    # the screening's trials and validations, then one bound iteration of 128 x 4 rows
+    assert report["evaluations"]["start"]["forward"] > report["start"]["nfe"]   # + the grid search
+    assert report["evaluations"]["bound"]["forward"] == report["evaluations"]["bound"]["backward"] == 128 * 4
     # a trial ends early when its share of the time runs out
     _, quick = screen_starts(flow, train, val, "rk2", 2, iters=10_000, seconds=0.5)
     assert all(c["iterations"] < 10_000 for c in quick["candidates"])

@@ -85,13 +85,14 @@ def test_bespoke_training_stops_on_the_budget_and_on_max_iters(gmm_gt, monkeypat
     try:
         _, report = bf.train(flow, gt, base="rk1", n_steps=3, iters=10 ** 6,
                              finetune_iters=10 ** 6, batch_size=16, val=48, val_every=10 ** 6,
-                             budget_seconds=0.5, init="identity", patience=None, progress=False)
+                             budget_seconds=0.5, budget_evals=None, init="identity", patience=None,
+                             progress=False)
     finally:
         hook.remove()
     # each phase ends at its share of the budget; the polish (one timed L-BFGS iteration) at all of it
     assert report["stop_reason"] == "budget" and report["bound_stop_reason"] == "budget"
     assert report["phase_stop_reasons"] == {"bound": "budget", "finetune": "budget",
-                                            "polish": "budget"}
+                                            "warmup": "budget", "polish": "budget"}
     assert report["wall_seconds"] < 30 and report["curve"][-1]["phase"] == "polish"
     monkeypatch.undo()
     _, report = bf.train(flow, gt, base="rk1", n_steps=3, iters=6, finetune_iters=100,

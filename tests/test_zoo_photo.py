@@ -274,6 +274,6 @@ def test_demo_scales_its_trajectories_to_the_budget():
     kw = dict(nfe=4, seed=0, iters=2, finetune_iters=1, device=torch.device("cpu"), log=lines.append)
     assert _sizes_within_budget("photo-32", num_gt=200, num_val=100, budget_seconds=1e6, **kw) == (200, 100)
     assert lines == []
-    gt, val = _sizes_within_budget("photo-32", num_gt=1280, num_val=1024, budget_seconds=1.0, **kw)
+    gt, val = _sizes_within_budget("photo-32", num_gt=160, num_val=1024, budget_seconds=1.0, **kw)
     assert (gt, val) == (96, 64)                                  # the floors
     assert "using 96 + 64 to fit the 1 s budget" in lines[0]

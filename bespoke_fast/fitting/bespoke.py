@@ -11,18 +11,25 @@ the model inputs (times and states), and through ``x(t_i)`` at the moving grid t
 interpolates the stored trajectories with a cubic Hermite (differentiable in t); online GT
 solves RK45 at the detached grid each iteration and uses ``x(sg t) + u(sg t, x(sg t)) (t - sg t)``.
 
-After the bound phase an end-to-end fine-tune **(ours)** minimises ``mean log ||x_n - x(1)||^2``
-(i.e. maximises the mean per-sample PSNR) through the n-step sampler (cheap at NFE <= 20) with
-Adam on batches, then a polish **(ours)** minimises the same loss with full-batch L-BFGS (Adam's
-batch noise leaves it short of the optimum). Each phase runs until its validation score stops improving,
-within a time / iteration budget; the checkpoint kept is the one with the best validation score
-(default the mean per-sample PSNR; ``select``, see ``bespoke_fast.fitting.stopping``), and the
-report says why training stopped.
+What a fit costs is counted in model evaluations (``bespoke_fast.fitting.evals``) and bounded
+by ``budget_evals`` (forward-equivalents: a backward counts 2), the same on every device. The
+default recipe **(ours)** is built for that budget: start from the base solver on the grid of
+least one-step error (``init="searched"``, GITS-style), then minimise ``mean log ||x_n -
+x(1)||^2`` (the mean per-sample PSNR, the selection metric itself) through the n-step sampler
+with full-batch L-BFGS, first on ``warmup_pairs`` trajectories (cheap iterations find the
+basin; at most ``WARMUP_SHARE`` of the budget), then on all of them (the polish: what
+generalises), each phase until its validation score stops improving or its share of the budget
+is spent. The paper's RMSE-bound phase (``iters``) and an Adam fine-tune on batches
+(``finetune_iters``) are there to be switched on; both are off by default: at a few hundred
+thousand evaluations full-batch L-BFGS from a searched start gave more held-out PSNR per
+evaluation (``bench/fit_cost.py --pareto``). The checkpoint kept is the one with the best
+validation score (default the mean per-sample PSNR; ``select``, see
+``bespoke_fast.fitting.stopping``), and the report says why training stopped.
 
-The fit ends in the basin it starts in, so by default (``init="auto"``, ours) it first screens a
-few starting solvers (the base solver on the searched grid and on generic grids,
+The fit ends in the basin it starts in; ``init="auto"`` (ours) screens a few starting solvers
+(the base solver on the searched grid and on generic grids,
 ``bespoke_fast.fitting.grid_search.candidate_starts``) with a short end-to-end trial each and
-starts from the best.
+starts from the best, for a larger budget.
 """
 from __future__ import annotations
 
@@ -38,9 +45,10 @@ from ..solvers.adaptive import solve_adaptive
 from ..solvers.bespoke import BespokeSolver
 from ..solvers.interface import Solver
 from ..utils import dist_info
-from .common import (CommonOptions, KindTrainer, average_gradients, check_gt_matches, cosine_lr,
-                     finish, gt_split_fingerprint, in_dtype, keyword_trainer, new_lbfgs, option,
-                     validate_solver)
+from .common import (CommonOptions, KindTrainer, average_gradients, check_budget_evals,
+                     check_gt_matches, cosine_lr, finish, gt_split_fingerprint, in_dtype,
+                     keyword_trainer, new_lbfgs, option, validate_solver)
+from .evals import EvalLedger, raw_model
 from .gt import TrajectorySet
 from .loop import Phase, Stopping, lbfgs_step, run_phases
 from .stopping import DEFAULT_SELECT, check_stopping, phase_horizon, selection_score
@@ -205,7 +213,8 @@ def loss_backward(solver, model, batch: TrajectorySet, phase: str = "bound", gt_
 # ----------------------------------------------------------------------------- the start
 def screen_starts(model, train_set: TrajectorySet, val_set: TrajectorySet, base: str, n_steps: int,
                   seed: int = 0, iters: int = 60, batch_size: int = 128, lr: float = 5e-3,
-                  seconds: float | None = None, select: str = DEFAULT_SELECT, loss_model=None):
+                  seconds: float | None = None, select: str = DEFAULT_SELECT, loss_model=None,
+                  evals: int | None = None, spent=None):
     """The starting solver of ``init="auto"``: each of
     :func:`~bespoke_fast.fitting.grid_search.candidate_starts` gets a short trial (``iters``
     end-to-end Adam iterations on batches of ``batch_size`` training trajectories, the fine-tune
@@ -230,17 +239,24 @@ def screen_starts(model, train_set: TrajectorySet, val_set: TrajectorySet, base:
     """
     from .grid_search import candidate_starts
     started = time.perf_counter()
+    spent = spent or (lambda: 0)
+    spent_before = spent()
     loss_model = model if loss_model is None else loss_model
     candidates = candidate_starts(model, train_set, base, n_steps, candidates=SEARCH_CANDIDATES,
                                   batch=SEARCH_BATCH, seed=seed)
-    slot = None if seconds is None else seconds / len(candidates)
+    slot = None if seconds is None else (seconds - (time.perf_counter() - started)) / len(candidates)
+    eval_slot = (None if evals is None else
+                 (evals - (spent() - spent_before)) / len(candidates))
+    # each trial's validation comes out of its own slot
+    val_cost = n_steps * (1 if base == "rk1" else 2) * len(val_set)
     records, nfe = [], 0
     for name, start in candidates.items():
         trial = copy.deepcopy(start)
         optim = torch.optim.Adam(trial.parameters(), lr=lr)
         gen = torch.Generator().manual_seed(seed)
-        t0, k = time.perf_counter(), 0
-        while k < iters and (slot is None or time.perf_counter() - t0 < slot):
+        t0, e0, k = time.perf_counter(), spent(), 0
+        while k < iters and (slot is None or time.perf_counter() - t0 < slot) and (
+                eval_slot is None or spent() - e0 + val_cost < eval_slot):
             for group in optim.param_groups:
                 group["lr"] = cosine_lr(lr, k, iters)
             rows = torch.randint(len(train_set), (batch_size,), generator=gen)
@@ -262,14 +278,37 @@ def screen_starts(model, train_set: TrajectorySet, val_set: TrajectorySet, base:
 
 
 # ----------------------------------------------------------------------------- the trainer
-BOUND_BUDGET_SHARE = 0.25  # the bound phase may use at most this share of budget_seconds
+# budget shares (of budget_evals, and of budget_seconds when given), counted from the fit's start
+BOUND_BUDGET_SHARE = 0.25  # the bound phase may use at most this share, counted from its start
 SCREEN_ITERS = 60          # init="auto": end-to-end Adam iterations of each start's trial
-SCREEN_SHARE = 0.25        # init="auto": at most this share of budget_seconds for all the trials
+SCREEN_SHARE = 0.25        # init="auto": at most this share for the candidate search and trials
+WARMUP_SHARE = 0.5         # the warm-up L-BFGS on warmup_pairs ends here at the latest
 POLISH_VAL_EVERY = 10      # polish: L-BFGS iterations between validations
 POLISH_PAIRS = 1024        # polish: at most this many training trajectories in its full batch
 FINETUNE_BUDGET_SHARE = 0.85  # the fine-tune stops here, leaving the rest of the budget to the polish
-# the grid search of init="searched": 32 candidate times, 32 trajectories (528 one-step costs)
-SEARCH_CANDIDATES, SEARCH_BATCH = 32, 32
+# the grid search of init="searched": 32 candidate times on 16 trajectories (528 one-step costs),
+# smaller when that would take more than SEARCH_SHARE of the budget
+SEARCH_CANDIDATES, SEARCH_BATCH, SEARCH_SHARE = 32, 16, 0.15
+
+
+def search_size(base: str, n_steps: int, num_train: int, budget_evals=None) -> tuple:
+    """``(candidates, batch)`` of the start's grid search: ``SEARCH_CANDIDATES`` times on
+    ``SEARCH_BATCH`` trajectories, fewer of both (never fewer candidates than ``2 n_steps``,
+    nor trajectories than 4) while its cost, ``calls x batch x M (M + 1) / 2`` model
+    evaluations (1 call per step for rk1, 2 for rk2), exceeds ``SEARCH_SHARE`` of the budget."""
+    calls = 1 if base == "rk1" else 2
+    m, b = SEARCH_CANDIDATES, min(SEARCH_BATCH, num_train)
+
+    def cost(m, b):
+        return calls * b * m * (m + 1) // 2
+    while budget_evals is not None and cost(m, b) > SEARCH_SHARE * budget_evals:
+        if b > 4:
+            b = max(4, b // 2)
+        elif m > 2 * n_steps:
+            m = max(2 * n_steps, m * 3 // 4)
+        else:
+            break
+    return max(m, n_steps), b
 
 
 @dataclass(frozen=True)
@@ -282,8 +321,8 @@ class BespokeOptions(CommonOptions):
                               "step); default rk2")
     n_steps: int = option(5, "steps of the solver (NFE = n_steps for rk1, 2 n_steps for rk2); "
                              "default 5")
-    iters: int = option(300, "cap on the RMSE-bound phase, in iterations (0: skip it); "
-                             "default 300")
+    iters: int = option(0, "cap on the RMSE-bound phase (the paper's loss), in iterations "
+                           "(0: skip it); default 0")
     batch_size: int = option(128, "trajectories per Adam iteration; default 128")
     lr: float = option(5e-3, "Adam learning rate of the bound phase (and of the fine-tune unless "
                              "finetune_lr is set), decayed along a cosine to 5%; default 5e-3")
@@ -294,11 +333,14 @@ class BespokeOptions(CommonOptions):
                                 "default 50")
     gt_mode: str = option("cached", "'cached': Hermite interpolation of the stored GT; "
                                     "'online': an RK45 solve per iteration; default cached")
-    finetune_iters: int = option(6000, "cap on the end-to-end Adam fine-tune, in iterations "
-                                       "(0: none); default 6000")
+    finetune_iters: int = option(0, "cap on the end-to-end Adam fine-tune on batches, in "
+                                    "iterations (0: none); default 0")
     finetune_lr: float | None = option(None, "learning rate of the fine-tune; default: lr")
-    polish_iters: int = option(200, "cap on the full-batch L-BFGS polish, in iterations, at most "
-                                    "finetune_iters (0: none); default 200")
+    warmup_pairs: int = option(32, "training trajectories of the warm-up: full-batch L-BFGS on "
+                                   "these few first (cheap iterations find the basin), then the "
+                                   "polish on all (0: no warm-up); default 32")
+    polish_iters: int = option(1000, "cap on the full-batch L-BFGS polish (and on the warm-up), "
+                                     "in iterations (0: none); default 1000")
     L_tau: float = option(1.0, "Lipschitz constant assumed per unit of time in the RMSE bound's "
                                "weights; default 1.0")
     micro_batch: int | None = option(None, "evaluate the loss in chunks of this many "
@@ -308,13 +350,15 @@ class BespokeOptions(CommonOptions):
                                                    "the backward (memory); default off")
     autocast: torch.dtype | None = option(None, "run the model under torch.bfloat16 / "
                                                 "torch.float16 autocast; default off")
-    budget_seconds: float | None = option(170.0, "wall-time budget of the whole fit, in seconds "
-                                                 "(None: none); default 170")
+    budget_seconds: float | None = option(None, "wall-time cap on the whole fit, in seconds, "
+                                                "besides budget_evals (None: none); default "
+                                                "none")
     max_iters: int | None = option(None, "cap on the iterations of all phases together; "
                                          "default: the sum of the phases' caps")
-    init: str | Solver = option("auto", "the start: 'auto' (the best of a few screened starts), "
-                                        "'searched' (grid search), 'identity' (uniform grid) or a "
-                                        "BespokeSolver; default auto")
+    init: str | Solver = option("searched", "the start: 'searched' (the base solver on the grid "
+                                            "of least one-step error), 'auto' (the best of a "
+                                            "few screened starts), 'identity' (uniform grid) "
+                                            "or a BespokeSolver; default searched")
 
 
 OPTIONS = BespokeOptions()
@@ -340,30 +384,42 @@ class BespokeTrainer(KindTrainer):
     }
 
     def planned_evaluations(self, options: BespokeOptions, num_train: int, num_val: int,
-                            nfe: int) -> tuple:
-        """Upper bounds on a fit's ``(training, validation)`` per-sample model evaluations at
-        its caps, with ``num_train`` training and ``num_val`` validation trajectories at NFE
-        ``nfe``: the screened start, the bound phase and fine-tune (``batch_size`` per
-        iteration), the polish (about 1.3 full-batch passes per L-BFGS iteration)."""
+                            nfe: int) -> int:
+        """An upper bound on a fit's model evaluations (forward-equivalents: a backward counts
+        2), its start and validations included, with ``num_train`` training and ``num_val``
+        validation trajectories at NFE ``nfe``: ``budget_evals`` when set, and never more than
+        the phases' caps allow (a gradient iteration costs 3 ``nfe`` per trajectory; L-BFGS
+        about 1.3 of them per iteration on its full batch)."""
         from .grid_search import GRID_FAMILIES
-        iters, finetune = options.iters, options.finetune_iters
-        starts = len(GRID_FAMILIES) + 1
-        trial = min(SCREEN_ITERS, iters + finetune)       # as the trainer caps them
-        polish = min(options.polish_iters, finetune)
-        train_evals = ((starts * trial + iters + finetune) * options.batch_size * nfe
-                       + int(1.3 * polish * min(POLISH_PAIRS, num_train) * nfe))
-        validations = (starts + math.ceil((iters + finetune) / options.val_every)
-                       + math.ceil(polish / POLISH_VAL_EVERY))
-        return train_evals, validations * num_val * nfe
+        iters, finetune, polish = options.iters, options.finetune_iters, options.polish_iters
+        per_pair = 3 * nfe
+        if options.init == "auto":
+            trial = min(SCREEN_ITERS, iters + finetune) or SCREEN_ITERS
+            start = (len(GRID_FAMILIES) + 1) * (trial * options.batch_size * per_pair + num_val * nfe)
+        else:
+            start = 0
+        if options.init in ("auto", "searched"):     # the grid search: one or two calls per step
+            m, b = search_size(options.base, options.n_steps, num_train, options.budget_evals)
+            start += (1 if options.base == "rk1" else 2) * b * m * (m + 1) // 2
+        warm = min(options.warmup_pairs, num_train) if polish else 0
+        lbfgs_pairs = min(POLISH_PAIRS, num_train) + warm
+        train = ((iters + finetune) * options.batch_size * per_pair
+                 + int(1.3 * polish * lbfgs_pairs * per_pair))
+        validations = (2 + math.ceil((iters + finetune) / options.val_every)
+                       + 2 * math.ceil(polish / POLISH_VAL_EVERY))
+        at_caps = start + train + validations * num_val * nfe
+        return at_caps if options.budget_evals is None else min(at_caps, options.budget_evals)
 
     def fit(self, model, trajectories, o, checkpoint, progress, model_name, callback):
         (base, n_steps, iters, batch_size, lr, val, val_every, seed, checkpoint_every, gt_mode,
          finetune_iters, finetune_lr, polish_iters, L_tau, micro_batch, activation_checkpointing,
-         autocast, budget_seconds, patience, min_delta, select, max_iters, init) = (
+         autocast, budget_seconds, patience, min_delta, select, max_iters, init, budget_evals,
+         warmup_pairs) = (
             o.base, o.n_steps, o.iters, o.batch_size, o.lr, o.val, o.val_every, o.seed,
             o.checkpoint_every, o.gt_mode, o.finetune_iters, o.finetune_lr, o.polish_iters,
             o.L_tau, o.micro_batch, o.activation_checkpointing, o.autocast, o.budget_seconds,
-            o.patience, o.min_delta, o.select, o.max_iters, o.init)
+            o.patience, o.min_delta, o.select, o.max_iters, o.init, o.budget_evals,
+            o.warmup_pairs)
         check_choice("gt_mode", gt_mode, GT_MODES)
         n_steps = check_int("n_steps", n_steps)
         iters = check_int("iters", iters, 0)
@@ -371,18 +427,23 @@ class BespokeTrainer(KindTrainer):
         polish_iters = check_int("polish_iters", polish_iters, 0)
         batch_size = check_int("batch_size", batch_size)
         val_every = check_int("val_every", val_every)
-        # the polish continues the fine-tune: never longer than its cap (0 with a bound-only fit)
-        caps = {"bound": iters, "finetune": finetune_iters, "polish": min(polish_iters, finetune_iters)}
+        warmup_pairs = check_int("warmup_pairs", warmup_pairs, 0)
+        caps = {"bound": iters, "finetune": finetune_iters,
+                "warmup": polish_iters if warmup_pairs else 0, "polish": polish_iters}
         if not any(caps.values()):
             raise InvalidArgumentError("iters + finetune_iters + polish_iters must be >= 1")
+        check_budget_evals(budget_evals)
         max_iters = check_int("max_iters", sum(caps.values()) if max_iters is None else max_iters)
+        ledger = EvalLedger()
+        model = ledger.wrap(model)          # every model call of the fit is counted
         check_stopping(select, patience, budget_seconds, min_delta)
         if not (lr > 0 and math.isfinite(lr)):
             raise InvalidArgumentError(f"lr must be a positive number, got {lr}")
         if not isinstance(trajectories, Trajectories):
             raise InvalidTypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
-        check_gt_matches(model, trajectories, model_name)
+        check_gt_matches(raw_model(model), trajectories, model_name)
         loss_model = model_for_loss(model, activation_checkpointing, autocast)
+        raw = raw_model(model)
         if isinstance(val, TrajectorySet):
             train_set, val_set = trajectories, val
         else:
@@ -404,7 +465,9 @@ class BespokeTrainer(KindTrainer):
                   "num_train": len(train_set), "num_val": len(val_set), "val_every": val_every,
                   "gt": gt_split_fingerprint(train_set, val_set),
                   **({"autocast": str(autocast).replace("torch.", "")} if autocast is not None else {}),
-                  "budget_seconds": budget_seconds, "patience": patience, "min_delta": min_delta,
+                  "budget_seconds": budget_seconds, "budget_evals": budget_evals,
+                  "warmup_pairs": warmup_pairs if caps["warmup"] else 0,
+                  "patience": patience, "min_delta": min_delta,
                   "select": select, "max_iters": max_iters, "gt_seed": trajectories.meta.get("seed"),
                   "init": init if isinstance(init, str) else
                           [round(float(v), 12) for v in torch.cat([p.detach().flatten().cpu()
@@ -418,14 +481,15 @@ class BespokeTrainer(KindTrainer):
                 # a trial is never longer than the fit's own Adam phases
                 first, state.start = screen_starts(
                     model, train_set, val_set, base, n_steps, seed,
-                    min(SCREEN_ITERS, iters + finetune_iters), batch_size, lr,
+                    min(SCREEN_ITERS, iters + finetune_iters) or SCREEN_ITERS, batch_size, lr,
                     None if budget_seconds is None else budget_seconds * SCREEN_SHARE, select,
-                    loss_model)
-                state.nfe_train += state.start["nfe"]
+                    loss_model, None if budget_evals is None else int(budget_evals * SCREEN_SHARE),
+                    ledger.equivalent)
             elif init == "searched":
                 from .grid_search import searched_solver
-                first = searched_solver(model, train_set, base, n_steps, candidates=SEARCH_CANDIDATES,
-                                        batch=SEARCH_BATCH, seed=seed)
+                m, b = search_size(base, n_steps, len(train_set), budget_evals)
+                first = searched_solver(model, train_set, base, n_steps, candidates=m, batch=b,
+                                        seed=seed)
             else:
                 first = init
             solver.load_state_dict(first.state_dict())
@@ -441,31 +505,37 @@ class BespokeTrainer(KindTrainer):
                 rows = torch.randint(len(train_set), (batch_size,), generator=gen)
                 batch = train_set.subset(rows)
                 ctx.optim.zero_grad(set_to_none=True)
-                loss, nfe = loss_backward(solver, model, batch, phase, gt_mode, L_tau, micro_batch,
-                                          loss_model)
-                ctx.state.nfe_train += nfe
+                loss, _ = loss_backward(solver, model, batch, phase, gt_mode, L_tau, micro_batch,
+                                        loss_model)
                 average_gradients(solver.parameters(), world)
                 ctx.optim.step()
                 return k + 1, loss
             return step
 
         polish_set = train_set.subset(range(min(POLISH_PAIRS, len(train_set))))
+        warmup_set = train_set.subset(range(min(warmup_pairs or 1, len(train_set))))
 
-        def closure(ctx):      # the polish: loss and gradient on its whole batch, float64 state
-            ctx.optim.zero_grad(set_to_none=True)
-            # in chunks of the micro-batch (memory as in the fine-tune), else of the batch size
-            loss, nfe = loss_backward(solver, model, polish_set, "finetune",
-                                      micro_batch=micro_batch or batch_size, loss_model=loss_model,
-                                      dtype=torch.float64)
-            average_gradients(solver.parameters(), world)
-            ctx.state.nfe_train += nfe
-            ctx.state.loss_evals += 1
-            ctx.state.last_loss = float(loss)
-            return loss.to(torch.float64)
+        def evaluation_cost(data):  # forward-equivalents of one loss and gradient on ``data``
+            return len(data) * solver.nfe * (4 if activation_checkpointing else 3)
+
+        def closure_on(data):   # L-BFGS: loss and gradient on its whole batch, float64 state
+            def closure(ctx):
+                ctx.optim.zero_grad(set_to_none=True)
+                # in chunks of the micro-batch (memory as in the fine-tune), else of the batch size
+                loss, _ = loss_backward(solver, model, data, "finetune",
+                                        micro_batch=micro_batch or batch_size,
+                                        loss_model=loss_model, dtype=torch.float64)
+                average_gradients(solver.parameters(), world)
+                ctx.state.loss_evals += 1
+                ctx.state.last_loss = float(loss)
+                return loss.to(torch.float64)
+            return closure
 
         def adam(rate):
             return lambda: torch.optim.Adam(solver.parameters(), lr=rate)
 
+        if len(warmup_set) >= len(polish_set):    # no smaller set to warm up on
+            caps["warmup"] = 0
         phases = [
             Phase("bound", caps["bound"], adam(lr), adam_step("bound", lr),
                   budget_share=BOUND_BUDGET_SHARE, budget_from_start=True, val_every=val_every,
@@ -474,17 +544,25 @@ class BespokeTrainer(KindTrainer):
                   adam_step("finetune", config["finetune_lr"]),
                   budget_share=FINETUNE_BUDGET_SHARE if caps["polish"] else 1.0, val_every=val_every,
                   sets_horizon=True, record={"phase": "finetune"}),
+            # full-batch L-BFGS on a few trajectories (cheap iterations find the basin), then
+            # on all of them (what generalises); the polish goes on with a fresh memory
+            Phase("warmup", caps["warmup"], lambda: new_lbfgs(solver.parameters()),
+                  lbfgs_step(closure_on(warmup_set), cost=evaluation_cost(warmup_set)),
+                  budget_share=WARMUP_SHARE,
+                  val_every=POLISH_VAL_EVERY, val_from_start=True, record={"phase": "warmup"}),
             Phase("polish", caps["polish"], lambda: new_lbfgs(solver.parameters()),
-                  lbfgs_step(closure), val_every=POLISH_VAL_EVERY, val_from_start=True,
-                  record={"phase": "polish"}),
+                  lbfgs_step(closure_on(polish_set), cost=evaluation_cost(polish_set)),
+                  val_every=POLISH_VAL_EVERY,
+                  val_from_start=True, record={"phase": "polish"}),
         ]
         state = run_phases(solver, model, val_set, [p for p in phases if p.cap], config=config,
                            gen=gen, stopping=Stopping(max_iters, budget_seconds, patience, min_delta,
-                                                      select),
+                                                      select, budget_evals),
                            checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                            progress=progress, desc=f"fit bespoke-{base} NFE {solver.nfe}",
-                           callback=callback, start=start, horizon_rule=phase_horizon)
-        return finish(solver, model, trajectories, config, state, model_name,
+                           callback=callback, start=start, horizon_rule=phase_horizon,
+                           ledger=ledger)
+        return finish(solver, raw, trajectories, config, state, model_name,
                       stop_reason=state.stop_reason,
                       bound_stop_reason=state.phase_stop_reasons.get("bound"),
                       phase_stop_reasons=state.phase_stop_reasons, start=state.start,
@@ -494,17 +572,21 @@ class BespokeTrainer(KindTrainer):
 TRAINER = BespokeTrainer()
 train = keyword_trainer(TRAINER, "train", """Fit a :class:`BespokeSolver` to ``model`` on GT trajectories.
 
-    Training starts from ``init`` (by default the best of a few screened starts) and runs in
-    three phases, each until its validation score stops improving, within a budget
-    (``bespoke_fast.fitting.stopping``): the RMSE-bound phase (at most ``iters`` iterations and
-    ``BOUND_BUDGET_SHARE`` of the time budget), the end-to-end fine-tune with Adam from the bound
-    phase's best parameters (at most ``finetune_iters``, leaving ``1 - FINETUNE_BUDGET_SHARE`` of
-    the budget to the polish), then the polish: the same loss with full-batch L-BFGS on up to
-    ``POLISH_PAIRS`` training trajectories, the state in float64 (at most ``polish_iters``
-    L-BFGS iterations, validated every ``POLISH_VAL_EVERY``). Each phase stops at the first of:
-    ``patience`` validations without a ``min_delta`` dB improvement, its share of
-    ``budget_seconds``, its cap, or ``max_iters`` iterations in all (the polish also when L-BFGS
-    converges). The parameters with the best validation score are kept.
+    Training starts from ``init`` (by default the base solver on the searched grid) and runs
+    its phases in order, each until its validation score stops improving, within the budget
+    ``budget_evals`` (model evaluations in forward-equivalents, counted exactly; the report's
+    ``evaluations`` has them by stage) and the caps (``bespoke_fast.fitting.stopping``): the
+    RMSE-bound phase (at most ``iters`` iterations, ``BOUND_BUDGET_SHARE`` of the budget; off
+    by default), the end-to-end fine-tune with Adam on batches (at most ``finetune_iters``;
+    off by default), the warm-up (full-batch L-BFGS on the first ``warmup_pairs`` training
+    trajectories, until ``WARMUP_SHARE`` of the budget) and the polish (the same on up to
+    ``POLISH_PAIRS`` training trajectories, the state in float64, validated every
+    ``POLISH_VAL_EVERY`` iterations). Each phase stops at the first of: ``patience``
+    validations without a ``min_delta`` dB improvement, its share of the budget (an L-BFGS
+    evaluation that would pass it is not made), its cap, ``max_iters`` iterations in all,
+    L-BFGS convergence, or a non-finite loss (then the phase's best parameters are restored,
+    the report's ``events`` says where, and the next phase goes on from them). The parameters
+    with the best validation score are kept.
 
     Args:
         model: the velocity model the GT was generated with.
@@ -525,11 +607,12 @@ train = keyword_trainer(TRAINER, "train", """Fit a :class:`BespokeSolver` to ``m
             ``"online"`` (an RK45 solve per iteration at the current grid, as in the paper).
         finetune_iters, finetune_lr: cap and rate of the end-to-end fine-tune (ours);
             ``finetune_lr`` defaults to ``lr``. 0 skips the fine-tune.
-        polish_iters: cap on the L-BFGS polish (ours; each iteration costs about 1.3 passes of
-            the sampler over its full batch, forward and backward), and never more than
-            ``finetune_iters`` (the polish continues the fine-tune). 0 skips it.
-        budget_seconds: wall-time budget of the whole fit in seconds (default 170); None: no
-            time limit.
+        polish_iters: cap on the L-BFGS polish and on the warm-up (ours; each iteration costs
+            about 1.3 passes of the sampler over its full batch, forward and backward). 0 skips
+            both. warmup_pairs: trajectories of the warm-up (0: none).
+        budget_evals: model evaluations the whole fit may spend (forward-equivalents; default
+            200,000; None: no limit): the start, every phase and the validations.
+        budget_seconds: an extra wall-time cap on the whole fit in seconds (default None).
         patience, min_delta: stop a phase after ``patience`` validations in a row without
             improving the best score by more than ``min_delta`` dB; None: no patience stop.
         select: the validation score that picks the kept parameters and drives patience:
@@ -537,13 +620,14 @@ train = keyword_trainer(TRAINER, "train", """Fit a :class:`BespokeSolver` to ``m
             ``"rmse"`` (see ``bespoke_fast.fitting.stopping``).
         max_iters: cap on the iterations of all phases together (default ``iters +
             finetune_iters + polish_iters``).
-        init: the starting solver: ``"auto"`` (default): the best of
+        init: the starting solver: ``"searched"`` (default): the base solver on the grid of
+            least one-step local error on ``SEARCH_BATCH`` training trajectories
+            (``bespoke_fast.fitting.grid_search``, GITS-style; a smaller search under a small
+            budget, :func:`search_size`); ``"auto"``: the best of
             :func:`~bespoke_fast.fitting.grid_search.candidate_starts` after a short end-to-end
             trial each (:func:`screen_starts`: ``SCREEN_ITERS`` iterations, at most ``iters +
-            finetune_iters``, within ``SCREEN_SHARE`` of the budget; the report's ``start``
-            lists the trials); ``"searched"``: the base solver on the grid of
-            least one-step local error on the training trajectories
-            (``bespoke_fast.fitting.grid_search``, GITS-style);
+            finetune_iters`` when set, within ``SCREEN_SHARE`` of the budgets; the report's
+            ``start`` lists the trials);
             ``"identity"``: the base solver on the uniform grid; or a :class:`BespokeSolver`
             with the same base and n_steps.
         callback: optional ``callback(iteration, record)`` after each validation.
@@ -560,9 +644,11 @@ train = keyword_trainer(TRAINER, "train", """Fit a :class:`BespokeSolver` to ``m
 
     Returns: ``(solver, report)``; the report holds the curve (iteration, phase, loss, validation
     RMSE/PSNR/score), the best validation figures, ``stop_reason`` (patience, budget, max_iters,
-    converged) and each phase's (``phase_stop_reasons``), ``iterations`` run, ``start`` (the
-    screening of ``init="auto"``, else None), model evaluations spent (``nfe``: GT, training
-    including the screening, validation; per-sample evaluations) and the wall time.
+    converged, nonfinite) and each phase's (``phase_stop_reasons``), ``events`` (phases a
+    non-finite loss stopped), ``iterations`` run, ``start`` (the screening of ``init="auto"``,
+    else None), ``evaluations`` (exact forward / backward rows and forward-equivalents by
+    stage: start, each phase, validation, total), ``nfe`` (per-sample forward summary, the
+    GT's included) and the wall time.
 
     Under torchrun, each rank draws its own batches, gradients are all-reduced, and only rank 0
     writes checkpoints.
@@ -570,7 +656,8 @@ train = keyword_trainer(TRAINER, "train", """Fit a :class:`BespokeSolver` to ``m
     Example::
 
         >>> gt = load_trajectories("runs/gt")
-        >>> solver, report = train(model, gt, base="rk2", n_steps=5)
+        >>> solver, report = train(model, gt, base="rk2", n_steps=5, budget_evals=200_000)
         >>> report["stop_reason"], report["best"]["psnr"]
+        >>> report["evaluations"]["total"]["forward_equivalent"]        # <= 200,000
         >>> solver.save("solver.json")
     """)

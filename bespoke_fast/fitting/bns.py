@@ -6,10 +6,12 @@ training, 1024 held out for validation) by minimising, through the whole n-step 
     loss = mean_batch log ||x_n - x(1)||^2          (per-sample MSE; = -mean PSNR ln10/10 + const)
 
 i.e. maximising the mean PSNR, starting (default ``init="bespoke"``) from a Bespoke solver of
-the same NFE fitted first on the same GT with half of the time budget and rewritten exactly in
-BNS form (method.md section 6), with full-batch L-BFGS, Adam, or (default, ``"auto"``) L-BFGS
-that hands over to Adam, from the best parameters so far, when it stalls, converges or uses its
-iterations. Training stops when the validation score stops improving, within a time / iteration
+the same NFE fitted first on the same GT with ``BESPOKE_SHARE`` of the budget and rewritten
+exactly in BNS form (method.md section 6), with full-batch L-BFGS (first on ``warmup_pairs``
+pairs, then on all), Adam, or (default, ``"auto"``) L-BFGS that hands over to Adam, from the
+best parameters so far, when it stalls, converges or uses its iterations. The budget is in
+model evaluations (``budget_evals``, forward-equivalents, counted exactly, the Bespoke start's
+included), the same on every device. Training stops when the validation score stops improving, within a time / iteration
 budget (``bespoke_fast.fitting.stopping``). The parameters with the best validation score are kept (the
 initial solver counts, so the result is never worse on validation than the base solver).
 Both trainers run on the training loop of ``bespoke_fast.fitting.loop`` (validation,
@@ -17,6 +19,7 @@ keep-best, checkpoint / resume, the multi-rank stop).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +30,10 @@ from .._checks import InvalidArgumentError, InvalidTypeError, check_choice, chec
 from ..solvers.bns import INITS, NonStationarySolver
 from ..solvers.interface import Solver
 from ..utils import dist_info
-from .common import (CommonOptions, KindTrainer, average_gradients, check_gt_matches, finish,
-                     gt_split_fingerprint, keyword_trainer, new_lbfgs, option)
+from .common import (CommonOptions, KindTrainer, average_gradients, check_budget_evals,
+                     check_gt_matches, finish, gt_split_fingerprint, keyword_trainer, new_lbfgs,
+                     option)
+from .evals import EvalLedger
 from .gt import TrajectorySet
 from .loop import Phase, Stopping, lbfgs_step, run_phases
 from .stopping import check_stopping
@@ -118,7 +123,8 @@ def _lr_at(k: int, iters: int, lr: float, lr_final: float) -> float:
     return lr * (lr_final + (1 - lr_final) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-BESPOKE_SHARE = 0.5   # of the wall-time budget for the Bespoke stage of init="bespoke"
+BESPOKE_SHARE = 0.4   # of the budgets for the Bespoke stage of init="bespoke"
+WARMUP_SHARE = 0.3    # the warm-up L-BFGS on warmup_pairs: at most this share, from its start
 
 
 def _check_init(init, n_steps: int):
@@ -151,29 +157,31 @@ def _starting_solver(init, n_steps: int) -> NonStationarySolver:
 
 
 def _bespoke_start(model, pool: TrajectorySet, val_set: TrajectorySet, n_steps: int,
-                   budget_seconds, seed, checkpoint, progress, model_name, select, max_iters):
+                   budget_seconds, seed, checkpoint, progress, model_name, select, max_iters,
+                   budget_evals=None):
     """``init="bespoke"``: fit a Bespoke solver of the same NFE (RK2 for an even NFE, else RK1)
     on all the non-validation trajectories, validated on the BNS validation set, within
-    ``BESPOKE_SHARE`` of the budget and, when given, the same ``max_iters``, without the
-    Bespoke trainer's L-BFGS polish. Returns ``(solver or None, record)``; None (and a note)
+    ``BESPOKE_SHARE`` of the budgets (evaluations and seconds) and, when given, the same
+    ``max_iters``, with the Bespoke trainer's defaults otherwise. Returns ``(solver or None, record)``; None (and a note)
     when the GT has no interior knots to train a Bespoke solver on."""
     if len(pool.knots_t) <= 2:
         return None, {"note": "the GT has no interior knots (endpoints only), so no Bespoke start: "
                               "BNS starts from midpoint / Euler"}
     from .bespoke import train
     base = "rk2" if n_steps % 2 == 0 else "rk1"
-    # no L-BFGS polish: BNS's own L-BFGS goes on from the start, in a family that contains it,
-    # and the time the polish would take (it often runs to the budget) is BNS's
     solver, report = train(model, pool, base=base, n_steps=n_steps // (2 if base == "rk2" else 1),
                            val=val_set, seed=seed, model_name=model_name, progress=progress,
-                           polish_iters=0,
                            budget_seconds=None if budget_seconds is None else
-                           budget_seconds * BESPOKE_SHARE, select=select, max_iters=max_iters,
+                           budget_seconds * BESPOKE_SHARE,
+                           budget_evals=None if budget_evals is None else
+                           int(budget_evals * BESPOKE_SHARE),
+                           select=select, max_iters=max_iters,
                            checkpoint=None if checkpoint is None else
                            Path(str(checkpoint) + ".bespoke"))
     return solver, {"base": base, "num_train": len(pool), "best": report["best"],
                     "stop_reason": report["stop_reason"], "wall_seconds": report["wall_seconds"],
-                    "nfe": report["nfe"], "start": report["start"]}
+                    "nfe": report["nfe"], "evaluations": report["evaluations"],
+                    "start": report["start"], "events": report["events"]}
 
 
 @dataclass(frozen=True)
@@ -186,7 +194,7 @@ class BNSOptions(CommonOptions):
     trains on endpoints)."""
     n_steps: int = option(8, "steps of the solver (NFE = n_steps); default 8")
     init: str | Solver = option("bespoke", "the start: 'bespoke' (a Bespoke solver of the same "
-                                           "NFE fitted first with half the budget), 'midpoint' "
+                                           "NFE fitted first with 40% of the budget), 'midpoint' "
                                            "(even NFE), 'euler', or a fitted solver of the same "
                                            "NFE; default bespoke")
     optimizer: str = option("auto", "'auto' (L-BFGS, then Adam when it stops), 'lbfgs' or "
@@ -215,9 +223,12 @@ class BNSOptions(CommonOptions):
     adam_iters: int = option(3000, "'auto': cap on the Adam continuation, in iterations; "
                                    "default 3000")
     adam_lr: float = option(3e-3, "'auto' and 'adam': Adam's learning rate; default 3e-3")
-    budget_seconds: float | None = option(170.0, "wall-time budget of the whole fit (its "
-                                                 "Bespoke start included), in seconds (None: "
-                                                 "none); default 170")
+    warmup_pairs: int = option(32, "pairs of the warm-up: L-BFGS on these few first (cheap "
+                                   "iterations find the basin), then on all (0: none); "
+                                   "default 32")
+    budget_seconds: float | None = option(None, "wall-time cap on the whole fit (its Bespoke "
+                                                "start included), in seconds, besides "
+                                                "budget_evals (None: none); default none")
     max_iters: int | None = option(None, "cap on all iterations; default iters + adam_iters")
 
 
@@ -252,28 +263,34 @@ class BNSTrainer(KindTrainer):
     }
 
     def planned_evaluations(self, options: BNSOptions, num_train: int, num_val: int,
-                            nfe: int) -> tuple:
-        """Upper bounds on a fit's ``(training, validation)`` per-sample model evaluations at
-        its caps: the Bespoke start at the bespoke trainer's defaults on ``num_train``
-        trajectories, then L-BFGS (about 1.3 full-batch loss evaluations per iteration on up to
-        ``DEFAULT_NUM_TRAIN`` pairs), validated on ``num_val`` pairs."""
+                            nfe: int) -> int:
+        """An upper bound on a fit's model evaluations (forward-equivalents), its Bespoke start
+        and validations included: ``budget_evals`` when set, and never more than the caps allow
+        (the Bespoke start at the bespoke trainer's defaults, then L-BFGS at about 1.3
+        full-batch loss evaluations per iteration on up to ``DEFAULT_NUM_TRAIN`` pairs)."""
         from .bespoke import OPTIONS as bespoke_options
         from .bespoke import TRAINER as bespoke_trainer
-        train_evals, val_evals = bespoke_trainer.planned_evaluations(bespoke_options, num_train,
-                                                                     num_val, nfe)
+        start = (bespoke_trainer.planned_evaluations(
+            dataclasses.replace(bespoke_options, budget_evals=None), num_train, num_val, nfe)
+            if options.init == "bespoke" else 0)
         iters = options.iters or 300
-        pairs = min(DEFAULT_NUM_TRAIN, num_train)
-        train_evals += int(1.3 * iters * pairs * nfe)
-        val_evals += math.ceil(iters / options.val_every) * num_val * nfe
-        return train_evals, val_evals
+        pairs = min(options.num_train or DEFAULT_NUM_TRAIN, num_train)
+        warm = min(options.warmup_pairs, pairs)
+        train = int(1.3 * iters * (pairs + warm) * 3 * nfe) + options.adam_iters * min(
+            options.batch_size, pairs) * 3 * nfe
+        validations = (2 + 2 * math.ceil(iters / options.val_every)
+                       + math.ceil(options.adam_iters / options.val_every)) * num_val * nfe
+        at_caps = start + train + validations
+        return at_caps if options.budget_evals is None else min(at_caps, options.budget_evals)
 
     def fit(self, model, trajectories, o, checkpoint, progress, model_name, callback):
         (n_steps, init, optimizer, iters, batch_size, lr, lr_final, num_train, val, val_every,
          seed, checkpoint_every, dtype, model_dtype, adam_iters, adam_lr, budget_seconds,
-         patience, min_delta, select, max_iters) = (
+         patience, min_delta, select, max_iters, budget_evals, warmup_pairs) = (
             o.n_steps, o.init, o.optimizer, o.iters, o.batch_size, o.lr, o.lr_final, o.num_train,
             o.val, o.val_every, o.seed, o.checkpoint_every, o.dtype, o.model_dtype, o.adam_iters,
-            o.adam_lr, o.budget_seconds, o.patience, o.min_delta, o.select, o.max_iters)
+            o.adam_lr, o.budget_seconds, o.patience, o.min_delta, o.select, o.max_iters,
+            o.budget_evals, o.warmup_pairs)
         num_val = None
         n_steps = check_int("n_steps", n_steps)
         _check_init(init, n_steps)
@@ -281,8 +298,11 @@ class BNSTrainer(KindTrainer):
         check_choice("optimizer", optimizer, OPTIMIZERS)
         iters = check_int("iters", (1000 if optimizer == "adam" else 300) if iters is None else iters)
         adam_iters = check_int("adam_iters", adam_iters, 0) if optimizer == "auto" else 0
-        max_iters = check_int("max_iters", iters + adam_iters if max_iters is None else max_iters)
+        warmup_pairs = check_int("warmup_pairs", warmup_pairs, 0)
+        max_iters = check_int("max_iters", (2 if warmup_pairs and optimizer != "adam" else 1) * iters
+                              + adam_iters if max_iters is None else max_iters)
         check_stopping(select, patience, budget_seconds, min_delta)
+        check_budget_evals(budget_evals)
         if not (adam_lr > 0 and math.isfinite(adam_lr)):
             raise InvalidArgumentError(f"adam_lr must be a positive number, got {adam_lr}")
         batch_size = check_int("batch_size", batch_size)
@@ -296,6 +316,8 @@ class BNSTrainer(KindTrainer):
         if not isinstance(trajectories, Trajectories):
             raise InvalidTypeError("trajectories must be a TrajectorySet (bespoke_fast.load_trajectories(dir))")
         check_gt_matches(model, trajectories, model_name)
+        raw, ledger = model, EvalLedger()
+        model = ledger.wrap(raw)            # every model call of the fit is counted
         if isinstance(val, int) and not isinstance(val, bool):
             num_val, val = val, None
         if val is not None and not isinstance(val, TrajectorySet):
@@ -312,9 +334,12 @@ class BNSTrainer(KindTrainer):
         device = train_set.x0.device
         stage, total_budget = None, budget_seconds
         if isinstance(init, str) and init == "bespoke":
-            fitted, stage = _bespoke_start(model, pool, val_set, n_steps, budget_seconds, seed,
+            fitted, stage = _bespoke_start(raw, pool, val_set, n_steps, budget_seconds, seed,
                                            checkpoint, progress, model_name, select,
-                                           stage_max_iters)
+                                           stage_max_iters, budget_evals)
+            for name, row in (stage.get("evaluations") or {}).items():
+                if name != "total":     # the stage's spend is the fit's, by stage
+                    ledger.add(f"bespoke-{name}", row["forward"], row["backward"])
             init = fitted if fitted is not None else ("midpoint" if n_steps % 2 == 0 else "euler")
             if budget_seconds is not None and fitted is not None:
                 budget_seconds = max(budget_seconds - stage["wall_seconds"], 1.0)
@@ -332,17 +357,21 @@ class BNSTrainer(KindTrainer):
                   "model_dtype": str(model_dtype).replace("torch.", ""),
                   "loss": "mean log mse", "adam_iters": adam_iters,
                   "adam_lr": adam_lr if optimizer == "auto" else None,
-                  "budget_seconds": total_budget, "patience": patience, "min_delta": min_delta,
+                  "budget_seconds": total_budget, "budget_evals": budget_evals,
+                  "warmup_pairs": warmup_pairs, "patience": patience, "min_delta": min_delta,
                   "select": select, "max_iters": max_iters, "gt_seed": trajectories.meta.get("seed")}
         gen = torch.Generator().manual_seed(seed * 1000 + rank)
 
-        def closure(ctx):  # L-BFGS: loss and gradient on the whole training set
-            ctx.optim.zero_grad(set_to_none=True)
-            loss = _full_loss_backward(solver, model, train_set, batch_size, world, dtype, model_dtype)
-            ctx.state.nfe_train += solver.nfe * len(train_set)
-            ctx.state.loss_evals += 1
-            ctx.state.last_loss = loss
-            return torch.tensor(loss, dtype=torch.float64)
+        def closure_on(data):  # L-BFGS: loss and gradient on the whole of ``data``
+            def closure(ctx):
+                ctx.optim.zero_grad(set_to_none=True)
+                loss = _full_loss_backward(solver, model, data, batch_size, world, dtype,
+                                           model_dtype)
+                ctx.state.loss_evals += 1
+                ctx.state.last_loss = loss
+                return torch.tensor(loss, dtype=torch.float64)
+            return closure
+        warmup_set = train_set.subset(range(min(warmup_pairs, len(train_set))))
 
         def adam_step(ctx, k):
             state = ctx.state
@@ -355,12 +384,19 @@ class BNSTrainer(KindTrainer):
             loss = _full_loss_backward(solver, model, train_set.subset(rows), batch_size, world,
                                        dtype, model_dtype)
             ctx.optim.step()
-            state.nfe_train += solver.nfe * batch_size
             state.loss_evals += 1
             return k + 1, loss
 
+        # L-BFGS on a few pairs first (cheap iterations find the basin), then on all of them
+        warmup = Phase("warmup", iters, lambda: new_lbfgs(solver.parameters(), lr),
+                       lbfgs_step(closure_on(warmup_set), checkpoint_every,
+                                  3 * solver.nfe * len(warmup_set)),
+                       budget_share=WARMUP_SHARE, budget_from_start=True, val_every=val_every,
+                       cap_within_max_iters=True,
+                       record={"optimizer": "lbfgs", "pairs": len(warmup_set)})
         lbfgs = Phase("lbfgs", iters, lambda: new_lbfgs(solver.parameters(), lr),
-                      lbfgs_step(closure, checkpoint_every), val_every=val_every,
+                      lbfgs_step(closure_on(train_set), checkpoint_every,
+                                 3 * solver.nfe * len(train_set)), val_every=val_every,
                       cap_within_max_iters=True, record={"optimizer": "lbfgs"})
         # "auto": L-BFGS stalled, converged or used its iterations: Adam goes on from the best
         # parameters (on float32 networks L-BFGS often stops far from the optimum)
@@ -369,21 +405,23 @@ class BNSTrainer(KindTrainer):
                                               lr=lr if optimizer == "adam" else adam_lr),
                      adam_step, val_every=val_every, sets_horizon=True, cap_within_max_iters=True,
                      record={"optimizer": "adam"})
-        phases = [adam] if optimizer == "adam" else [lbfgs] + ([adam] if adam_iters else [])
-        stopping = Stopping(max_iters, budget_seconds, patience, min_delta, select)
+        lbfgs_phases = ([warmup] if 0 < len(warmup_set) < len(train_set) else []) + [lbfgs]
+        phases = [adam] if optimizer == "adam" else lbfgs_phases + ([adam] if adam_iters else [])
+        stopping = Stopping(max_iters, budget_seconds, patience, min_delta, select, budget_evals)
         state = run_phases(solver, model, val_set, phases, config=config, gen=gen, stopping=stopping,
                            checkpoint=checkpoint, checkpoint_every=checkpoint_every,
                            progress=progress, desc=f"fit bns-{init} NFE {solver.nfe} ({optimizer})",
-                           callback=callback, validate_start=True)
+                           callback=callback, validate_start=True, ledger=ledger)
         switched_at = state.phase_starts.get("adam") if optimizer == "auto" else None
-        solver, report = finish(solver, model, trajectories, config, state, model_name,
+        solver, report = finish(solver, raw, trajectories, config, state, model_name,
                                 init=state.init_record, loss_evaluations=state.loss_evals,
                                 converged=state.stop_reason == "converged",
                                 lbfgs_restarts=state.restarts, stop_reason=state.stop_reason,
                                 iterations=state.iteration, switched_to_adam_at=switched_at,
                                 lbfgs_stop_reason=(state.phase_stop_reasons.get("lbfgs")
                                                    if switched_at is not None else None),
-                                split_note=split_note, bespoke_stage=stage)
+                                split_note=split_note, bespoke_stage=stage,
+                                phase_stop_reasons=state.phase_stop_reasons)
         if stage and "wall_seconds" in stage:    # the fit's wall time includes its Bespoke start
             report["bns_wall_seconds"] = report["wall_seconds"]
             report["wall_seconds"] += stage["wall_seconds"]
@@ -402,7 +440,7 @@ train_bns = keyword_trainer(TRAINER, "train_bns", """Fit a :class:`~bespoke_fast
         n_steps: NFE.
         init: the starting solver. ``"bespoke"`` (default): first fit a Bespoke solver of the
             same NFE (RK2 for an even NFE, RK1 for an odd one) on all the non-validation
-            trajectories with half of ``budget_seconds``, then start BNS from it (the report's
+            trajectories with ``BESPOKE_SHARE`` (40%) of the budgets, then start BNS from it (the report's
             ``bespoke_stage`` says how it went; GT without interior knots falls back to
             midpoint / Euler). A fitted solver of the same NFE: start from it. Both are written
             exactly in BNS form (:meth:`NonStationarySolver.from_solver`), so BNS starts where
@@ -418,11 +456,16 @@ train_bns = keyword_trainer(TRAINER, "train_bns", """Fit a :class:`~bespoke_fast
             L-BFGS: one direction + line search, about 1.3 loss and gradient evaluations on the
             whole training set. Adam: one step on a batch.
         adam_iters, adam_lr: the Adam continuation of ``"auto"``.
-        budget_seconds, patience, min_delta, select, max_iters: stopping and checkpoint
-            selection (``bespoke_fast.fitting.stopping``): stop at the first of ``patience``
-            validations without a ``min_delta`` dB gain, ``budget_seconds`` of wall time
-            (default 170 s; None: none), ``max_iters`` iterations in all (default ``iters +
-            adam_iters``); keep the best ``select`` score (default per-sample PSNR).
+        budget_evals, budget_seconds, patience, min_delta, select, max_iters: stopping and
+            checkpoint selection (``bespoke_fast.fitting.stopping``): stop at the first of
+            ``patience`` validations without a ``min_delta`` dB gain, ``budget_evals`` model
+            evaluations (forward-equivalents, default 200,000; None: none), ``budget_seconds``
+            of wall time (default None), ``max_iters`` iterations in all (default twice
+            ``iters`` with a warm-up, plus ``adam_iters``), a non-finite loss (the phase's best
+            parameters are restored; ``events`` says where); keep the best ``select`` score
+            (default per-sample PSNR).
+        warmup_pairs: L-BFGS on this many training pairs first (at most ``WARMUP_SHARE`` of
+            the budget from its start), then on all of them; 0: none.
         batch_size: Adam's batch (``>= num_train``: the whole training set every step);
             L-BFGS always uses the whole training set and evaluates it in chunks of
             ``batch_size`` pairs (gradient accumulation: bounds memory).
@@ -455,8 +498,10 @@ train_bns = keyword_trainer(TRAINER, "train_bns", """Fit a :class:`~bespoke_fast
     best validation record, stop reason and wall time; ``wall_seconds`` is the whole fit's, the
     BNS part alone is ``bns_wall_seconds``), the curve (iteration, loss, validation
     RMSE/PSNR; iteration 0 is the initial solver), the initial and best validation figures,
-    model evaluations spent (``nfe``: GT, training, validation; per-sample), the number of loss
-    evaluations, ``stop_reason`` (patience, budget, max_iters, converged), ``iterations``,
+    model evaluations spent (``evaluations``: exact forward / backward rows and
+    forward-equivalents by stage, the Bespoke start's as ``bespoke-*``; ``nfe``: the per-sample
+    forward summary), ``events``, the number of loss evaluations, ``stop_reason`` (patience,
+    budget, max_iters, converged, nonfinite) and ``phase_stop_reasons``, ``iterations``,
     ``switched_to_adam_at`` and ``lbfgs_stop_reason`` (auto) and the wall time.
 
     Under torchrun, gradients are all-reduced (Adam: each rank draws its own batches; L-BFGS:

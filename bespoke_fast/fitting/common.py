@@ -18,18 +18,22 @@ import torch
 from .._checks import InvalidArgumentError, InvalidFileError, InvalidTypeError, MismatchError
 from ..io import atomic_write, check_writable, fingerprint_configs, model_fingerprint
 from ..metrics import rmse_psnr
+from .evals import raw_model, summary
 from .stopping import DEFAULT_SELECT
 from .trajectories import TrajectorySet
 
 __all__ = ["frozen", "validate_solver", "load_checkpoint", "save_checkpoint", "cosine_lr",
            "average_gradients", "gt_split_fingerprint", "check_gt_matches",
            "show_validation", "checkpoint_due", "finish", "new_lbfgs", "lbfgs_advance",
-           "in_dtype", "option", "CommonOptions", "keyword_trainer", "KindTrainer"]
+           "in_dtype", "option", "CommonOptions", "keyword_trainer", "KindTrainer",
+           "DEFAULT_BUDGET_EVALS", "check_budget_evals"]
 
 
 @contextmanager
 def frozen(model):
-    """Model parameters do not need gradients while fitting the solver; restore afterwards."""
+    """Model parameters do not need gradients while fitting the solver; restore afterwards
+    (``model`` may be the fit's counted model: its parameters are the model's)."""
+    model = raw_model(model)
     params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
     flags = [p.requires_grad for p in params]
     for p in params:
@@ -136,7 +140,8 @@ def average_gradients(params, world: int) -> None:
 def show_validation(bar, selection, done: int, record: dict, callback=None) -> None:
     """After a validation: the progress bar's loss / PSNR / best score (``selection``:
     ``bespoke_fast.fitting.stopping.Selection``), then ``callback(done, record)`` when given."""
-    bar.set_postfix(loss=f"{record['loss']:.3g}", val_psnr=f"{record['psnr']:.2f}",
+    loss = record["loss"]
+    bar.set_postfix(loss="-" if loss is None else f"{loss:.3g}", val_psnr=f"{record['psnr']:.2f}",
                     best=f"{selection.best_score:.2f}")
     if callback is not None:
         callback(done, record)
@@ -151,15 +156,25 @@ def checkpoint_due(ckpt, rank: int, done: int, every: int, switched: bool, stop_
 
 def finish(solver, model, trajectories, config, state, model_name, **extra_report):
     """The report of a finished fit (``state``: the loop's ``TrainState``; ``solver`` holds the
-    best parameters) and the solver's file metadata. Returns ``(solver, report)``."""
+    best parameters) and the solver's file metadata. Returns ``(solver, report)``; the report's
+    ``evaluations`` are the fit's exact model evaluations by stage (the GT's are the GT set's:
+    ``nfe["gt"]``), ``events`` what stopped a phase early."""
+    model = raw_model(model)
     best = state.selection.best_record
     configs = fingerprint_configs(model)
+    evaluations = summary(state.evals)
+    forward_val = evaluations.get("validation", {}).get("forward", 0)
     report = {
         "config": config,
         "curve": state.curve,
         "best": best,
-        "nfe": {"gt": trajectories.meta.get("nfe", {}).get("total"), "train": state.nfe_train,
-                "validation": state.nfe_val},
+        # exact sample-evaluations of this fit by stage (forward / backward rows and
+        # forward-equivalents; bespoke_fast.fitting.evals); "nfe" is the older per-sample
+        # forward summary, GT included
+        "evaluations": evaluations,
+        "nfe": {"gt": trajectories.meta.get("nfe", {}).get("total"),
+                "train": evaluations["total"]["forward"] - forward_val, "validation": forward_val},
+        "events": state.events,
         **extra_report,
         "wall_seconds": state.wall_total,
         "gt_wall_seconds": trajectories.meta.get("wall_seconds_last_run"),
@@ -192,24 +207,20 @@ def new_lbfgs(params, lr: float = 1.0):
                              line_search_fn="strong_wolfe")
 
 
-def lbfgs_advance(optim, closure, state, k: int, stop: int, budget_seconds, elapsed) -> int:
+def lbfgs_advance(optim, closure, state, k: int, stop: int, allowed: int | None = None) -> int:
     """Run full-batch L-BFGS (``max_iter=1`` at construction; one direction + strong-Wolfe line
     search per iteration) from iteration ``k`` towards ``stop`` in ONE call, so it keeps its
     direction memory (one extra loss evaluation per call). Returns the iterations done.
 
-    ``state``: the loop's ``TrainState`` (``phase_start``, ``phase_wall``, ``loss_evals``,
-    ``restarted``, ``converged``, ``restarts``). ``closure`` computes the loss and gradient, adds
-    1 to ``state.loss_evals`` and stores the loss in ``state.last_loss``. Under a time budget
-    (``budget_seconds``, ``elapsed()`` the fit's wall time so far) the call ends near it, at the
-    speed measured so far in the phase; the phase's first call makes one iteration, to measure
-    it. When L-BFGS stops early with evaluations to spare (a gradient ~0, or a line search that
-    rounding defeated) the curvature memory is dropped and ``state.converged`` is set when a
-    fresh start makes no more than one iteration either."""
-    if budget_seconds is not None and k > state.phase_start:
-        per = (elapsed() - state.phase_wall) / (k - state.phase_start)
-        stop = min(stop, k + max(1, int((budget_seconds - elapsed()) / per)))
-    elif budget_seconds is not None:
-        stop = k + 1
+    ``state``: the loop's ``TrainState`` (``loss_evals``, ``restarted``, ``converged``,
+    ``restarts``). ``closure`` computes the loss and gradient, adds 1 to ``state.loss_evals``
+    and stores the loss in ``state.last_loss``. ``allowed``: at most this many iterations (the
+    budgets' share, ``loop.StepContext.iterations_allowed``; None: no limit). When L-BFGS
+    stops early with evaluations to spare (a gradient ~0, or a line search that rounding
+    defeated) the curvature memory is dropped and ``state.converged`` is set when a fresh start
+    makes no more than one iteration either."""
+    if allowed is not None:
+        stop = min(stop, k + max(1, allowed))
     group = optim.param_groups[0]
     group["max_iter"], group["max_eval"] = stop - k, 4 * (stop - k) + 4
     memory = optim.state[group["params"][0]]
@@ -232,6 +243,19 @@ def option(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+# the trainers' default budget, in forward-equivalents (bespoke_fast.fitting.evals): the same
+# fit on any device; bf.fit's default of 250,000 for everything covers its GT and this
+DEFAULT_BUDGET_EVALS = 200_000
+
+
+def check_budget_evals(budget_evals) -> None:
+    """One-line error for a budget that is not a positive whole number of evaluations."""
+    if budget_evals is not None and (not isinstance(budget_evals, int) or
+                                     isinstance(budget_evals, bool) or budget_evals < 1):
+        raise InvalidArgumentError(f"budget_evals must be a whole number of model evaluations "
+                                   f">= 1 (forward-equivalents) or None, got {budget_evals!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class CommonOptions:
     """The options every trainer has, with the same meaning and default: the seed, the
@@ -248,6 +272,12 @@ class CommonOptions:
     select: str = option(DEFAULT_SELECT, "validation score that picks the kept parameters: "
                                          "'per-sample' (mean per-sample PSNR), 'set' or 'rmse'; "
                                          f"default {DEFAULT_SELECT}")
+    budget_evals: int | None = option(DEFAULT_BUDGET_EVALS,
+                                      "model evaluations the whole fit may spend, in "
+                                      "forward-equivalents (one sample through the model's "
+                                      "forward; a backward counts 2), its start, every phase "
+                                      "and the validations included (None: no limit); default "
+                                      f"{DEFAULT_BUDGET_EVALS:,}")
 
 
 class KindTrainer:

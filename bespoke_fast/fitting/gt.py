@@ -428,12 +428,12 @@ def measure_interpolation_error(model, gt: TrajectorySet, num: int = 16, times_p
     extras = {k: v[rows].to(device) for k, v in gt.extras.items()}   # each trajectory's condition
     with torch.no_grad():
         try:
-            ref = solve_adaptive(model, gt.x0[rows].to(device, torch.float64), times, rtol=rtol,
-                                 atol=atol, **extras)
+            ref, stats = solve_adaptive(model, gt.x0[rows].to(device, torch.float64), times,
+                                        rtol=rtol, atol=atol, return_stats=True, **extras)
             ref_dtype = "float64"
         except (TypeError, RuntimeError):  # a model that only runs in its own dtype
-            ref = solve_adaptive(model, gt.x0[rows].to(device), times, rtol=max(rtol, 1e-6),
-                                 atol=max(atol, 1e-6), **extras)
+            ref, stats = solve_adaptive(model, gt.x0[rows].to(device), times, rtol=max(rtol, 1e-6),
+                                        atol=max(atol, 1e-6), return_stats=True, **extras)
             ref_dtype = str(gt.x0.dtype).replace("torch.", "")
         interp = gt.at(t, rows).to(device, ref.dtype)
     err = (interp - ref[1:-1]).flatten(2).pow(2).mean(-1).sqrt()     # [m, num] per-sample RMSE
@@ -441,7 +441,8 @@ def measure_interpolation_error(model, gt: TrajectorySet, num: int = 16, times_p
     return {"rmse_mean": float(err.mean()), "rmse_max": float(err.max()),
             "endpoint_rmse_mean": float(end.mean()), "endpoint_rmse_max": float(end.max()),
             "num": num, "times_per_trajectory": times_per_traj, "reference_rtol": rtol,
-            "reference_dtype": ref_dtype}
+            "reference_dtype": ref_dtype,
+            "evaluations": int((stats["nfe"] + stats.get("nfe_knots", 0)) * num)}
 
 
 def _assemble(path: Path, manifest: dict) -> TrajectorySet:

@@ -28,6 +28,8 @@ import torch
 
 from .._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError, check_choice,
                        check_int, model_error, probe_model, raised_by_model)
+from .common import check_budget_evals
+from .stopping import describe_events
 from . import options_lacking, trainer_for
 from .gt_storage import bytes_per_trajectory
 from .plots import plot_error_maps, plot_transform  # the report's figures (re-exported)
@@ -47,6 +49,13 @@ _ENDPOINT_KNOTS = (0.0, 1.0)
 # smallest plan --max-disk / --budget-seconds may scale down to
 _MIN_TRAIN, _MIN_HELDOUT, _MIN_ITERS = 64, 64, 10
 _SCALES = (1.0, 0.75, 0.5, 0.35, 0.25, 0.15, 0.1, 0.05, 0.02, 0.01)
+# the fit's default budget: forward-equivalents for the training GT and the trainer together
+# (the held-out GT and report are not part of the fit); default training GT trajectories
+DEFAULT_BUDGET_EVALS, DEFAULT_NUM_TRAIN = 250_000, 160
+# the GT accuracy check: this many trajectories solved again 100x tighter (float64), at about
+# this many times a GT trajectory's evaluations (the report has the exact count)
+GT_CHECK, GT_CHECK_FACTOR = 16, 3
+GT_BUDGET_SHARE = 0.6   # at most this share of budget_evals for the training GT
 
 
 @dataclass
@@ -104,8 +113,9 @@ def _resolve(model, shape, data_range, device, log):
 
 # ----------------------------------------------------------------------------- the plan
 def _probe(zm, device, batch, rtol, atol, knots):
-    """Seconds per sample-evaluation (forward) at ``batch`` and GT model evaluations per
-    trajectory (an adaptive solve of 2 trajectories with the GT tolerances)."""
+    """Seconds per sample-evaluation (forward) at ``batch``, GT model evaluations per
+    trajectory (an adaptive solve of 2 trajectories with the GT tolerances) and the bytes a
+    forward keeps for its backward, per sample (the activations a training step holds)."""
     from ..noise import noise_for_indices
     from ..solvers.adaptive import solve_adaptive
 
@@ -126,7 +136,29 @@ def _probe(zm, device, batch, rtol, atol, knots):
         x0 = noise_for_indices([0, 1], zm.shape, seed=12345, device=device)
         _, stats = solve_adaptive(zm.model, x0, torch.tensor([0.0, 1.0], dtype=torch.float64),
                                   rtol=rtol, atol=atol, return_stats=True)
-    return per_eval, stats["nfe"] + knots
+    # what the model keeps for the backward per sample when its input takes part in a
+    # gradient: saved bytes at two batch sizes, the difference per row (weights a call saves
+    # are shared by the rows, not per sample)
+    params = [p for p in (zm.model.parameters() if isinstance(zm.model, torch.nn.Module) else [])]
+    flags = [p.requires_grad for p in params]
+    sizes, saved = (1, min(batch, 4)), []
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        for rows in sizes:
+            total = [0]
+
+            def pack(tensor, total=total):
+                total[0] += tensor.numel() * tensor.element_size()
+                return tensor
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                zm.model(x[:rows].clone().requires_grad_(True), t[:rows])
+            saved.append(total[0])
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+    per_row = (saved[1] - saved[0]) / (sizes[1] - sizes[0]) if sizes[1] > sizes[0] else saved[0]
+    return per_eval, stats["nfe"] + knots, max(per_row, 0.0)
 
 
 def make_plan(settings: dict, probe: dict) -> dict:
@@ -137,32 +169,56 @@ def make_plan(settings: dict, probe: dict) -> dict:
     knot_dtype = getattr(torch, s["storage_dtype"])
     disk = (s["num_train"] * bytes_per_trajectory(s["shape"], K, knot_dtype=knot_dtype)
             + s["num_heldout"] * bytes_per_trajectory(s["shape"], len(_ENDPOINT_KNOTS)))
-    gt_evals = probe["gt_evals_per_trajectory"] * s["num_train"] + (
-        (probe["gt_evals_per_trajectory"] - K + len(_ENDPOINT_KNOTS)) * s["num_heldout"])
+    per_traj = probe["gt_evals_per_trajectory"]
+    gt_evals = per_traj * s["num_train"] + GT_CHECK_FACTOR * per_traj * GT_CHECK
+    heldout_evals = (per_traj - K + len(_ENDPOINT_KNOTS)) * s["num_heldout"]
+    report_evals = s["num_heldout"] * (nfe + sum(int(b.split("@")[1]) for b in baselines(nfe)))
     trainer = trainer_for(s["solver"])
-    names = {f.name for f in dataclasses.fields(trainer.Options)}
-    options = trainer.Options(**{k: s[k] for k in ("iters", "finetune_iters", "batch_size",
-                                                   "val_every") if k in names})
-    train_evals, val_evals = trainer.planned_evaluations(options, s["num_train"] - s["num_select"],
-                                                         s["num_select"], nfe)
-    eval_evals = s["num_heldout"] * (nfe + sum(int(b.split("@")[1]) for b in baselines(nfe)))
-    evals = {"gt": int(gt_evals), "train": int(train_evals), "validation": int(val_evals),
-             "evaluation": int(eval_evals)}
-    # training back-propagates: about 3x a forward's time; the trainer stops at its own time
-    # budget (``budget_seconds`` of the trainer, default 170 s), whichever comes first
-    train_seconds = probe["seconds_per_eval"] * (3 * train_evals + val_evals)
+    options = _trainer_options(s, trainer, None if s.get("budget_evals") is None else
+                               max(0, s["budget_evals"] - int(gt_evals)))
+    train_evals = trainer.planned_evaluations(options, s["num_train"] - s["num_select"],
+                                              s["num_select"], nfe)
+    # forward-equivalents: a backward takes about two forwards' time, so the per-forward time
+    # of the probe prices them all
+    evals = {"gt": int(gt_evals), "train": int(train_evals), "heldout_gt": int(heldout_evals),
+             "report": int(report_evals)}
+    train_seconds = probe["seconds_per_eval"] * train_evals
     train_budget = s.get("train_budget_seconds")
     if train_budget is not None:
         train_seconds = min(train_seconds, train_budget)
-    eta = probe["seconds_per_eval"] * (gt_evals + eval_evals) + train_seconds
+    eta = probe["seconds_per_eval"] * (gt_evals + heldout_evals + report_evals) + train_seconds
+    memory = _memory_estimate(s, probe)
     return {"trajectories": {"train": s["num_train"], "heldout": s["num_heldout"],
                              "train_seed": s["seed"], "heldout_seed": s["heldout_seed"],
                              "model_selection": s["num_select"]},
             "iterations": {"iters": s["iters"], "finetune_iters": s["finetune_iters"]},
             "disk_bytes": int(disk), "disk_is_upper_bound": bool(s["adaptive_knots"]),
-            "model_evaluations": {**evals, "total": sum(evals.values())},
+            "model_evaluations": {**evals, "fit": evals["gt"] + evals["train"],
+                                  "total": sum(evals.values()),
+                                  "budget": s.get("budget_evals")},
+            "memory_bytes": memory,
             "eta_seconds": eta, "train_seconds": train_seconds,
             "train_budget_seconds": train_budget, "probe": probe}
+
+
+def _trainer_options(s, trainer, budget_evals):
+    """The trainer's options as the fit runs it (its defaults, the fit's settings)."""
+    names = {f.name for f in dataclasses.fields(trainer.Options)}
+    return trainer.Options(**{k: s[k] for k in ("iters", "finetune_iters", "batch_size",
+                                                 "val_every") if k in names},
+                           budget_evals=budget_evals)
+
+
+def _memory_estimate(s, probe) -> dict:
+    """Peak memory of the fit, estimated before it starts (bytes): the training GT held in
+    memory (``gt``), and what one training chunk keeps for the backward (``training``: the
+    probe's bytes saved for the backward per sample-evaluation x the evaluations of a chunk
+    through the NFE-step sampler); ``peak`` is their sum."""
+    from .gt_storage import bytes_per_trajectory
+    gt = s["num_train"] * bytes_per_trajectory(s["shape"], len(s["knots_t"]))
+    chunk = min(s["batch_size"], s["num_train"])
+    training = int(probe.get("saved_bytes_per_eval", 0) * chunk * s["nfe"])
+    return {"gt": int(gt), "training": training, "peak": int(gt + training)}
 
 
 def _num_select(num_train: int, solver: str) -> int:
@@ -210,6 +266,17 @@ def _fit_plan(settings, probe, max_disk, budget_seconds, log):
                      f"{_duration(p['eta_seconds'])}) exceeds {_limits(max_disk, budget_seconds)}")
 
 
+def _check_gt_within_budget(settings, plan) -> None:
+    """Refuse (one line) a fit whose training GT alone would spend most of its budget."""
+    budget, gt = settings.get("budget_evals"), plan["model_evaluations"]["gt"]
+    if budget is not None and gt > GT_BUDGET_SHARE * budget:
+        raise InvalidArgumentError(
+            f"refusing to start: the training GT alone needs about {gt:,} model evaluations "
+            f"({settings['num_train']} trajectories x {plan['probe']['gt_evals_per_trajectory']:.0f}"
+            f", plus its accuracy check), more than {GT_BUDGET_SHARE:.0%} of the budget of "
+            f"{budget:,} (--budget-evals); lower --num-train or raise --budget-evals")
+
+
 def _limits(max_disk, budget_seconds):
     parts = ([f"max disk {_gb(max_disk)}"] if max_disk is not None else []) + (
         [f"budget {_duration(budget_seconds)}"] if budget_seconds is not None else [])
@@ -217,7 +284,8 @@ def _limits(max_disk, budget_seconds):
 
 
 def _gb(n):
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    return (f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5
+            else f"{n / 1e3:.0f} kB")
 
 
 def _duration(sec):
@@ -233,8 +301,16 @@ def plan_lines(plan, settings) -> list:
             f"(seed {t['heldout_seed']}, disjoint) for the report",
             f"  disk: {'at most ' if plan['disk_is_upper_bound'] else ''}{_gb(plan['disk_bytes'])} "
             f"(knots in {settings['storage_dtype']})",
-            f"  model evaluations: {e['total']:,} (GT {e['gt']:,}, training {e['train']:,}, "
-            f"validation {e['validation']:,}, evaluation {e['evaluation']:,})",
+            f"  model evaluations (forward-equivalents: one sample through the model; a "
+            f"backward counts 2): the fit {e['fit']:,}"
+            + (f" of its budget of {e['budget']:,}" if e.get("budget") is not None else "")
+            + f" (training GT about {e['gt']:,}: {t['train']} x "
+            f"{plan['probe']['gt_evals_per_trajectory']:.0f} and its accuracy check; trainer at "
+            f"most {e['train']:,}); measuring apart: held-out GT {e['heldout_gt']:,}, report "
+            f"{e['report']:,}",
+            f"  memory: about {_gb(plan['memory_bytes']['peak'])} at the peak (training GT "
+            f"{_gb(plan['memory_bytes']['gt'])} in memory, one training chunk's saved "
+            f"activations {_gb(plan['memory_bytes']['training'])}, estimated from the probe)",
             f"  ETA: about {_duration(plan['eta_seconds'])} "
             f"({plan['probe']['seconds_per_eval'] * 1e3:.3g} ms per sample-evaluation, timed; "
             + (f"training at most {_duration(plan['train_budget_seconds'])}, the trainer's "
@@ -247,7 +323,8 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
         data_range=None, num_train: int | None = None, num_heldout: int = 1024, seed: int = 0,
         heldout_seed: int | None = None, rtol: float = 1e-5, atol: float = 1e-5,
         knots: int | None = None, storage_dtype: str = "float32", adaptive_knots: bool = False,
-        max_disk: float | None = None, budget_seconds: float | None = None, device="auto",
+        max_disk: float | None = None, budget_seconds: float | None = None,
+        budget_evals: int | None = DEFAULT_BUDGET_EVALS, device="auto",
         iters: int | None = None, finetune_iters: int | None = None, batch_size: int | None = None,
         micro_batch: int | None = None, activation_checkpointing: bool = False, autocast=None,
         stream: bool = True, plots: bool = True, progress: bool = True, log=print,
@@ -262,7 +339,7 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
             (then give ``shape``; ``data_range`` defaults to 2, with a notice).
         nfe: network evaluations of the solver (even for bespoke: RK2 steps of 2).
         solver: ``"bespoke"`` (RK2 scale-time) or ``"bns"`` (non-stationary).
-        num_train: training GT trajectories (default 1280; the last ``min(256, num_train //
+        num_train: training GT trajectories (default 160; the last ``min(256, num_train //
             5)`` select the checkpoint). BNS fits a Bespoke RK2 start on all the others, then
             trains on 520 of them (``train_bns``'s default ``init="bespoke"``). num_heldout: held-out GT
             (endpoints only; only the report uses them). seed / heldout_seed: their noise seeds
@@ -270,6 +347,11 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
         rtol, atol, knots, storage_dtype, adaptive_knots: GT settings
             (:func:`~bespoke_fast.fitting.gt.generate_trajectories`; the storage error budget uses
             this ``nfe``).
+        budget_evals: model evaluations the fit may spend, in forward-equivalents (one sample
+            through the model's forward; a backward counts 2): the training GT (its accuracy
+            check included) and the trainer (its start, phases and validations) together;
+            the trainer gets what the GT left. Not counted: the held-out GT and the report,
+            which only measure. Default 250,000; None: the trainer's own budget.
         max_disk (bytes), budget_seconds: scale the plan down to fit, or refuse.
         iters, finetune_iters, batch_size: training length (default: the trainer's).
         micro_batch, activation_checkpointing, autocast: trainer memory options
@@ -311,6 +393,7 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
     for name, v in (("max_disk", max_disk), ("budget_seconds", budget_seconds)):
         if v is not None and not (v > 0 and math.isfinite(v)):
             raise InvalidArgumentError(f"{name} must be a positive number, got {v}")
+    check_budget_evals(budget_evals)
     out = Path(out)
     zm, device = _resolve(model, shape, data_range, device, log)
     probe_model(zm.model, zm.shape, device, zm.extras)
@@ -319,6 +402,8 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
     _, trainer_options = trainer_for(solver)
     settings["train_budget_seconds"] = (train_kwargs or {}).get("budget_seconds",
                                                                 trainer_options.budget_seconds)
+    settings["budget_evals"] = (budget_evals if budget_evals is not None
+                                else (train_kwargs or {}).get("budget_evals"))
     requested = json.loads(json.dumps({"settings": settings, "max_disk": max_disk,
                                        "budget_seconds": budget_seconds}))
     inventory = fit_inventory(solver_file_name(zm.name, solver, nfe), extra_files)
@@ -329,11 +414,12 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
         settings, plan = saved["settings"], saved["plan"]
         log(f"resuming the fit in {out} (plan from {plan_file})")
     else:
-        per_eval, gt_per_traj = _probe(zm, device, min(settings["batch_size"], 16), rtol, atol,
-                                       len(settings["knots_t"]))
+        per_eval, gt_per_traj, saved_bytes = _probe(zm, device, min(settings["batch_size"], 16),
+                                                    rtol, atol, len(settings["knots_t"]))
         probe = {"seconds_per_eval": per_eval, "gt_evals_per_trajectory": gt_per_traj,
-                 "device": str(device)}
+                 "saved_bytes_per_eval": saved_bytes, "device": str(device)}
         settings, plan = _fit_plan(settings, probe, max_disk, budget_seconds, log)
+        _check_gt_within_budget(settings, plan)
         if not plan_only:
             atomic_write_text(plan_file, json.dumps({"requested": requested, "settings": settings,
                                                      "plan": plan}, indent=1) + "\n")
@@ -412,8 +498,8 @@ def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol,
     from ..solvers.adaptive import default_knots
     defaults = trainer_for(solver).Options()
     num_train = check_int("num_train", num_train if num_train is not None else
-                          1280, 2)
-    iters = iters if iters is not None else (defaults.iters or 300)
+                          DEFAULT_NUM_TRAIN, 2)
+    iters = iters if iters is not None else (defaults.iters if defaults.iters is not None else 300)
     finetune_iters = (finetune_iters if finetune_iters is not None
                       else getattr(defaults, "finetune_iters", 0))
     batch_size = check_int("batch_size", batch_size if batch_size is not None else defaults.batch_size)
@@ -456,6 +542,9 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
     heldout = load_trajectories(out / "gt_heldout", device=device)
     solver_path = out / solver_file_name(zm.name, s["solver"], s["nfe"])
     train_report_path = out / "train_report.json"
+    gt_evals = _gt_evaluations(gt_manifest)
+    if s.get("budget_evals") is not None:       # the trainer gets what the GT left
+        train_kwargs = {**train_kwargs, "budget_evals": max(1, s["budget_evals"] - gt_evals)}
     done = _finished_training(solver_path, train_report_path, overwrite, log)
     if done is not None:
         log(f"[3/4] training already done: {solver_path}")
@@ -474,6 +563,8 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
             f"stopped: {stage['stop_reason']})")
     if train_report.get("stop_reason"):
         log(f"training stopped: {train_report['stop_reason']}")
+    for event in describe_events(train_report):
+        log(f"note: {event}")
     log(f"[4/4] evaluating on the {len(heldout)} held-out trajectories")
     label = f"{s['solver']}{'-rk2' if s['solver'] == 'bespoke' else ''}@{s['nfe']}"
     rows = [{**evaluate(zm.model, solver, heldout), "solver": label}]
@@ -487,7 +578,10 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
                "disjoint": "different noise seeds: counter-based noise, one stream per seed"},
         "training": {k: train_report.get(k) for k in ("config", "best", "nfe", "wall_seconds",
                                                       "stop_reason", "bound_stop_reason",
-                                                      "bespoke_stage")},
+                                                      "bespoke_stage", "events",
+                                                      "phase_stop_reasons")},
+        "evaluations": _evaluations(s, gt_evals, train_report, held_manifest, rows),
+        "gt_accuracy": _gt_accuracy(gt_manifest, rows[0]),
         "files": files, "seconds_this_run": time.perf_counter() - started,
     }
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, default=str) + "\n")
@@ -540,6 +634,36 @@ def _train(zm, device, s, out, micro_batch, activation_checkpointing, autocast, 
     return train_bns(zm.model, gt, n_steps=s["nfe"], iters=s["iters"], val=s["num_select"],
                      seed=s["seed"], checkpoint=ckpt,
                      model_name=zm.name, progress=progress, **train_kwargs)
+
+
+def _gt_evaluations(manifest) -> int:
+    """The training GT's model evaluations (forward rows): its solves and knots, and its
+    accuracy check."""
+    return int(manifest["nfe"]["total"]) + int((manifest.get("interpolation") or {})
+                                                .get("evaluations", 0))
+
+
+def _evaluations(s, gt_evals, train_report, held_manifest, rows) -> dict:
+    """The report's exact model evaluations: the fit's (training GT + the trainer's, in
+    forward-equivalents, against its budget) and, apart, the measuring (held-out GT, report)."""
+    trainer = train_report.get("evaluations") or {}
+    spent = (trainer.get("total") or {}).get("forward_equivalent", 0)
+    return {"gt": {"forward": gt_evals, "backward": 0, "forward_equivalent": gt_evals},
+            "trainer": trainer,
+            "fit": gt_evals + spent, "budget": s.get("budget_evals"),
+            "heldout_gt": int(held_manifest["nfe"]["total"]),
+            "report": int(sum(r.get("nfe") or 0 for r in rows) * held_manifest["num"])}
+
+
+def _gt_accuracy(manifest, row) -> dict | None:
+    """How far the GT is from a 100x tighter solve next to the fitted solver's own error (both
+    endpoint RMSE): the GT should be at least 10x more accurate than the solver it trains."""
+    check = manifest.get("interpolation") or {}
+    if "endpoint_rmse_mean" not in check or not row.get("rmse"):
+        return None
+    ratio = row["rmse"] / max(check["endpoint_rmse_mean"], 1e-300)
+    return {"gt_endpoint_rmse": check["endpoint_rmse_mean"], "solver_rmse": row["rmse"],
+            "ratio": ratio, "ok": ratio >= 10}
 
 
 def _gt_summary(m):

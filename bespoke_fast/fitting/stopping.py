@@ -18,10 +18,12 @@ every ``val_every`` iterations and
 
   - ``"patience"``: ``patience`` validations in a row without improving the best score by more
     than ``min_delta`` dB (the validation metric stopped improving);
-  - ``"budget"``: ``budget_seconds`` of wall time spent (training, validation, checkpoints;
-    a resumed run counts the time of its earlier runs);
+  - ``"budget"``: ``budget_evals`` model evaluations (forward-equivalents, counted exactly)
+    or ``budget_seconds`` of wall time spent (a resumed run counts its earlier runs');
   - ``"max_iters"``: the iteration cap;
-  - ``"converged"`` (L-BFGS only): the optimizer itself stopped making progress.
+  - ``"converged"`` (L-BFGS only): the optimizer itself stopped making progress;
+  - ``"nonfinite"``: the loss, a gradient or a parameter turned NaN/Inf; the phase's best
+    parameters are restored and the next phase goes on from them.
 
 The stopping state (:class:`Selection`) is part of the trainer's checkpointed
 ``bespoke_fast.fitting.loop.TrainState``, so a resumed run stops where an uninterrupted one would (the wall-time budget aside: pass ``budget_seconds=None`` for
@@ -36,12 +38,12 @@ from dataclasses import dataclass
 from .._checks import InvalidArgumentError
 
 __all__ = ["SELECT", "DEFAULT_SELECT", "STOP_REASONS", "selection_score", "observe", "stop_reason",
-           "Selection", "new_state", "check_stopping", "phase_horizon", "describe_stop",
+           "Selection", "new_state", "check_stopping", "phase_horizon", "describe_stop", "describe_events",
            "rank0_decides"]
 
 SELECT = ("per-sample", "set", "rmse")
 DEFAULT_SELECT = "per-sample"
-STOP_REASONS = ("patience", "budget", "max_iters", "converged")
+STOP_REASONS = ("patience", "budget", "max_iters", "converged", "nonfinite")
 
 
 def check_stopping(select: str, patience, budget_seconds, min_delta) -> None:
@@ -141,13 +143,24 @@ def describe_stop(report: dict) -> str:
     why = {
         "patience": f"validation {cfg.get('select', DEFAULT_SELECT)} score did not improve by more "
                     f"than {cfg.get('min_delta')} dB in {cfg.get('patience')} validations",
-        "budget": f"time budget of {cfg.get('budget_seconds')} s used up",
+        "budget": "budget used up (" + " or ".join(
+            ([f"{cfg['budget_evals']:,} model evaluations"] if cfg.get("budget_evals") else [])
+            + ([f"{cfg['budget_seconds']} s"] if cfg.get("budget_seconds") else [])) + ")",
+        "nonfinite": "the loss turned non-finite (NaN/Inf); the best parameters were restored",
         "max_iters": "iteration cap reached",
         "converged": "optimizer converged (no further progress)",
     }.get(reason, str(reason))
     return (f"stopped after {report.get('iterations')} iterations: {why}; kept iteration "
             f"{best.get('iteration')} (best {cfg.get('select', DEFAULT_SELECT)} score "
             f"{best.get('score', float('nan')):.2f} dB)")
+
+
+def describe_events(report: dict) -> list:
+    """One line per phase a non-finite loss stopped (a BNS fit's Bespoke start's too)."""
+    events = list(report.get("events") or []) + list((report.get("bespoke_stage") or {})
+                                                      .get("events") or [])
+    return [f"{e['phase']} stopped at iteration {e['iteration']}: {e['event']}; restored the "
+            f"parameters of iteration {e['restored_iteration']} and went on" for e in events]
 
 
 def rank0_decides(reason, world: int, horizon=None, final: bool = False):
