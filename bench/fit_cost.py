@@ -12,6 +12,21 @@ so the per-iteration cost of online GT (an RK45 solve per iteration) is compared
 and float16 + adaptive knots: disk per trajectory, the recorded extra interpolation error and the
 held-out PSNR of the trained solver (the accuracy cost of the smaller GT).
 
+``--pareto``: held-out PSNR against the model evaluations a fit spends (forward-equivalents: a
+backward counts 2; GT included), for our two kinds at several budgets and for the learned-grid
+peers of ``bench/peers_learned.py`` (LD3 on three bases at several iteration caps, GITS), each
+counted exactly by wrapping the model in ``bespoke_fast.fitting.evals.EvalLedger``; on the same
+training GT pool (seed 0) and the same 1,024 held-out noises (seed 1) as ``bench/quality.py``.
+Writes ``fit_pareto.{json,md,png}``.
+
+    python bench/fit_cost.py --pareto --out bench/results/2026-12-04-cpu [--models gmm-64 ...]
+
+``--image MODEL``: the default ``bespoke-fast fit`` of an image-shaped zoo model (e.g.
+``photo-32``, 3x32x32) in a child process: its plan (disk, peak memory, evaluations, ETA, printed
+before it starts) against what it did (exact evaluations, wall time, peak RSS, disk), the
+held-out PSNR, and a projection of the same fit for a DiT-XL/2-size model on one H200 from
+published FLOP counts (marked as a projection). Writes ``fit_cost_image.{json,md}``.
+
 ``--unet``: the 35.7M-parameter UNet of ``bench/models.py`` (random weights: the ODE is still
 well defined) at tiny counts: a few GT trajectories, then, each configuration in its own process
 (so peak RSS is its own), training iterations of both phases at micro-batch sizes with and
@@ -272,6 +287,259 @@ def storage_markdown(rows, machine):
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- the Pareto front
+REFERENCE = "bench/results/2026-12-02-cpu/quality-defaults/quality.json"
+
+
+def reference_psnr(models) -> dict:
+    """``{model: {kind: held-out PSNR}}`` of the 2026-12-02 quality-defaults fits at NFE 10."""
+    path = Path(__file__).resolve().parents[1] / REFERENCE
+    out = {}
+    for r in json.loads(path.read_text()):
+        if (r.get("kind") == "result" and r.get("nfe") == 10 and r.get("model") in models
+                and r.get("solver") in ("bespoke-rk2", "bns")):
+            out.setdefault(r["model"], {})[r["solver"]] = r["psnr"]
+    return out
+
+
+def run_pareto(args, machine):
+    torch.set_num_threads(1)
+    machine["threads"] = 1
+    models = args.models if args.models != ["gmm-64", "digits-exact"] else list(BENCH_MODELS)
+    points = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.cache or tmp
+        for name in models:
+            points += pareto_points(name, work, budgets=args.budgets)
+            md = pareto_markdown(points, machine, reference_psnr(models))
+            write_results(args.out, "fit_pareto", [{"machine": machine, **p} for p in points], md)
+    try:
+        pareto_plot(points, Path(args.out) / "fit_pareto.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+    print(md)
+
+PARETO_BUDGETS = (30_000, 60_000, 125_000, 250_000, 500_000)
+LD3_ITERS = (10, 25, 100, 400)
+BENCH_MODELS = ("gmm-64", "digits-exact", "digits-fmot", "digits-vcs", "digits-eps")
+
+
+def _gt_pool(name, num, seed, knots, work):
+    zm = bf.zoo.load(name)
+    out = Path(work) / f"{name}-{num}-{seed}-{knots}"
+    if not (out / "manifest.json").is_file():
+        bf.generate_trajectories(zm.model, num, zm.shape, out, seed=seed, knots=knots,
+                                 model_name=name, data_range=zm.data_range, progress=False,
+                                 measure_interpolation=0)
+    return zm, bf.load_trajectories(out)
+
+
+def gt_for_budget(budget: int, per_traj: float) -> int:
+    """GT trajectories of a fit with ``budget`` forward-equivalents: about a quarter of it, 160
+    at most (``bf.fit``'s default), 40 at least (8 of them validate)."""
+    return int(min(160, max(40, 0.25 * budget / per_traj)))
+
+
+def pareto_points(name, work, kinds=("bespoke", "bns"), budgets=PARETO_BUDGETS,
+                  ld3_iters=LD3_ITERS, nfe=10):
+    """One model's points: ``{"method", "evals", "gt_evals", "psnr", "psnr_set", ...}``."""
+    from bench import peers_learned
+    from bespoke_fast.fitting.bns import train_bns
+    from bespoke_fast.fitting.evals import EvalLedger
+    zm, pool = _gt_pool(name, 1544, 0, 41, work)
+    _, held = _gt_pool(name, 1024, 1, 2, work)
+    per_traj = pool.meta["nfe"]["per_trajectory"]
+    points = []
+
+    def add(method, budget, n, fe, solver, report, wall):
+        h = bf.evaluate(zm.model, solver, held)
+        gt_evals = int(round(n * per_traj))
+        points.append({"model": name, "method": method, "budget": budget, "num_gt": n,
+                       "gt_evals": gt_evals, "train_evals": int(fe), "evals": gt_evals + int(fe),
+                       "psnr": h["psnr"], "psnr_set": h["psnr_set"], "psnr_ci": h.get("psnr_ci"),
+                       "stop_reason": report.get("stop_reason"), "wall_seconds": wall})
+        print(f"[{name}] {method} budget {budget} GT {n}: {points[-1]['evals']:,} evals, "
+              f"held-out {h['psnr']:.2f} dB", flush=True)
+
+    for budget in budgets:
+        n = gt_for_budget(budget, per_traj)
+        data, left = pool.subset(range(n)), budget - int(round(n * per_traj))
+        for kind in kinds:
+            t0 = time.perf_counter()
+            if kind == "bespoke":
+                solver, report = bf.train(zm.model, data, base="rk2", n_steps=nfe // 2,
+                                          val=max(8, n // 5), budget_evals=left, progress=False)
+            else:
+                solver, report = train_bns(zm.model, data, n_steps=nfe, val=max(16, n // 5),
+                                           budget_evals=left, progress=False)
+            add(kind, budget, n, report["evaluations"]["total"]["forward_equivalent"], solver,
+                report, time.perf_counter() - t0)
+    n = 160                                   # the peers: the default fit's GT, split as ours
+    data = pool.subset(range(n))
+    train, val = data.split(n // 5)
+    for method in ("ipndm", "dpm++2m", "unipc"):
+        for iters in ld3_iters:
+            ledger = EvalLedger()
+            t0 = time.perf_counter()
+            solver, report = peers_learned.fit_ld3(ledger.wrap(zm.model), method, nfe, train, val,
+                                                   iters=iters, budget_seconds=None,
+                                                   patience=None)
+            add(f"ld3-{method}", None, n, ledger.equivalent(), solver, report,
+                time.perf_counter() - t0)
+    ledger = EvalLedger()
+    t0 = time.perf_counter()
+    solver, report = peers_learned.fit_gits_midpoint(ledger.wrap(zm.model), nfe, train)
+    add("gits-midpoint", None, n, ledger.equivalent(), solver, report, time.perf_counter() - t0)
+    return points
+
+
+def pareto_markdown(points, machine, reference):
+    models = list(dict.fromkeys(p["model"] for p in points))
+    lines = [f"# Held-out PSNR against fit cost at NFE 10 ({machine['cpu']}, torch "
+             f"{machine['torch']}, 1 thread, load average {machine.get('loadavg_1min_at_start', 0):.1f}"
+             " at start)", "",
+             "Fit cost: model evaluations in forward-equivalents (one sample through the model; a "
+             "backward counts 2), the training GT included (its trajectories x the pool's measured "
+             "evaluations per trajectory, 41 knots, rtol 1e-5), counted exactly for the trainers. "
+             "PSNR: mean per-sample over the same 1,024 held-out noises (seed 1) as "
+             "bench/quality.py. Ours: `bf.train` / `train_bns` at their defaults with "
+             "`budget_evals` = budget - GT, on the first N of the training pool (seed 0; the last "
+             "fifth validates). Peers: LD3 (bench/peers_learned.py, Adam on batches of 128, "
+             "capped at 10 / 25 / 100 / 400 iterations, no time budget) and GITS on the 160-trajectory "
+             "GT of the default fit. Reference: the 2026-12-02 quality-defaults fits "
+             "(1,288 training trajectories, 170 s per fit; their evaluations were not counted, "
+             "the plan of that recipe said about 12 million).", ""]
+    for model in models:
+        rows = sorted((p for p in points if p["model"] == model), key=lambda p: (p["method"], p["evals"]))
+        lines += [f"## {model}", "", "| method | budget | GT traj | fit evaluations | held-out PSNR (dB) | "
+                  "PSNR set (dB) |", "|---|---|---|---|---|---|"]
+        for p in rows:
+            lines.append(f"| {p['method']} | {p['budget'] or '-'} | {p['num_gt']} | {p['evals']:,} | "
+                         f"{p['psnr']:.2f} | {p['psnr_set']:.2f} |")
+        for kind, ref in reference.get(model, {}).items():
+            lines.append(f"| {kind} (2026-12-02 defaults) | - | 1,544 | ~12,000,000 (planned) | "
+                         f"{ref:.2f} | - |")
+        lines.append("")
+        lines += _lead_lines(rows)
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _lead_lines(rows):
+    """At each of our budgets: the best peer point that spent no more, and the difference."""
+    out = []
+    peers = [p for p in rows if p["budget"] is None]
+    for p in rows:
+        if p["budget"] is None:
+            continue
+        cheaper = [q for q in peers if q["evals"] <= p["evals"]]
+        if not cheaper:
+            out.append(f"- {p['method']} at {p['evals']:,}: no peer point spent as little")
+            continue
+        best = max(cheaper, key=lambda q: q["psnr"])
+        verdict = "leads" if p["psnr"] > best["psnr"] else "TRAILS"
+        out.append(f"- {p['method']} at {p['evals']:,}: {p['psnr']:.2f} dB; best peer at no more "
+                   f"evaluations {best['method']} {best['psnr']:.2f} dB ({best['evals']:,}): "
+                   f"{verdict} by {p['psnr'] - best['psnr']:+.2f} dB")
+    return out
+
+
+def pareto_plot(points, path):
+    from bespoke_fast.fitting.plots import pyplot
+    plt = pyplot()
+    models = list(dict.fromkeys(p["model"] for p in points))
+    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        for method in dict.fromkeys(p["method"] for p in points):
+            pts = sorted((p for p in points if p["model"] == model and p["method"] == method),
+                         key=lambda p: p["evals"])
+            if pts:
+                ax.plot([p["evals"] for p in pts], [p["psnr"] for p in pts],
+                        "o-" if method in ("bespoke", "bns") else "s--", label=method,
+                        lw=2 if method in ("bespoke", "bns") else 1)
+        ax.set_xscale("log")
+        ax.set_title(model)
+        ax.set_xlabel("fit cost: model evaluations (forward-equivalents, GT included)")
+        ax.set_ylabel("held-out PSNR at NFE 10 (dB)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- an image model
+# a DiT-XL/2 forward at 256x256 (latent 4x32x32): 118.6 GFLOP (Peebles & Xie, 2023, table 4);
+# one H200: 989 TFLOP/s dense bf16 (NVIDIA's data sheet), of which a large transformer
+# forward reaches about 40% (an assumption, not a measurement)
+DIT_XL2_GFLOP, H200_TFLOPS, ASSUMED_MFU = 118.6, 989.0, 0.4
+
+
+def image_fit(name, out_dir, nfe=10):
+    """The default fit of ``name`` in a child process; its report, wall time and peak RSS."""
+    import shutil
+    work = Path(tempfile.mkdtemp())
+    try:
+        t0 = time.perf_counter()
+        res = subprocess.run([sys.executable, "-m", "bespoke_fast.cli", "fit", "--model", name,
+                              "--nfe", str(nfe), "--out", str(work / "fit"), "--threads", "1",
+                              "--quiet", "--json"], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        wall = time.perf_counter() - t0
+        if res.returncode:
+            raise SystemExit(f"the fit failed: {res.stderr.strip().splitlines()[-1:]}")
+        report = json.loads(res.stdout)
+        peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024   # Linux: KiB
+        disk = sum(f.stat().st_size for f in (work / "fit").rglob("*") if f.is_file())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    plan, ev = report["plan"], report["evaluations"]
+    per_eval = plan["probe"]["seconds_per_eval"]
+    dit_per_eval = DIT_XL2_GFLOP * 1e9 / (H200_TFLOPS * 1e12 * ASSUMED_MFU)
+    return {"model": name, "nfe": nfe, "wall_seconds": wall, "peak_rss_bytes": peak_rss,
+            "disk_bytes": disk, "plan": {k: plan[k] for k in ("model_evaluations", "memory_bytes",
+                                                              "disk_bytes", "eta_seconds")},
+            "evaluations": ev, "heldout": report["heldout"][:2],
+            "seconds_per_eval_probe": per_eval,
+            "projection_dit_xl2_h200": {
+                "assumes": {"gflop_per_forward": DIT_XL2_GFLOP, "h200_tflops": H200_TFLOPS,
+                            "mfu": ASSUMED_MFU},
+                "seconds_per_eval": dit_per_eval,
+                "fit_seconds": ev["fit"] * dit_per_eval,
+                "with_heldout_report_seconds": (ev["fit"] + ev["heldout_gt"] + ev["report"])
+                * dit_per_eval}}
+
+
+def image_markdown(rec, machine):
+    p, ev, pr = rec["plan"], rec["evaluations"], rec["projection_dit_xl2_h200"]
+    rows = {r["solver"]: r for r in rec["heldout"]}
+    lines = [f"# The default fit of {rec['model']} (NFE {rec['nfe']}) on CPU ({machine['cpu']}, "
+             f"torch {machine['torch']}, 1 thread, load average "
+             f"{machine.get('loadavg_1min_at_start', 0):.1f} at start)", "",
+             "| | planned (before it starts) | measured |", "|---|---|---|",
+             f"| model evaluations of the fit (forward-equivalents, GT included) | at most "
+             f"{p['model_evaluations']['fit']:,} | {ev['fit']:,} |",
+             f"| held-out GT + report evaluations (not in the budget) | "
+             f"{p['model_evaluations']['heldout_gt'] + p['model_evaluations']['report']:,} | "
+             f"{ev['heldout_gt'] + ev['report']:,} |",
+             f"| peak memory | {p['memory_bytes']['peak'] / 1e6:.0f} MB (GT + one chunk's "
+             f"activations) | {rec['peak_rss_bytes'] / 1e6:.0f} MB RSS (the whole process: "
+             f"torch, model, data) |",
+             f"| disk | {p['disk_bytes'] / 1e6:.1f} MB (GT) | {rec['disk_bytes'] / 1e6:.1f} MB (the "
+             f"whole --out) |",
+             f"| wall time | {p['eta_seconds']:.0f} s (ETA) | {rec['wall_seconds']:.0f} s |", "",
+             "Held-out PSNR (dB): " + ", ".join(f"{k} {v['psnr']:.2f}" for k, v in rows.items()),
+             "", "Trainer evaluations by stage: " + ", ".join(
+                 f"{k} {v['forward_equivalent']:,}" for k, v in ev["trainer"].items()), "",
+             f"**Projection, not a measurement**: the same fit ({ev['fit']:,} evaluations) of a "
+             f"DiT-XL/2-size model at 256x256 ({pr['assumes']['gflop_per_forward']} GFLOP per "
+             f"forward) on one H200 at an assumed {pr['assumes']['mfu']:.0%} of its "
+             f"{pr['assumes']['h200_tflops']:.0f} TFLOP/s: {pr['seconds_per_eval'] * 1e3:.2f} ms "
+             f"per sample-evaluation, about {pr['fit_seconds'] / 60:.1f} min for the fit "
+             f"({pr['with_heldout_report_seconds'] / 60:.1f} min with the held-out report)."]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -288,6 +556,17 @@ def main(argv=None):
                    help="the 35M UNet: peak RSS and time per iteration vs micro-batch/checkpointing")
     p.add_argument("--unet-batch", type=int, default=2, help="batch (and GT trajectories) for --unet")
     p.add_argument("--unet-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--image", default=None, metavar="MODEL",
+                   help="the default fit of an image-shaped zoo model (e.g. photo-32): planned "
+                        "vs measured evaluations, memory, disk, time; a DiT-XL/2 projection")
+    p.add_argument("--pareto", action="store_true",
+                   help="held-out PSNR against fit evaluations: ours at several budgets, the "
+                        "learned-grid peers at their own counts (default models: the five bench "
+                        "models)")
+    p.add_argument("--budgets", type=int, nargs="+", default=list(PARETO_BUDGETS),
+                   help="--pareto: our fits' budgets in forward-equivalents, GT included")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="--pareto: keep the GT pools here (default: a temporary folder)")
     args = p.parse_args(argv)
     if args.unet_child:
         return unet_child(json.loads(args.unet_child))
@@ -302,6 +581,15 @@ def main(argv=None):
         md = storage_markdown(rows, machine)
         print(md)
         write_results(args.out, "gt_storage", [{"machine": machine, **r} for r in rows], md)
+        return
+    if args.pareto:
+        return run_pareto(args, machine)
+    if args.image:
+        machine["threads"] = 1
+        rec = {"machine": machine, **image_fit(args.image, args.out)}
+        md = image_markdown(rec, machine)
+        print(md)
+        write_results(args.out, "fit_cost_image", [rec], md)
         return
     if args.unet:
         machine["threads"] = 1
