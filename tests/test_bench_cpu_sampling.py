@@ -66,7 +66,8 @@ def test_smoke_run_writes_json_and_markdown(cpu_sampling, tmp_path):
         torch.set_num_threads(threads)
     data = json.loads((tmp_path / "cpu_sampling.json").read_text())
     rows = {r["row"] for r in data["records"]}
-    assert {"floor", "FastSampler", "hand-written loop", "hand-written (lean)"} <= rows
+    assert {"floor", "FastSampler", cpu_sampling.LEARNED, "hand-written loop",
+            "hand-written (lean)"} <= rows
     assert all(r["reps"] == 2 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
                for r in data["records"])
     assert len(data["meta"]["load_before"]) == 3

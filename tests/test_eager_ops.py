@@ -248,3 +248,92 @@ def test_model_contract_is_checked_on_every_call(kind, dtype):
                               backend="reference")
         with pytest.raises(ModelContractError, match=match):
             sampler(torch.randn(4, *SHAPE))
+
+
+# ----------------------------------------------------------------------------- exact coefficients
+class TableSolver:
+    """A bespoke solver stand-in with a given float32 ``[n, 8]`` table (what ``load_solver`` and
+    ``reference_loop`` read), to place exact 1 / 0 coefficients where a test wants them."""
+
+    kind = "bespoke"
+
+    def __init__(self, base, table):
+        self.base, self.table, self.n_steps = base, table, table.shape[0]
+
+    def coefficient_table(self, guidance_scale=1.0, dtype=torch.float32, device=None):
+        tab = self.table.clone()
+        tab[:, T.W] = float(guidance_scale)
+        return tab.to(dtype=dtype, device=device)
+
+
+def exact_ops(kind, dtype, guided, n):
+    """Update ops per call of the IDENTITY solver (A = C = 1, D = 0 at every step): RK2 drops
+    3 ops a step (mul by A, mul by C, the D term), RK1 one (mul by a)."""
+    return expected_ops(kind, dtype, guided, n) - (3 if kind == "rk2" else 1) * n
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("kind", ("rk1", "rk2"))
+def test_identity_solver_skips_exact_terms_and_matches_the_reference(kind, dtype, guided):
+    model = cfg(Net(), 1.7, "y", 3) if guided else Net()
+    sampler = FastSampler(model, BespokeSolver(kind, 3), SHAPE, 4, model_dtype=dtype,
+                          backend="reference")
+    x0, ex = torch.randn(4, *SHAPE), extras_for(guided, 4)
+    got = sampler(x0, **ex)
+    assert torch.equal(got, reference_loop(sampler, x0, ex))
+    counter = _Counter()
+    Net.counter = counter
+    try:
+        with counter:
+            sampler(x0, **ex)
+    finally:
+        Net.counter = None
+    assert sum(counter.ops.values()) == exact_ops(kind, dtype, guided, 3), dict(counter.ops)
+    # the graph path's loop keeps every term: the same result
+    run, x = sampler.captured_region(x0, **ex)
+    run()
+    assert torch.equal(x, got)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("kind", ("rk1", "rk2"))
+def test_partly_exact_coefficients_are_the_reference(kind, dtype):
+    # exact 1 / 0 on some steps only, in each combination; load_solver re-plans both ways
+    n = 4
+    learned = make_solver(kind, n)
+    tab = learned.coefficient_table(dtype=torch.float32).detach().clone()
+    tab[0, T.A] = 1.0                                  # stage 1 (RK1: the step) fused
+    tab[1, T.C], tab[1, T.D] = 1.0, 0.0                # stage 2 a single addcmul_
+    tab[2, T.A], tab[2, T.D] = 1.0, 0.0
+    tab[3, T.C] = 1.0
+    if kind == "rk1":
+        tab[:, [T.C, T.D, T.E, T.TM]] = 0.0
+    sampler = FastSampler(Net(), learned, SHAPE, 4, model_dtype=dtype, backend="reference")
+    x0 = torch.randn(4, *SHAPE)
+    general = sampler(x0)
+    sampler.load_solver(TableSolver(kind, tab))
+    got = sampler(x0)
+    assert torch.equal(got, reference_loop(sampler, x0, {}))
+    assert not torch.equal(got, general)
+    sampler.load_solver(learned)  # back to general coefficients: nothing is skipped any more
+    assert torch.equal(sampler(x0), general)
+
+
+def test_zero_d_term_differs_at_most_in_the_sign_of_zero():
+    # the documented tolerance of the D == 0 skip: the reference adds 0 * x_mid = +0 to
+    # -0 + (-0), so an exact -0 there becomes +0; the eager loop keeps -0 (torch.equal, not bitwise)
+    tab = BespokeSolver("rk2", 1).coefficient_table(dtype=torch.float32).detach().clone()
+    tab[0, T.A], tab[0, T.B], tab[0, T.C], tab[0, T.E] = 1.0, 0.0, -1.0, 0.0
+
+    class MinusOne(nn.Module):
+        def forward(self, x, t):
+            return -torch.ones_like(x)
+
+    sampler = FastSampler(MinusOne(), BespokeSolver("rk2", 1), (2,), 1, backend="reference")
+    sampler.load_solver(TableSolver("rk2", tab))
+    x0, u = torch.tensor([[0.0, 2.0]]), -torch.ones(1, 2)
+    want = rk2_stage2_ref(x0, rk2_stage1_ref(x0, u, tab, 0), u, tab, 0)
+    got = sampler(x0)
+    assert torch.equal(got, want) and torch.equal(got, torch.tensor([[0.0, -2.0]]))
+    assert torch.signbit(got[0, 0]) and not torch.signbit(want[0, 0])
