@@ -360,3 +360,18 @@ def test_doubled_condition_is_never_stale(null):
         model.null = 1
         assert torch.equal(sampler(x0, y=y), reference_loop(sampler, x0, {"y": y}))
     assert len(sampler._cond_bufs) <= sampler.max_graphs
+
+
+def test_padded_calls_copy_only_a_small_remainder():
+    # eager, padded: rows :B are a view of the call's own output when B >= run_b / 2 (no copy,
+    # at most 2x the memory kept), a copy below that; either way a tensor of its own
+    sampler = make_sampler("rk2", 2, torch.float32, False, batch_size=4)
+    x0 = torch.randn(4, *SHAPE)
+    full = sampler(x0)
+    for b, view in ((3, True), (2, True), (1, False)):
+        out = sampler(x0[:b])
+        assert torch.equal(out, full[:b]) and out.is_contiguous()
+        kept = out.untyped_storage().nbytes() // (out[0].numel() * 4)
+        assert kept == (4 if view else b), (b, kept)
+        assert out.untyped_storage().data_ptr() not in (
+            x0.untyped_storage().data_ptr(), full.untyped_storage().data_ptr())

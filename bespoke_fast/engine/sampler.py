@@ -58,7 +58,9 @@ Batch sizes
     at ``Bp = B`` (a new graph / buffer set). :meth:`FastSampler.sample` streams batches at its
     own ``batch_size`` (default the constructor's), padding only the last one. Padding keeps the
     number of captured graphs small; its cost is the compute of the padded rows, so pick
-    ``batch_size`` to match the batches you actually run.
+    ``batch_size`` to match the batches you actually run. On the eager path a padded call
+    returns its rows as a view of the call's own fresh output when they are at least half of
+    it (no copy; the view keeps at most twice its memory alive), else a copy.
 
 Graph cache
     One state (buffers + graph) per ``(Bp, shape, model_dtype, extras signature)``; the extras
@@ -446,7 +448,11 @@ class FastSampler:
         x = torch.empty_like(start) if separate else start
         self.program.loop(st, x, start, extras, self._call, exact=True)
         self.num_eager_runs += 1
-        return x if b == run_b else x[:b].clone()
+        if b == run_b:
+            return x
+        # padded: the rows asked for as a view of this call's own output when it pins at most
+        # twice their memory (no copy); a copy when a few rows would keep the whole run alive
+        return x[:b] if 2 * b >= run_b else x[:b].clone()
 
     # ------------------------------------------------------------------ graph capture
     def _capture(self, st: _State) -> None:
