@@ -398,8 +398,8 @@ class FastSampler:
     @property
     def table(self) -> torch.Tensor:
         """The program's device table (layout: ``bespoke_fast.ops.table``). Change it through
-        :meth:`load_solver` / :meth:`set_guidance_scale`: the cached model times are refreshed
-        from it only then."""
+        :meth:`load_solver` / :meth:`set_guidance_scale`: the cached model times and the eager
+        loop's exact-coefficient plan (``engine.rk``) are refreshed only then."""
         return self.program.table
 
     def load_solver(self, other) -> None:
