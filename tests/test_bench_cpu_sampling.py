@@ -48,6 +48,9 @@ def test_targets_are_judged_from_the_records(cpu_sampling):
                    "batch 256: FastSampler ahead of every library peer": True}
     with_paired = dict(cpu_sampling.targets(records, {1: 1.02}))
     assert [v for k, v in with_paired.items() if "paired" in k] == [False]
+    records[5]["x_floor_paired"] = 1.049   # the batch-256 FastSampler row, judged paired too
+    floor_paired = [v for k, v in cpu_sampling.targets(records) if "floor, paired" in k]
+    assert floor_paired == [True]
 
 
 @pytest.mark.parametrize("argv", [["--reps", "0"], ["--threads", "0"], ["--sample-ms", "-1"],
