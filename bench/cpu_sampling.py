@@ -244,8 +244,8 @@ def markdown(records, meta) -> str:
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (issue 27, rk2 at NFE 10):", ""]
     lines += [f"* {what}: {'met' if met else 'NOT met'}" for what, met in meta["targets"]]
-    general = [f"batch {b}: {by[(b, LEARNED)]['x_floor']:.3f}x (p {by[(b, LEARNED)]['x_floor_paired']:.3f}x)"
-               for b in batches if (b, LEARNED) in by]
+    general = [f"batch {b}: {r['x_floor']:.3f}x (p {r['x_floor_paired']:.3f}x)"
+               for b in batches for r in [by.get((b, LEARNED))] if r is not None]
     if general:
         lines += ["", "The targets are judged on the identity solver (the midpoint rule, to compare "
                   "with the loop and the peers), whose eager loop skips its exact no-op terms. "

@@ -19,13 +19,13 @@ upcast copy, the same float32 values), so the result is bitwise the reference's.
 
 Exact coefficients (eager only): ``loop(..., exact=True)`` (the sampler's eager path) skips the
 terms that are exact no-ops for this solver, decided once per solver (at build and
-:meth:`RKProgram.load`, on the host): ``A == 1`` (RK1 ``a == 1``) makes stage 1 ONE ``addcmul(x, u, B,
-out=x_mid)`` (the same kernel on the same values: bitwise), ``C == 1`` drops ``mul(x, C)``
-(bitwise) and ``D == 0`` drops ``addcmul_(x_mid, 0)``. The identity solver (the base midpoint /
-Euler rule) thus runs 2 ops per RK2 step instead of 5. Tolerance of the ``D == 0`` skip: the
-result equals the reference's (``torch.equal``) except for the sign of an exact zero, and a
-NaN/Inf in ``x_mid`` reaches ``x`` only through the model's output (the reference adds
-``0 * x_mid``, which is NaN then). A captured graph always runs the general loop
+:meth:`RKProgram.load`, on the host): ``A == 1`` (RK1 ``a == 1``) makes stage 1 ONE
+``addcmul(x, u, B, out=x_mid)`` (the same kernel on the same values: bitwise), ``C == 1`` drops
+``mul(x, C)`` (bitwise) and ``D == 0`` drops ``addcmul_(x_mid, 0)``. The identity solver (the
+base midpoint / Euler rule) thus runs 2 ops per RK2 step instead of 5. Tolerance of the
+``D == 0`` skip: the result equals the reference's (``torch.equal``) except for the sign of an
+exact zero, and a NaN/Inf in ``x_mid`` reaches ``x`` only through the model's output (the
+reference adds ``0 * x_mid``, which is NaN then). A captured graph always runs the general loop
 (``exact=False``): ``load_solver`` refills the table under it.
 """
 from __future__ import annotations
@@ -71,8 +71,8 @@ class RKProgram(Program):
         """The eager plan: per step the coefficient views and which terms are exact no-ops,
         ``(A == 1, C == 1, D == 0)`` (RK1: ``a == 1``), decided ONCE per solver (here and in
         :meth:`load`) on the solver's float32 table made on the host (the values the device
-        table holds; one read, from the solver's device). ``general`` is the same list with no skips: what a
-        captured graph runs (it must stay right when ``load`` refills the table)."""
+        table holds; one read, from the solver's device). ``general`` is the same list with no
+        skips: what a captured graph runs (it must stay right when ``load`` refills the table)."""
         with torch.no_grad():
             host = solver.coefficient_table(guidance_scale=self.guidance_scale,
                                             dtype=torch.float32)
