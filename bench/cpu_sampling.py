@@ -8,7 +8,12 @@ coefficients do not change the cost), ``backend="reference"``. Rows, each one ca
 
 * ``floor``            the 10 bare forward calls on the (state, time) inputs the midpoint rule
                        feeds the model (recorded once); ``x floor`` = latency / floor
-* ``FastSampler``      ``FastSampler(net, BespokeSolver("rk2", 5), (64,), B, backend="reference")``
+* ``FastSampler``      ``FastSampler(net, BespokeSolver("rk2", 5), (64,), B, backend="reference")``:
+                       the identity solver, so its eager loop skips the exact no-op terms
+                       (``A == C == 1``, ``D == 0``: 2 update ops a step, ``engine.rk``)
+* ``FastSampler (learned coefs)``  the same with every solver parameter moved by
+                       ``0.05 N(0, 1)`` (seeded): general coefficients, the 5-op step a trained
+                       solver runs (not the midpoint rule: not compared with the loop)
 * ``hand-written loop``   the midpoint rule as a user writes it: a time vector filled per stage,
                        ``xm = x + h/2 * u``, ``x = x + h * u``
 * ``hand-written (lean)`` the same with the time rows made up front and ``torch.add(alpha=)``
@@ -53,7 +58,8 @@ from _common import (command_line, diffusers_sample, diffusers_scheduler,  # noq
 import bespoke_fast as bf  # noqa: E402
 
 NFE, N_STEPS, DIM, WIDTH = 10, 5, 64, 256
-ROWS = ("floor", "FastSampler", "hand-written loop", "hand-written (lean)", "torchdiffeq",
+LEARNED = "FastSampler (learned coefs)"
+ROWS = ("floor", "FastSampler", LEARNED, "hand-written loop", "hand-written (lean)", "torchdiffeq",
         "flow_matching", "diffusers")
 PEERS = ("torchdiffeq", "flow_matching", "diffusers")
 
@@ -91,6 +97,17 @@ def lean_midpoint(net, x0, times, n_steps=N_STEPS):
     return x
 
 
+def learned_solver(seed: int = 0, scale: float = 0.05):
+    """A 5-step Bespoke RK2 solver with general coefficients: every parameter of the identity
+    moved by ``scale * N(0, 1)`` (seeded). It costs what a trained solver costs per step."""
+    solver = bf.BespokeSolver("rk2", N_STEPS)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in solver.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return solver
+
+
 def build_rows(net, batch, x0):
     """``{name: fn}`` (or ``{name: reason}`` for an unavailable peer) for one batch size."""
     rows, notes = {}, {}
@@ -109,6 +126,8 @@ def build_rows(net, batch, x0):
     sampler = bf.FastSampler(net, bf.BespokeSolver("rk2", N_STEPS), (DIM,), batch,
                              backend="reference")
     rows["FastSampler"] = lambda: sampler(x0)
+    learned = bf.FastSampler(net, learned_solver(), (DIM,), batch, backend="reference")
+    rows[LEARNED] = lambda: learned(x0)
     rows["hand-written loop"] = lambda: hand_midpoint(net, x0)
     rows["hand-written (lean)"] = lambda: lean_midpoint(net, x0, times)
     for pkg in PEERS:
@@ -190,6 +209,10 @@ def targets(records, paired=None) -> list:
                             f"per-round FastSampler / loop = {paired[b]:.3f})", paired[b] <= 1.0))
         if b == 256:
             out.append((f"batch {b}: FastSampler <= 1.05x floor", fast["x_floor"] <= 1.05))
+            if "x_floor_paired" in fast:
+                out.append((f"batch {b}: FastSampler <= 1.05x floor, paired (median of per-round "
+                            f"FastSampler / floor = {fast['x_floor_paired']:.3f})",
+                            fast["x_floor_paired"] <= 1.05))
         peers = [by[(b, p)] for p in PEERS if (b, p) in by]
         out.append((f"batch {b}: FastSampler ahead of every library peer",
                     all(fast["median_ms"] < p["median_ms"] for p in peers)))
@@ -221,6 +244,13 @@ def markdown(records, meta) -> str:
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     lines += ["", "Targets (issue 27, rk2 at NFE 10):", ""]
     lines += [f"* {what}: {'met' if met else 'NOT met'}" for what, met in meta["targets"]]
+    general = [f"batch {b}: {r['x_floor']:.3f}x (p {r['x_floor_paired']:.3f}x)"
+               for b in batches for r in [by.get((b, LEARNED))] if r is not None]
+    if general:
+        lines += ["", "The targets are judged on the identity solver (the midpoint rule, to compare "
+                  "with the loop and the peers), whose eager loop skips its exact no-op terms. "
+                  f"With general coefficients ({LEARNED}, 5 update ops a step) FastSampler is, "
+                  "against the floor: " + "; ".join(general) + "."]
     lines += ["", f"Command: `{meta['command']}`"]
     return "\n".join(lines)
 
@@ -279,7 +309,8 @@ def main(argv=None):
             "threads": args.threads, "reps": args.reps, "sample_ms": args.sample_ms,
             "load_before": [round(v, 2) for v in load_before],
             "load_after": [round(v, 2) for v in os.getloadavg()],
-            "machine": machine_info(), "peers": peers, "command": command_line()}
+            "machine": machine_info(), "peers": peers, "command": command_line(),
+            "bespoke_fast_imported_from": os.path.dirname(os.path.abspath(bf.__file__))}
     meta["fast_over_loop_paired"] = paired
     meta["targets"] = targets(records, paired)
     md = markdown(records, meta)

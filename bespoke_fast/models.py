@@ -214,16 +214,18 @@ class GuidedModel(nn.Module):
         """``(x2, t2, extras2)`` of batch 2B: cond half first, unconditional half second."""
         return torch.cat([x, x]), torch.cat([t, t]), self.doubled_extras(extras, x.shape[0])
 
-    def doubled_extras(self, extras: dict, batch: int) -> dict:
+    def doubled_extras(self, extras: dict, batch: int, cond2=None) -> dict:
         """The extras of the ``[2 batch]`` guidance batch: per-sample tensors (first dim
-        ``batch``) repeated, the condition ``cond_key`` followed by its null condition."""
+        ``batch``) repeated, the condition ``cond_key`` followed by its null condition
+        (``cond2``, when the caller already holds that doubled condition: used as it is)."""
         if self.cond_key not in extras:
             raise KeyError(f"cfg: the guided model needs the condition extra {self.cond_key!r} "
                            f"(got extras {sorted(extras)})")
         cond = extras[self.cond_key]
         extras2 = {k: (torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.shape[:1] == (batch,)
                        else v) for k, v in extras.items() if k != self.cond_key}
-        extras2[self.cond_key] = torch.cat([cond, self.null_condition(cond)])
+        extras2[self.cond_key] = (torch.cat([cond, self.null_condition(cond)]) if cond2 is None
+                                  else cond2)
         return extras2
 
     def forward_raw(self, x, t, **extras):

@@ -48,6 +48,9 @@ def test_targets_are_judged_from_the_records(cpu_sampling):
                    "batch 256: FastSampler ahead of every library peer": True}
     with_paired = dict(cpu_sampling.targets(records, {1: 1.02}))
     assert [v for k, v in with_paired.items() if "paired" in k] == [False]
+    records[5]["x_floor_paired"] = 1.049   # the batch-256 FastSampler row, judged paired too
+    floor_paired = [v for k, v in cpu_sampling.targets(records) if "floor, paired" in k]
+    assert floor_paired == [True]
 
 
 @pytest.mark.parametrize("argv", [["--reps", "0"], ["--threads", "0"], ["--sample-ms", "-1"],
@@ -66,7 +69,8 @@ def test_smoke_run_writes_json_and_markdown(cpu_sampling, tmp_path):
         torch.set_num_threads(threads)
     data = json.loads((tmp_path / "cpu_sampling.json").read_text())
     rows = {r["row"] for r in data["records"]}
-    assert {"floor", "FastSampler", "hand-written loop", "hand-written (lean)"} <= rows
+    assert {"floor", "FastSampler", cpu_sampling.LEARNED, "hand-written loop",
+            "hand-written (lean)"} <= rows
     assert all(r["reps"] == 2 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
                for r in data["records"])
     assert len(data["meta"]["load_before"]) == 3

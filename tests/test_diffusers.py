@@ -215,7 +215,9 @@ def test_scheduler_ignores_pipeline_schedule_with_one_warning():
         sched.set_timesteps(28, sigmas=[1.0, 0.5], mu=0.7)
         sched.set_timesteps(50)
     assert [str(w.message) for w in caught if "ignored" in str(w.message)].__len__() == 1
-    assert torch.equal(sched.timesteps, before) and sched.order == 2
+    assert torch.equal(sched.timesteps, before) and sched.order == 1   # 50 != n: bar ticks per call
+    sched.set_timesteps(3)
+    assert sched.order == 2                                              # n steps: ticks per step
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         bd.BespokeScheduler.from_solver(_fitted_like()).set_timesteps(3)   # its own n: quiet
@@ -426,8 +428,56 @@ def test_pipeline_save_pretrained_keeps_our_scheduler(tmp_path):
     assert torch.equal(again.timesteps, pipe.scheduler.timesteps)
 
 
-@pytest.mark.parametrize("kind", ["rk2", "bns"])
+def _bar_of(pipe, **kwargs):
+    """Run ``pipe`` and return ``(total, n)`` of its progress bar, read from the bar itself."""
+    import io
+    bars, make = [], pipe.progress_bar
+
+    def recording(*a, **k):
+        bars.append(make(*a, **k))
+        return bars[-1]
+    pipe.progress_bar = recording
+    pipe.set_progress_bar_config(file=io.StringIO())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe(output_type="latent", height=16, width=16, **kwargs)
+    assert len(bars) == 1
+    return (bars[0].total, bars[0].n), [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("kind", ["rk2", "rk1", "bns"])
 def test_the_pipeline_progress_bar_counts_the_steps_that_run(kind):
+    solver = _bns() if kind == "bns" else _fitted_like(kind)
+    cls = bd.BNSScheduler if kind == "bns" else bd.BespokeScheduler
+    n, nfe = solver.n_steps, solver.nfe
+    # SD3 passes num_inference_steps: the bar's total is that number, as the caller gave it
+    for steps, want in ((n, (n, n)), (nfe, (nfe, nfe)), (nfe - 1, (nfe - 1, nfe - 1)),
+                        (28, (28, nfe))):
+        pipe, tab = bd.tiny_pipeline("sd3"), _table()
+        pipe.scheduler = cls.from_solver(solver)
+        bar, caught = _bar_of(pipe, latents=_latents((4, 8, 8)), guidance_scale=3.0,
+                              num_inference_steps=steps, **tab)
+        assert bar == want, (steps, bar)
+        warned = [m for m in caught if "progress bar" in m]
+        assert bool(warned) == (steps not in (n, nfe)), (steps, caught)
+        if warned:
+            assert f"pass num_inference_steps={n}" in warned[0]
+            assert (f"or {nfe} (model calls)" in warned[0]) == (nfe != n)
+    # Flux passes sigmas: the total is len(timesteps), the NFE, whatever num_inference_steps is
+    pipe, tab = bd.tiny_pipeline("flux"), _table(negatives=False)
+    with torch.no_grad():
+        lat, _ = pipe.prepare_latents(2, 4, 16, 16, torch.float32, "cpu",
+                                      torch.Generator().manual_seed(0))
+    pipe.scheduler = cls.from_solver(solver)
+    for steps in (28, n):
+        bar, caught = _bar_of(pipe, latents=lat, guidance_scale=3.5, num_inference_steps=steps,
+                              **tab)
+        assert bar == (nfe, nfe), (steps, bar)
+        assert not [m for m in caught if "progress bar" in m]
+
+
+@pytest.mark.parametrize("kind", ["rk2", "bns"])
+def test_the_pipeline_progress_bar_text_ends_at_100_percent(kind):
     import io
     solver = _bns() if kind == "bns" else _fitted_like(kind)
     cls = bd.BNSScheduler if kind == "bns" else bd.BespokeScheduler

@@ -93,12 +93,12 @@ def extras_for(guided, b):
 def expected_ops(kind, dtype, guided, n):
     low = dtype != torch.float32
     if kind == "rk1":
-        return 6 * n + 5 if guided else (3 * n + 1 if low else 2 * n + 1)
+        return 6 * n + 3 if guided else (3 * n + 1 if low else 2 * n + 1)
     if kind == "rk2":
-        return 13 * n + 5 if guided else (7 * n + 1 if low else 5 * n + 1)
+        return 13 * n + 3 if guided else (7 * n + 1 if low else 5 * n + 1)
     tri = n * (n + 1) // 2          # terms of the sums: sum_i (i + 1)
     if guided:
-        return 6 * n - 1 + (3 if low else 2) * tri + 7
+        return 6 * n + (3 if low else 2) * tri + 4
     return 3 * n + 3 * tri + 1 if low else 2 * n + 2 * tri + 1
 
 
@@ -248,3 +248,130 @@ def test_model_contract_is_checked_on_every_call(kind, dtype):
                               backend="reference")
         with pytest.raises(ModelContractError, match=match):
             sampler(torch.randn(4, *SHAPE))
+
+
+# ----------------------------------------------------------------------------- exact coefficients
+class TableSolver:
+    """A bespoke solver stand-in with a given float32 ``[n, 8]`` table (what ``load_solver`` and
+    ``reference_loop`` read), to place exact 1 / 0 coefficients where a test wants them."""
+
+    kind = "bespoke"
+
+    def __init__(self, base, table):
+        self.base, self.table, self.n_steps = base, table, table.shape[0]
+
+    def coefficient_table(self, guidance_scale=1.0, dtype=torch.float32, device=None):
+        tab = self.table.clone()
+        tab[:, T.W] = float(guidance_scale)
+        return tab.to(dtype=dtype, device=device)
+
+
+def exact_ops(kind, dtype, guided, n):
+    """Update ops per call of the IDENTITY solver (A = C = 1, D = 0 at every step): RK2 drops
+    3 ops a step (mul by A, mul by C, the D term), RK1 one (mul by a)."""
+    return expected_ops(kind, dtype, guided, n) - (3 if kind == "rk2" else 1) * n
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["plain", "cfg"])
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("kind", ("rk1", "rk2"))
+def test_identity_solver_skips_exact_terms_and_matches_the_reference(kind, dtype, guided):
+    model = cfg(Net(), 1.7, "y", 3) if guided else Net()
+    sampler = FastSampler(model, BespokeSolver(kind, 3), SHAPE, 4, model_dtype=dtype,
+                          backend="reference")
+    x0, ex = torch.randn(4, *SHAPE), extras_for(guided, 4)
+    got = sampler(x0, **ex)
+    assert torch.equal(got, reference_loop(sampler, x0, ex))
+    counter = _Counter()
+    Net.counter = counter
+    try:
+        with counter:
+            sampler(x0, **ex)
+    finally:
+        Net.counter = None
+    assert sum(counter.ops.values()) == exact_ops(kind, dtype, guided, 3), dict(counter.ops)
+    # the graph path's loop keeps every term: the same result
+    run, x = sampler.captured_region(x0, **ex)
+    run()
+    assert torch.equal(x, got)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES.values()), ids=list(DTYPES))
+@pytest.mark.parametrize("kind", ("rk1", "rk2"))
+def test_partly_exact_coefficients_are_the_reference(kind, dtype):
+    # exact 1 / 0 on some steps only, in each combination; load_solver re-plans both ways
+    n = 4
+    learned = make_solver(kind, n)
+    tab = learned.coefficient_table(dtype=torch.float32).detach().clone()
+    tab[0, T.A] = 1.0                                  # stage 1 (RK1: the step) fused
+    tab[1, T.C], tab[1, T.D] = 1.0, 0.0                # stage 2 a single addcmul_
+    tab[2, T.A], tab[2, T.D] = 1.0, 0.0
+    tab[3, T.C] = 1.0
+    if kind == "rk1":
+        tab[:, [T.C, T.D, T.E, T.TM]] = 0.0
+    sampler = FastSampler(Net(), learned, SHAPE, 4, model_dtype=dtype, backend="reference")
+    x0 = torch.randn(4, *SHAPE)
+    general = sampler(x0)
+    sampler.load_solver(TableSolver(kind, tab))
+    got = sampler(x0)
+    assert torch.equal(got, reference_loop(sampler, x0, {}))
+    assert not torch.equal(got, general)
+    sampler.load_solver(learned)  # back to general coefficients: nothing is skipped any more
+    assert torch.equal(sampler(x0), general)
+
+
+def test_zero_d_term_differs_at_most_in_the_sign_of_zero():
+    # the documented tolerance of the D == 0 skip: the reference adds 0 * x_mid = +0 to
+    # -0 + (-0), so an exact -0 there becomes +0; the eager loop keeps -0 (torch.equal, not bitwise)
+    tab = BespokeSolver("rk2", 1).coefficient_table(dtype=torch.float32).detach().clone()
+    tab[0, T.A], tab[0, T.B], tab[0, T.C], tab[0, T.E] = 1.0, 0.0, -1.0, 0.0
+
+    class MinusOne(nn.Module):
+        def forward(self, x, t):
+            return -torch.ones_like(x)
+
+    sampler = FastSampler(MinusOne(), BespokeSolver("rk2", 1), (2,), 1, backend="reference")
+    sampler.load_solver(TableSolver("rk2", tab))
+    x0, u = torch.tensor([[0.0, 2.0]]), -torch.ones(1, 2)
+    want = rk2_stage2_ref(x0, rk2_stage1_ref(x0, u, tab, 0), u, tab, 0)
+    got = sampler(x0)
+    assert torch.equal(got, want) and torch.equal(got, torch.tensor([[0.0, -2.0]]))
+    assert torch.signbit(got[0, 0]) and not torch.signbit(want[0, 0])
+
+
+# ----------------------------------------------------------------------------- guidance condition
+@pytest.mark.parametrize("null", [0, torch.tensor(2), lambda y: (y + 1) % 3],
+                         ids=["number", "tensor", "callable"])
+def test_doubled_condition_is_never_stale(null):
+    # a number null: the doubled condition lives in a kept buffer, the condition copied in
+    # every call; a tensor / callable null: built per call. Either way each call sees its own
+    # condition: written in place between calls, padded, another null
+    model = cfg(Net(), 1.7, "y", null)
+    sampler = FastSampler(model, make_solver("rk2", 3), SHAPE, 4, backend="reference")
+    x0, y = torch.randn(4, *SHAPE), torch.tensor([0, 1, 2, 0])
+    first = sampler(x0, y=y)
+    assert torch.equal(first, reference_loop(sampler, x0, {"y": y}))
+    y[:2] = torch.tensor([2, 2])  # the same tensor object, new values
+    second = sampler(x0, y=y)
+    assert torch.equal(second, reference_loop(sampler, x0, {"y": y}))
+    assert not torch.equal(first, second)
+    assert torch.equal(sampler(x0[:3], y=y[:3]), reference_loop(sampler, x0[:3], {"y": y[:3]}))
+    if not callable(null):
+        model.null = 1
+        assert torch.equal(sampler(x0, y=y), reference_loop(sampler, x0, {"y": y}))
+    assert len(sampler._cond_bufs) <= sampler.max_graphs
+
+
+def test_padded_calls_copy_only_a_small_remainder():
+    # eager, padded: rows :B are a view of the call's own output when B >= run_b / 2 (no copy,
+    # at most 2x the memory kept), a copy below that; either way a tensor of its own
+    sampler = make_sampler("rk2", 2, torch.float32, False, batch_size=4)
+    x0 = torch.randn(4, *SHAPE)
+    full = sampler(x0)
+    for b, view in ((3, True), (2, True), (1, False)):
+        out = sampler(x0[:b])
+        assert torch.equal(out, full[:b]) and out.is_contiguous()
+        kept = out.untyped_storage().nbytes() // (out[0].numel() * 4)
+        assert kept == (4 if view else b), (b, kept)
+        assert out.untyped_storage().data_ptr() not in (
+            x0.untyped_storage().data_ptr(), full.untyped_storage().data_ptr())

@@ -125,10 +125,14 @@ class Program:
         else:
             st.model_in.copy_(src)
 
-    def loop(self, st, x: torch.Tensor, x0: torch.Tensor, extras: dict, call) -> None:
+    def loop(self, st, x: torch.Tensor, x0: torch.Tensor, extras: dict, call,
+             exact: bool = False) -> None:
         """The whole solve on ``st``'s buffers. ``x`` float32 ``[Bp, *shape]`` receives the
         result; ``x0`` float32 ``[Bp, *shape]`` is the start (read only; RK programs get
-        ``x0 is x`` and update it in place). ``call(inp, t, extras)`` runs the network on
+        ``x0 is x`` and update it in place). ``exact`` (the eager path only, never a captured
+        graph) lets the program skip terms that are exact no-ops for the loaded solver's
+        coefficients (a multiply by 1, an added 0 times a state; ``engine.rk``), read once per
+        solver. ``call(inp, t, extras)`` runs the network on
         ``inp`` at the ``[rows]`` time ``t`` and returns its checked output; a loop may instead
         call ``call.net(inp, t, **extras)`` itself and hand an output that is not a tensor of
         ``inp``'s shape and dtype to ``call.check(u, inp, t, extras)`` (which raises)."""

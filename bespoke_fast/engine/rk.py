@@ -16,6 +16,17 @@ When the model runs in float32 without guidance, the model input IS the state bu
 reference op's own torch ops (``mul(out=)``, then ``addcmul_`` per term; guidance: upcast,
 ``sub``, ``addcmul``; a low-precision ``u`` is read by ``addcmul_`` in place of the reference's
 upcast copy, the same float32 values), so the result is bitwise the reference's.
+
+Exact coefficients (eager only): ``loop(..., exact=True)`` (the sampler's eager path) skips the
+terms that are exact no-ops for this solver, decided once per solver (at build and
+:meth:`RKProgram.load`, on the host): ``A == 1`` (RK1 ``a == 1``) makes stage 1 ONE
+``addcmul(x, u, B, out=x_mid)`` (the same kernel on the same values: bitwise), ``C == 1`` drops
+``mul(x, C)`` (bitwise) and ``D == 0`` drops ``addcmul_(x_mid, 0)``. The identity solver (the
+base midpoint / Euler rule) thus runs 2 ops per RK2 step instead of 5. Tolerance of the
+``D == 0`` skip: the result equals the reference's (``torch.equal``) except for the sign of an
+exact zero, and a NaN/Inf in ``x_mid`` reaches ``x`` only through the model's output (the
+reference adds ``0 * x_mid``, which is NaN then). A captured graph always runs the general loop
+(``exact=False``): ``load_solver`` refills the table under it.
 """
 from __future__ import annotations
 
@@ -54,7 +65,34 @@ class RKProgram(Program):
         # step i's coefficients (A, B, C, D, E, W) as 0-d views of the table: made once
         self.coefs = [tuple(self.table[i, c] for c in (T.A, T.B, T.C, T.D, T.E, T.W))
                       for i in range(self.n_steps)]
-        self.loop = self._loop_rk1 if self._base == "rk1" else self._loop_rk2
+        self._plan(solver)
+
+    def _plan(self, solver) -> None:
+        """The eager plan: per step the coefficient views and which terms are exact no-ops,
+        ``(A == 1, C == 1, D == 0)`` (RK1: ``a == 1``), decided ONCE per solver (here and in
+        :meth:`load`) on the solver's float32 table made on the host (the values the device
+        table holds; one read, from the solver's device). ``general`` is the same list with no
+        skips: what a captured graph runs (it must stay right when ``load`` refills the table)."""
+        with torch.no_grad():
+            host = solver.coefficient_table(guidance_scale=self.guidance_scale,
+                                            dtype=torch.float32)
+        # a solver on the meta device (shape checks) has no values: no skips
+        flags = (host[:, [T.A, T.C, T.D]].tolist() if host.device.type != "meta" else
+                 [(None, None, None)] * self.n_steps)
+        self.general = [(*c, False, False, False) for c in self.coefs]
+        self.exact = [(*c, a == 1.0, cc == 1.0, d == 0.0) for c, (a, cc, d) in
+                      zip(self.coefs, flags)]
+
+    def load(self, solver) -> None:
+        super().load(solver)
+        self._plan(solver)
+
+    def loop(self, st, x, x0, extras, call, exact=False) -> None:
+        steps = self.exact if exact else self.general
+        if self._base == "rk1":
+            self._loop_rk1(st, x, steps, extras, call)
+        else:
+            self._loop_rk2(st, x, steps, extras, call)
 
     @property
     def base(self):
@@ -86,7 +124,7 @@ class RKProgram(Program):
             return u.clone()
         return u if u.is_contiguous() else u.contiguous()
 
-    def _loop_rk1(self, st, x, x0, extras, call) -> None:
+    def _loop_rk1(self, st, x, steps, extras, call) -> None:
         mi, guided, last = st.model_in, self.guided, self.n_steps - 1
         x2 = x.expand(2, *x.shape) if guided else None
         self.write_in(st, x, x2)
@@ -98,7 +136,7 @@ class RKProgram(Program):
                          guidance=guided, out=x, backend=self.backend)
             return
         xp, net, shape, dtype = x.data_ptr(), call.net, inp.shape, inp.dtype
-        for i, (a, b, _, _, _, w), t in zip(range(last + 1), self.coefs, st.t_rows):
+        for i, (a, b, _, _, _, w, a1, _, _), t in zip(range(last + 1), steps, st.t_rows):
             u = net(inp, t, **extras)  # the call, inlined: checked by call.check on a mismatch
             if not isinstance(u, torch.Tensor) or u.shape != shape or u.dtype != dtype:
                 call.check(u, inp, t, extras)
@@ -106,12 +144,13 @@ class RKProgram(Program):
                 u = self.combine(st, u, w)
             elif u.data_ptr() == xp:
                 u = u.clone()  # a model returning (a view of) its input: x is overwritten first
-            torch.mul(x, a, out=x)
+            if not a1:  # a == 1: x * a is x itself (exact), so the step is one addcmul_
+                torch.mul(x, a, out=x)
             x.addcmul_(u, b)
             if mi is not None and i != last:
                 self.write_in(st, x, x2)
 
-    def _loop_rk2(self, st, x, x0, extras, call) -> None:
+    def _loop_rk2(self, st, x, steps, extras, call) -> None:
         mi, guided, last = st.model_in, self.guided, self.n_steps - 1
         xm, xm2 = st.x_mid, st.x_mid2
         x2 = x.expand(2, *x.shape) if guided else None
@@ -128,7 +167,7 @@ class RKProgram(Program):
                            guidance=guided, out=x, backend=self.backend)
             return
         xp, xmp, net, shape, dtype = x.data_ptr(), xm.data_ptr(), call.net, in1.shape, in1.dtype
-        for i, (a, b, c, d, e, w), t1, t2 in zip(range(last + 1), self.coefs, ts1, ts2):
+        for i, (a, b, c, d, e, w, a1, c1, d0), t1, t2 in zip(range(last + 1), steps, ts1, ts2):
             u = net(in1, t1, **extras)  # the call, inlined: checked by call.check on a mismatch
             if not isinstance(u, torch.Tensor) or u.shape != shape or u.dtype != dtype:
                 call.check(u, in1, t1, extras)
@@ -136,8 +175,11 @@ class RKProgram(Program):
                 u = self.combine(st, u, w)
             elif u.data_ptr() == xmp:
                 u = u.clone()
-            torch.mul(x, a, out=xm)
-            xm.addcmul_(u, b)
+            if a1:  # A == 1: the same addcmul kernel on x itself (x * 1 is x: bitwise)
+                torch.addcmul(x, u, b, out=xm)
+            else:
+                torch.mul(x, a, out=xm)
+                xm.addcmul_(u, b)
             if mi is not None:
                 self.write_in(st, xm, xm2)
             u = net(in2, t2, **extras)
@@ -147,7 +189,10 @@ class RKProgram(Program):
                 u = self.combine(st, u, w)
             elif u.data_ptr() == xp:
                 u = u.clone()
-            torch.mul(x, c, out=x)
-            x.addcmul_(xm, d).addcmul_(u, e)
+            if not c1:  # C == 1: x * C is x itself (exact)
+                torch.mul(x, c, out=x)
+            if not d0:  # D == 0: D x_mid adds only a zero (see the module docs)
+                x.addcmul_(xm, d)
+            x.addcmul_(u, e)
             if mi is not None and i != last:
                 self.write_in(st, x, x2)

@@ -30,17 +30,26 @@ Eager path (CPU; CUDA with ``cuda_graph=False``; a key whose capture failed)
     ``tests/test_eager_ops.py``::
 
         kind  fp32          bf16 (low precision)   guided fp32 / bf16
-        rk1   2n + 1        3n + 1                 6n + 5
-        rk2   5n + 1        7n + 1                 13n + 5
-        bns   2n + 2T + 1   3n + 3T + 1            6n + 2T + 6  /  6n + 3T + 6
+        rk1   2n + 1        3n + 1                 6n + 3
+        rk2   5n + 1        7n + 1                 13n + 3
+        bns   2n + 2T + 1   3n + 3T + 1            6n + 2T + 4  /  6n + 3T + 4
 
     Per RK2 step (fp32): ``mul(out=)`` + ``addcmul_`` (stage 1), ``mul(out=)`` + 2
     ``addcmul_`` (stage 2); bf16 adds one copy into ``model_in`` per stage (the update reads
     the bf16 output in place: no upcast copy); guidance adds the combine (split or upcast copy,
     ``sub(out=)``, ``addcmul(out=)``) per stage and writes both halves of ``model_in`` in one
     copy. The ``+ 1`` is the output (a copy of ``x0``, or BNS's empty ``x``); a model-input
-    buffer adds its first write, guidance the doubled condition (3 ops) and the ``[2, Bp]``
-    view of ``x``. No step allocates.
+    buffer adds its first write, guidance the condition's copy into its doubled buffer (kept
+    per sampler, null half written once; a tensor or callable ``null`` builds it with 3 ops
+    instead) and the ``[2, Bp]`` view of ``x``. No step allocates.
+
+    Exact coefficients: these are the counts for general coefficients. The eager loop skips
+    the terms that are exact no-ops for the loaded solver (read once per solver: ``A == 1``,
+    ``C == 1``, ``D == 0``; RK1 ``a == 1``), so the identity solver (the midpoint / Euler
+    rule) runs ``3n`` fewer ops for RK2 (fp32: ``2n + 1``) and ``n`` fewer for RK1. The
+    ``D == 0`` skip is the one inexact case: equal to the reference (``torch.equal``) but an
+    exact zero may keep its sign (:mod:`bespoke_fast.engine.rk`). A captured graph keeps
+    every term.
 
 Batch sizes
     A call with ``B <= batch_size`` rows runs at ``Bp = batch_size``: the rows are PADDED with
@@ -49,7 +58,9 @@ Batch sizes
     at ``Bp = B`` (a new graph / buffer set). :meth:`FastSampler.sample` streams batches at its
     own ``batch_size`` (default the constructor's), padding only the last one. Padding keeps the
     number of captured graphs small; its cost is the compute of the padded rows, so pick
-    ``batch_size`` to match the batches you actually run.
+    ``batch_size`` to match the batches you actually run. On the eager path a padded call
+    returns its rows as a view of the call's own fresh output when they are at least half of
+    it (no copy; the view keeps at most twice its memory alive), else a copy.
 
 Graph cache
     One state (buffers + graph) per ``(Bp, shape, model_dtype, extras signature)``; the extras
@@ -376,6 +387,7 @@ class FastSampler:
         self.n_steps = self.program.n_steps
 
         self._states: OrderedDict = OrderedDict()
+        self._cond_bufs: OrderedDict = OrderedDict()  # guidance: the doubled conditions
         self.capture_seconds: dict = {}
         self.num_captures = 0
         self.num_replays = 0
@@ -386,8 +398,8 @@ class FastSampler:
     @property
     def table(self) -> torch.Tensor:
         """The program's device table (layout: ``bespoke_fast.ops.table``). Change it through
-        :meth:`load_solver` / :meth:`set_guidance_scale`: the cached model times are refreshed
-        from it only then."""
+        :meth:`load_solver` / :meth:`set_guidance_scale`: the cached model times and the eager
+        loop's exact-coefficient plan (``engine.rk``) are refreshed only then."""
         return self.program.table
 
     def load_solver(self, other) -> None:
@@ -434,9 +446,13 @@ class FastSampler:
             start = torch.zeros(run_b, *self.shape, dtype=torch.float32, device=self.device)
             start[:b].copy_(x0)
         x = torch.empty_like(start) if separate else start
-        self.program.loop(st, x, start, extras, self._call)
+        self.program.loop(st, x, start, extras, self._call, exact=True)
         self.num_eager_runs += 1
-        return x if b == run_b else x[:b].clone()
+        if b == run_b:
+            return x
+        # padded: the rows asked for as a view of this call's own output when it pins at most
+        # twice their memory (no copy); a copy when a few rows would keep the whole run alive
+        return x[:b] if 2 * b >= run_b else x[:b].clone()
 
     # ------------------------------------------------------------------ graph capture
     def _capture(self, st: _State) -> None:
@@ -523,19 +539,52 @@ class FastSampler:
 
     def _network_extras(self, extras: dict, b: int, run_b: int) -> dict:
         """User extras -> what the network sees: tensors on the device, per-sample ones (first
-        dim ``b``) padded to ``run_b`` by repeating the last row, doubled for guidance."""
+        dim ``b``) padded to ``run_b`` by repeating the last row, doubled for guidance (the
+        condition through :meth:`_doubled_condition` when it can)."""
         if not extras and not self.guided:
             return extras
+        cond2 = self._doubled_condition(extras, b, run_b) if self.guided else None
         out = {}
         for k, v in extras.items():
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor) and (cond2 is None or k != self.model.cond_key):
                 v = v.to(self.device)
                 if v.dim() > 0 and v.shape[0] == b and run_b > b:
                     v = torch.cat([v, v[-1:].expand(run_b - b, *v.shape[1:])])
             out[k] = v
         if self.guided:
-            out = self.model.doubled_extras(out, run_b)
+            out = self.model.doubled_extras(out, run_b, cond2)
         return out
+
+    def _doubled_condition(self, extras: dict, b: int, run_b: int):
+        """The guidance batch's condition ``[cond (padded to run_b rows), null]`` ``[2 run_b,
+        ...]`` in a buffer kept per (run_b, condition shape and dtype, null): the null half is
+        written when the buffer is made, each call copies the condition in (one copy; two when
+        padded) -- no allocation, and never stale (the values are copied every call). Only for
+        a per-sample tensor condition (first dim ``b``) and a number ``null``; ``None``
+        otherwise (``GuidedModel.doubled_extras`` makes it). The network receives the buffer
+        itself: read it, never keep it across calls."""
+        cond, null = extras.get(self.model.cond_key), self.model.null
+        if not (isinstance(cond, torch.Tensor) and cond.dim() > 0 and cond.shape[0] == b
+                and isinstance(null, (int, float)) and not cond.requires_grad):
+            return None
+        key = (run_b, tuple(cond.shape[1:]), cond.dtype, type(null), null)
+        bufs = self._cond_bufs.get(key)
+        if bufs is None:
+            buf = torch.empty(2 * run_b, *cond.shape[1:], dtype=cond.dtype, device=self.device)
+            half = buf[run_b:]
+            half.copy_(torch.as_tensor(null, dtype=cond.dtype, device=self.device).expand_as(half))
+            bufs = self._cond_bufs[key] = (buf, buf[:run_b])  # the cond half as a view, made once
+            while len(self._cond_bufs) > self.max_graphs:
+                self._cond_bufs.popitem(last=False)
+        else:
+            self._cond_bufs.move_to_end(key)
+        buf, head = bufs
+        if run_b == b:
+            head.copy_(cond)
+        else:
+            head[:b].copy_(cond)
+            head[b:].copy_(cond[-1:].expand(run_b - b, *cond.shape[1:]))
+        return buf
 
     def _check_x0(self, x0) -> torch.Tensor:
         check_state("x0", x0)

@@ -397,7 +397,8 @@ class _FittedScheduler(SchedulerMixin, ConfigMixin):
             other = "BNSScheduler" if solver.kind == "bns" else "BespokeScheduler"
             raise ValueError(f"{type(self).__name__} needs a {self.kind} solver, got kind "
                              f"{solver.kind!r}; use {other}")
-        self.order = solver.nfe // solver.n_steps  # model calls per step: 2 for an RK2 base
+        self._stages = solver.nfe // solver.n_steps  # model calls per step: 2 for an RK2 base
+        self.order = self._stages  # what a pipeline's progress bar counts per tick: set_timesteps
         self.solver = solver
         self._conv = conversion_from_config(dict(self.config), prediction_type)
         self._given = _Given(negate=self._conv["prediction_type"] == "flow")
@@ -424,25 +425,48 @@ class _FittedScheduler(SchedulerMixin, ConfigMixin):
                       mu=None, timesteps=None, **kwargs):
         """Move the fitted schedule to ``device`` and start a new sample. ``num_inference_steps``,
         ``sigmas``, ``mu`` and ``timesteps`` are accepted and IGNORED (the fitted times are
-        used), with one warning per scheduler when they ask for something else."""
-        differs = ((num_inference_steps is not None and num_inference_steps != self.solver.n_steps)
-                   or sigmas is not None or mu is not None or timesteps is not None)
-        if differs and not self._warned:
+        used), with one warning per scheduler when they ask for something else.
+
+        It also sets ``order``, which diffusers pipelines read only to advance their progress
+        bar (one tick every ``order`` model calls, at most one per call; ``retrieve_timesteps``
+        then the loop), so that the bar counts what runs:
+
+        * ``sigmas`` / ``timesteps`` given (Flux passes ``sigmas``): the pipeline's total is
+          ``len(timesteps)``, the NFE: ``order = 1``, one tick per model call;
+        * ``num_inference_steps == n_steps``: the total counts steps: ``order`` = model calls
+          per step (2 for an RK2 base);
+        * any other ``num_inference_steps``: the pipeline takes it as the total as it is, and
+          no scheduler can change that total; ``order = 1`` ticks once per model call, so the
+          bar is exact at ``num_inference_steps == nfe``, ends at 100% below it (counting only
+          the last calls) and short of 100% above it (at most NFE ticks): a warning says so,
+          naming the two values that count exactly.
+        """
+        n, nfe = self.solver.n_steps, self.solver.nfe
+        steps = num_inference_steps is not None and sigmas is None and timesteps is None
+        self.order = self._stages if steps and num_inference_steps == n else 1
+        exact_bar = not steps or num_inference_steps in (n, nfe)
+        ignored = (not exact_bar or mu is not None or sigmas is not None or timesteps is not None)
+        if ignored and not self._warned:
             self._warned = True
-            warnings.warn(f"{type(self).__name__}: the fitted solver has {self.solver.n_steps} steps "
-                          f"(NFE {self.solver.nfe}) at learned times; the pipeline's "
-                          f"num_inference_steps/sigmas/mu/timesteps are ignored (pass "
-                          f"num_inference_steps={self.solver.n_steps} so that the pipeline's "
-                          f"progress bar counts the steps that run)", UserWarning, stacklevel=2)
+            bar = "" if exact_bar else (
+                f"; the pipeline's progress bar takes num_inference_steps={num_inference_steps} as "
+                f"its total and advances at most once per model call, so it cannot end at "
+                f"{num_inference_steps}/{num_inference_steps} after exactly the {nfe} calls that "
+                f"run: pass num_inference_steps={n}" + (
+                    f" (the bar counts steps) or {nfe} (model calls)" if nfe != n else ""))
+            warnings.warn(f"{type(self).__name__}: the fitted solver has {n} steps (NFE {nfe}) at "
+                          f"learned times; the pipeline's num_inference_steps/sigmas/mu/timesteps "
+                          f"are ignored{bar}", UserWarning, stacklevel=2)
         if device is not None and torch.device(device) != self._device:
             self._build(device)
         self._reset()
 
     def set_begin_index(self, begin_index: int = 0):
-        """Start at call ``begin_index`` (a multiple of ``order``; 0 for a whole sample)."""
-        if begin_index % self.order or not 0 <= begin_index < len(self.timesteps):
-            raise ValueError(f"begin_index must be a multiple of order={self.order} in "
-                             f"[0, {len(self.timesteps)}), got {begin_index}")
+        """Start at call ``begin_index`` (a multiple of the model calls per step, 2 for an RK2
+        base; 0 for a whole sample)."""
+        if begin_index % self._stages or not 0 <= begin_index < len(self.timesteps):
+            raise ValueError(f"begin_index must be a multiple of {self._stages} (model calls per "
+                             f"step) in [0, {len(self.timesteps)}), got {begin_index}")
         self._begin_index = int(begin_index)
 
     @property
@@ -515,12 +539,15 @@ class BespokeScheduler(_FittedScheduler):
     """A fitted :class:`~bespoke_fast.BespokeSolver` as a diffusers scheduler.
 
     Build it with :meth:`from_solver`; ``save_pretrained`` / ``from_pretrained`` store the solver
-    document (parameters and tables) in ``scheduler_config.json``. ``order`` is 2 for an RK2 base:
-    each step takes two ``step()`` calls -- call 1 returns the midpoint state where the model is
-    evaluated next (callbacks see it, and pipelines count it in ``timesteps``), call 2 returns
-    ``x_{i+1}``. diffusers pipelines advance their progress bar every ``order`` calls to a total
-    of the ``num_inference_steps`` they were given (ignored here otherwise): pass
-    ``num_inference_steps=solver.n_steps`` and the bar counts exactly the steps that run.
+    document (parameters and tables) in ``scheduler_config.json``. An RK2 base takes two
+    ``step()`` calls per step -- call 1 returns the midpoint state where the model is evaluated
+    next (callbacks see it, and pipelines count it in ``timesteps``), call 2 returns ``x_{i+1}``.
+    ``order`` is what diffusers pipelines count per progress-bar tick, set by
+    :meth:`~_FittedScheduler.set_timesteps` so that the bar ends at 100% after the calls that
+    run: 2 (steps) when the pipeline passes ``num_inference_steps=solver.n_steps``, else 1
+    (model calls). With the pipeline's ``sigmas`` (Flux) the bar is always exact; with a plain
+    ``num_inference_steps`` (SD3) it is exact at ``n_steps`` or ``nfe`` only, because the
+    pipeline uses that number itself as the bar's total (a warning names both values).
 
     Args (the config): ``solver`` (the solver document, ``Solver.to_document()``),
     ``prediction_type`` (``"flow"``, ``"epsilon"``, ``"v_prediction"``, ``"sample"``),
@@ -537,18 +564,18 @@ class BespokeScheduler(_FittedScheduler):
 
     def _model_times(self):
         tab = self.solver.coefficient_table(dtype=torch.float32).detach()
-        return tab[:, T.T0] if self.order == 1 else tab[:, [T.T0, T.TM]].reshape(-1)
+        return tab[:, T.T0] if self._stages == 1 else tab[:, [T.T0, T.TM]].reshape(-1)
 
     def _build(self, device):
         super()._build(device)
         self._table = self.solver.coefficient_table(dtype=torch.float32, device=self._device).detach()
 
     def _update(self, model_output, sample, k):
-        i, stage = divmod(k, self.order)
+        i, stage = divmod(k, self._stages)
         if stage == 0:
             x = self._x = self._state(sample, self._x).to(torch.float32)
             u = self._velocity(model_output, x, k)
-            if self.order == 1:
+            if self._stages == 1:
                 self._x = rk1_step_ref(x, u, self._table, i)
                 return self._x
             self._x_mid = rk2_stage1_ref(x, u, self._table, i)
