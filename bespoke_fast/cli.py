@@ -185,14 +185,6 @@ def cmd_train(args):
     args.out = _solver_out(args.out)                 # before the fit, not after it
     zm = _model(args)
     gt = _gt(args, zm)
-    if (args.solver == "bespoke" and args.val is None and isinstance(opts.get("val"), int)
-            and opts["val"] > len(gt) // 5):
-        # the default hold-out of a bespoke fit is for sets of >= 1,280: shrink it, as BNS does
-        opts["val"] = max(1, len(gt) // 5)
-        if not args.quiet:
-            print(f"bespoke-fast train: the GT set has {len(gt)} trajectories: holding out the last "
-                  f"{opts['val']} (a fifth) for validation and training on {len(gt) - opts['val']} "
-                  f"(--val sets it)", file=sys.stderr)
     from .fitting.stopping import describe_events, describe_stop
     train, _ = trainer_for(args.solver)
     solver, report = train(zm.model, gt, n_steps=n, seed=args.seed, checkpoint=args.checkpoint,

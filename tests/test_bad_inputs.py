@@ -728,8 +728,14 @@ def test_bespoke_train_shrinks_its_default_hold_out_on_a_small_gt_set(tmp_path, 
                  str(tmp_path / "g"), "--nfe", "4", "--iters", "1", "--finetune-iters", "0",
                  "--polish-iters", "0", "--init", "identity", "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "holding out the last 12 (a fifth) for validation and training on 52 (--val sets it)" in err
+    assert "holding out the last 12 (a fifth) for validation and training on 52 (val= / --val sets it)" in err
     assert json.loads(out.read_text())["training"]["num_val"] == 12
+    # the same from Python: bf.train shrinks its default hold-out and says so in the report
+    import bespoke_fast as bf
+    from tests.bad_models import linear
+    _, report = bf.train(linear().model, bf.load_trajectories(tmp_path / "g"), n_steps=2, iters=1,
+                         polish_iters=0, init="identity", progress=False)
+    assert report["config"]["num_val"] == 12 and "holding out the last 12" in report["split_note"]
 
 
 def test_training_bars_show_the_budget_not_an_eta_from_the_iteration_cap(base, tmp_path, capsys):

@@ -278,6 +278,7 @@ def screen_starts(model, train_set: TrajectorySet, val_set: TrajectorySet, base:
 
 
 # ----------------------------------------------------------------------------- the trainer
+DEFAULT_VAL = 256          # validation trajectories at most, by default (a fifth of smaller sets)
 # budget shares (of budget_evals, and of budget_seconds when given), counted from the fit's start
 BOUND_BUDGET_SHARE = 0.25  # the bound phase may use at most this share, counted from its start
 SCREEN_ITERS = 60          # init="auto": end-to-end Adam iterations of each start's trial
@@ -326,9 +327,10 @@ class BespokeOptions(CommonOptions):
     batch_size: int = option(128, "trajectories per Adam iteration; default 128")
     lr: float = option(5e-3, "Adam learning rate of the bound phase (and of the fine-tune unless "
                              "finetune_lr is set), decayed along a cosine to 5%; default 5e-3")
-    val: int | TrajectorySet = option(256, "trajectories held out (the last ones) to validate and "
-                                           "keep the best parameters, or a separate set; "
-                                           "default 256")
+    val: int | TrajectorySet | None = option(None, "trajectories held out (the last ones) to "
+                                                  "validate and keep the best parameters, or a "
+                                                  "separate set; default: a fifth of the GT "
+                                                  "set, at most 256")
     val_every: int = option(50, "validate every this many iterations (and at each phase's end); "
                                 "default 50")
     gt_mode: str = option("cached", "'cached': Hermite interpolation of the stored GT; "
@@ -444,9 +446,16 @@ class BespokeTrainer(KindTrainer):
         check_gt_matches(raw_model(model), trajectories, model_name)
         loss_model = model_for_loss(model, activation_checkpointing, autocast)
         raw = raw_model(model)
+        split_note = None
         if isinstance(val, TrajectorySet):
             train_set, val_set = trajectories, val
         else:
+            if val is None:     # a fifth, at most DEFAULT_VAL; the report says when that is fewer
+                val = max(1, min(DEFAULT_VAL, len(trajectories) // 5))
+                if val < DEFAULT_VAL:
+                    split_note = (f"the GT set has {len(trajectories)} trajectories: holding out "
+                                  f"the last {val} (a fifth) for validation and training on "
+                                  f"{len(trajectories) - val} (val= / --val sets it)")
             train_set, val_set = trajectories.split(check_int("val", val))
         rank, world, _ = dist_info()
         device = train_set.device
@@ -566,6 +575,7 @@ class BespokeTrainer(KindTrainer):
                       stop_reason=state.stop_reason,
                       bound_stop_reason=state.phase_stop_reasons.get("bound"),
                       phase_stop_reasons=state.phase_stop_reasons, start=state.start,
+                      split_note=split_note,
                       iterations=state.iteration)
 
 
@@ -597,8 +607,9 @@ train = keyword_trainer(TRAINER, "train", """Fit a :class:`BespokeSolver` to ``m
         lr: Adam learning rate. Each phase decays it along a cosine to 5% over the phase's
             horizon: its iteration cap or, once the speed is measured (first validation of the
             phase), the iterations the time budget allows, whichever is fewer.
-        val: number of trajectories held out (the last ones) for validation, or a separate
-            TrajectorySet. val_every: validate every k iterations (and at the end of each phase).
+        val: number of trajectories held out (the last ones) for validation (default: a fifth
+            of the set, at most 256; the report's ``split_note`` says when that is fewer than
+            256), or a separate TrajectorySet. val_every: validate every k iterations (and at the end of each phase).
         seed: seeds the batch order.
         checkpoint: path; saved every ``checkpoint_every`` iterations (atomically). If it exists,
             training resumes from it and ends with exactly the parameters of an uninterrupted run
