@@ -448,8 +448,12 @@ def pareto_plot(points, path):
     from bespoke_fast.fitting.plots import pyplot
     plt = pyplot()
     models = list(dict.fromkeys(p["model"] for p in points))
-    fig, axes = plt.subplots(1, len(models), figsize=(4 * len(models), 3.6), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    cols = min(3, len(models))
+    rows = -(-len(models) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    for ax in axes.flat[len(models):]:
+        ax.axis("off")
+    for ax, model in zip(axes.flat, models):
         for method in dict.fromkeys(p["method"] for p in points):
             pts = sorted((p for p in points if p["model"] == model and p["method"] == method),
                          key=lambda p: p["evals"])
@@ -459,10 +463,11 @@ def pareto_plot(points, path):
                         lw=2 if method in ("bespoke", "bns") else 1)
         ax.set_xscale("log")
         ax.set_title(model)
-        ax.set_xlabel("fit cost: model evaluations (forward-equivalents, GT included)")
+        ax.set_xlabel("fit cost: model evaluations (GT included)")
         ax.set_ylabel("held-out PSNR at NFE 10 (dB)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    fig.suptitle("Held-out PSNR against fit cost (forward-equivalents: a backward counts 2)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -56,6 +56,7 @@ DEFAULT_BUDGET_EVALS, DEFAULT_NUM_TRAIN = 250_000, 160
 # this many times a GT trajectory's evaluations (the report has the exact count)
 GT_CHECK, GT_CHECK_FACTOR = 16, 3
 GT_BUDGET_SHARE = 0.6   # at most this share of budget_evals for the training GT
+GT_SHARD, EVAL_BATCH = 256, 1024    # trajectories per GT shard, samples per evaluation batch
 
 
 @dataclass
@@ -210,15 +211,30 @@ def _trainer_options(s, trainer, budget_evals):
 
 
 def _memory_estimate(s, probe) -> dict:
-    """Peak memory of the fit, estimated before it starts (bytes): the training GT held in
-    memory (``gt``), and what one training chunk keeps for the backward (``training``: the
-    probe's bytes saved for the backward per sample-evaluation x the evaluations of a chunk
-    through the NFE-step sampler); ``peak`` is their sum."""
+    """Peak memory of the fit, estimated before it starts (bytes): what the process holds now
+    (``process``: torch, the model), plus the largest of its stages: GT generation
+    (``gt_generation``: a shard of ``GT_SHARD`` trajectories' knots, the solver's stages and
+    one call's activations), training (``training``: the training GT in memory and what one
+    chunk keeps for the backward: the probe's bytes per sample-evaluation x the chunk's
+    evaluations through the NFE-step sampler) and the held-out report (``evaluation``: batches
+    of ``EVAL_BATCH``). ``peak`` is ``process`` plus the largest."""
+    import resource
     from .gt_storage import bytes_per_trajectory
-    gt = s["num_train"] * bytes_per_trajectory(s["shape"], len(s["knots_t"]))
+    numel = math.prod(s["shape"])
+    act = probe.get("saved_bytes_per_eval", 0)
+    knots = len(s["knots_t"])
+    gt = s["num_train"] * bytes_per_trajectory(s["shape"], knots)
+    shard = min(GT_SHARD, s["num_train"])
+    gt_generation = shard * (bytes_per_trajectory(s["shape"], knots) + 8 * numel * 4 + act)
     chunk = min(s["batch_size"], s["num_train"])
-    training = int(probe.get("saved_bytes_per_eval", 0) * chunk * s["nfe"])
-    return {"gt": int(gt), "training": training, "peak": int(gt + training)}
+    # + the sampler's float64 states the backward keeps (state, stage state, velocity per call)
+    training = gt + int(chunk * s["nfe"] * (act + 3 * numel * 8))
+    evaluation = min(EVAL_BATCH, s["num_heldout"]) * (act + 4 * numel * 4)
+    process = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux: KiB
+    stages = {"gt_generation": int(gt_generation), "training": int(training),
+              "evaluation": int(evaluation)}
+    return {"process": int(process), **stages, "gt": int(gt),
+            "peak": int(process + max(stages.values()))}
 
 
 def _num_select(num_train: int, solver: str) -> int:
@@ -308,9 +324,11 @@ def plan_lines(plan, settings) -> list:
             f"{plan['probe']['gt_evals_per_trajectory']:.0f} and its accuracy check; trainer at "
             f"most {e['train']:,}); measuring apart: held-out GT {e['heldout_gt']:,}, report "
             f"{e['report']:,}",
-            f"  memory: about {_gb(plan['memory_bytes']['peak'])} at the peak (training GT "
-            f"{_gb(plan['memory_bytes']['gt'])} in memory, one training chunk's saved "
-            f"activations {_gb(plan['memory_bytes']['training'])}, estimated from the probe)",
+            f"  memory: about {_gb(plan['memory_bytes']['peak'])} at the peak (this process "
+            f"{_gb(plan['memory_bytes']['process'])} now, plus the largest stage: GT "
+            f"generation {_gb(plan['memory_bytes']['gt_generation'])}, training "
+            f"{_gb(plan['memory_bytes']['training'])}, held-out report "
+            f"{_gb(plan['memory_bytes']['evaluation'])}; estimated from the probe)",
             f"  ETA: about {_duration(plan['eta_seconds'])} "
             f"({plan['probe']['seconds_per_eval'] * 1e3:.3g} ms per sample-evaluation, timed; "
             + (f"training at most {_duration(plan['train_budget_seconds'])}, the trainer's "
