@@ -527,9 +527,9 @@ def image_markdown(rec, machine):
              f"| held-out GT + report evaluations (not in the budget) | "
              f"{p['model_evaluations']['heldout_gt'] + p['model_evaluations']['report']:,} | "
              f"{ev['heldout_gt'] + ev['report']:,} |",
-             f"| peak memory | {p['memory_bytes']['peak'] / 1e6:.0f} MB (GT + one chunk's "
-             f"activations) | {rec['peak_rss_bytes'] / 1e6:.0f} MB RSS (the whole process: "
-             f"torch, model, data) |",
+             f"| peak memory | {p['memory_bytes']['peak'] / 1e6:.0f} MB (the process, plus its "
+             f"largest stage) | {rec['peak_rss_bytes'] / 1e6:.0f} MB RSS (the fit's process at "
+             f"its peak) |",
              f"| disk | {p['disk_bytes'] / 1e6:.1f} MB (GT) | {rec['disk_bytes'] / 1e6:.1f} MB (the "
              f"whole --out) |",
              f"| wall time | {p['eta_seconds']:.0f} s (ETA) | {rec['wall_seconds']:.0f} s |", "",
