@@ -58,6 +58,11 @@ class ModelContractError(BespokeFastError, TypeError, ValueError):
     Both a ``TypeError`` and a ``ValueError``, as the separate checks were before."""
 
 
+class ExecutionError(BespokeFastError, RuntimeError):
+    """A run that cannot go on: an adaptive solve whose step count or step size ran out, a CUDA
+    graph capture that left the device unusable."""
+
+
 class ModelError(BespokeFastError, RuntimeError):
     """The user's model raised an exception: the message names the call (which samples, the
     time, the input shape) and the model's own message; ``__cause__`` is the original."""
@@ -178,11 +183,11 @@ def check_positive(name: str, value) -> float:
 def check_state(name: str, x) -> torch.Tensor:
     """A sampler state must be a floating-point tensor with a batch dimension."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise InvalidTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        raise InvalidTypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < 1 or x.shape[0] == 0:
-        raise ValueError(f"{name} must have shape [B, ...] with B >= 1, got {tuple(x.shape)}")
+        raise InvalidArgumentError(f"{name} must have shape [B, ...] with B >= 1, got {tuple(x.shape)}")
     return x
 
 

@@ -335,9 +335,9 @@ class GaussianMixtureFlow(nn.Module):
         weights = (torch.full((K,), 1.0 / K, dtype=torch.float64) if weights is None
                    else torch.as_tensor(weights, dtype=torch.float64))
         if weights.shape != (K,) or (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError(f"weights must be {K} non-negative numbers with a positive sum")
+            raise InvalidArgumentError(f"weights must be {K} non-negative numbers with a positive sum")
         if (stds <= 0).any():
-            raise ValueError("stds must be > 0")
+            raise InvalidArgumentError("stds must be > 0")
         self.shape = tuple(means.shape[1:])
         self.path = _as_path(path)
         self.name = name

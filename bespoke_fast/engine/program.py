@@ -23,6 +23,7 @@ The ``"triton"`` backend calls the fused kernels.
 from __future__ import annotations
 
 import torch
+from .._checks import InvalidArgumentError
 
 __all__ = ["Program"]
 
@@ -77,7 +78,7 @@ class Program:
         for attr in self.swap_keys:
             mine, theirs = getattr(self, attr), getattr(solver, attr, None)
             if mine != theirs:
-                raise ValueError(f"load_solver: {attr} mismatch: the sampler runs {attr}={mine!r}, "
+                raise InvalidArgumentError(f"load_solver: {attr} mismatch: the sampler runs {attr}={mine!r}, "
                                  f"the new solver has {attr}={theirs!r}; build a new FastSampler")
         with torch.no_grad():
             self.table.copy_(self.device_table(solver))

@@ -35,6 +35,7 @@ import torch
 from ..ops import table as T
 from ..ops.rk import rk1_step, rk2_stage1, rk2_stage2
 from .program import Program
+from .._checks import InvalidArgumentError
 
 __all__ = ["RKProgram"]
 
@@ -58,7 +59,7 @@ class RKProgram(Program):
 
     def __init__(self, solver, **kwargs):
         if solver.base not in ("rk1", "rk2"):
-            raise ValueError(f"unsupported bespoke base {solver.base!r}")
+            raise InvalidArgumentError(f"unsupported bespoke base {solver.base!r}")
         self._base = solver.base
         self.stages = 1 if self._base == "rk1" else 2
         super().__init__(solver, **kwargs)

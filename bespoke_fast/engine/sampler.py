@@ -107,6 +107,7 @@ from ..solvers.base import Solver
 from ..utils import infer_device
 from .bns import BNSProgram
 from .rk import RKProgram
+from .._checks import ExecutionError, InvalidArgumentError, InvalidTypeError
 
 __all__ = ["FastSampler", "PROGRAMS"]
 
@@ -339,7 +340,7 @@ class FastSampler:
                  compile_model: bool = False, device=None, max_graphs: int = 8, warmup: int = 2,
                  check_finite: bool = False):
         if not isinstance(model_dtype, torch.dtype) or not model_dtype.is_floating_point:
-            raise ValueError(f"model_dtype must be a floating-point torch.dtype (torch.float32, "
+            raise InvalidArgumentError(f"model_dtype must be a floating-point torch.dtype (torch.float32, "
                              f"torch.bfloat16, torch.float16), got {model_dtype!r}")
         self.shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list, torch.Size))
                                             else (shape,)))
@@ -358,7 +359,7 @@ class FastSampler:
 
         # ---- guidance: the raw network runs on [2Bp] inputs, the op combines the halves
         if guidance is not None and not isinstance(model, GuidedModel):
-            raise ValueError("guidance needs a classifier-free-guidance model: wrap the "
+            raise InvalidArgumentError("guidance needs a classifier-free-guidance model: wrap the "
                              "conditional model with bespoke_fast.cfg(model, scale, cond_key=..., "
                              "null=...) and pass that")
         self.model = model
@@ -377,7 +378,7 @@ class FastSampler:
         self.solver = solver
         program = PROGRAMS.get(solver.kind) if isinstance(solver, Solver) else None
         if program is None:
-            raise TypeError(f"solver must be a BespokeSolver or a NonStationarySolver (a solver "
+            raise InvalidTypeError(f"solver must be a BespokeSolver or a NonStationarySolver (a solver "
                             f"of kind {' or '.join(map(repr, PROGRAMS))}), got "
                             f"{type(solver).__name__}")
         self.program = program(solver, device=self.device, backend=self.backend,
@@ -413,7 +414,7 @@ class FastSampler:
     def set_guidance_scale(self, scale: float) -> None:
         """Change the guidance scale in place (on the device, in the program: no re-capture)."""
         if not self.guided:
-            raise ValueError("set_guidance_scale: this sampler was not built with a cfg(...) model")
+            raise InvalidArgumentError("set_guidance_scale: this sampler was not built with a cfg(...) model")
         self.guidance_scale = float(scale)
         self.program.set_guidance_scale(self.guidance_scale)
 
@@ -487,7 +488,7 @@ class FastSampler:
                 try:
                     torch.cuda.synchronize(dev)
                 except Exception:  # pragma: no cover - a sticky error: nothing left to salvage
-                    raise RuntimeError(f"CUDA graph capture failed and left the device in an "
+                    raise ExecutionError(f"CUDA graph capture failed and left the device in an "
                                        f"error state: {_exception_chain(e)}") from e
                 st.failure = _exception_chain(e)
                 self.capture_failures[st.key] = st.failure
@@ -589,7 +590,7 @@ class FastSampler:
     def _check_x0(self, x0) -> torch.Tensor:
         check_state("x0", x0)
         if tuple(x0.shape[1:]) != self.shape:
-            raise ValueError(f"x0 must have shape [B, {', '.join(map(str, self.shape))}] "
+            raise InvalidArgumentError(f"x0 must have shape [B, {', '.join(map(str, self.shape))}] "
                              f"(B, *shape with shape={self.shape}), got {tuple(x0.shape)}")
         return x0
 

@@ -147,7 +147,7 @@ def model_for_loss(model, activation_checkpointing: bool = False, autocast=None)
     activations plus the states, for one more forward per call.
     """
     if autocast is not None and autocast not in AUTOCAST_DTYPES:
-        raise ValueError(f"autocast must be torch.bfloat16 or torch.float16, got {autocast!r}")
+        raise InvalidArgumentError(f"autocast must be torch.bfloat16 or torch.float16, got {autocast!r}")
     if not activation_checkpointing and autocast is None:
         return model
 

@@ -52,6 +52,7 @@ from ..ops import table as T
 from ..ops.bns import bns_step_ref
 from ..ops.rk import rk1_step_ref, rk2_stage1_ref, rk2_stage2_ref
 from ..solvers.files import load_solver, solver_from_document
+from .._checks import InvalidArgumentError, InvalidTypeError, MissingFileError
 
 __all__ = ["velocity_model", "DiffusersVelocity", "conversion_from_config", "BespokeScheduler",
            "BNSScheduler", "fast_pipeline", "FastPipeline", "condition_extras", "ConditionExtras",
@@ -78,7 +79,7 @@ def conversion_from_config(config, prediction: str | None = None) -> dict:
     flow = "FlowMatch" in name or config.get("prediction_type") in ("flow", "flow_prediction")
     kind = prediction or ("flow" if flow else config.get("prediction_type", "epsilon"))
     if kind not in _PREDICTIONS:
-        raise ValueError(f"unsupported prediction type {kind!r}; expected one of "
+        raise InvalidArgumentError(f"unsupported prediction type {kind!r}; expected one of "
                          f"{', '.join(_PREDICTIONS)}")
     if kind == "flow":
         return {"prediction_type": kind, "path": GaussianPath("fm-ot"), "time_scale": T_}
@@ -90,7 +91,7 @@ def conversion_from_config(config, prediction: str | None = None) -> dict:
     elif schedule == "squaredcos_cap_v2":
         path = GaussianPath("cosine")
     else:
-        raise ValueError(f"beta_schedule {schedule!r} has no continuous path here; supported: "
+        raise InvalidArgumentError(f"beta_schedule {schedule!r} has no continuous path here; supported: "
                          f"'linear' (VP) and 'squaredcos_cap_v2' (cosine)")
     return {"prediction_type": kind, "path": path, "time_scale": T_}
 
@@ -137,7 +138,7 @@ def _family(denoiser) -> str:
         return "sd3"
     if "UNet2D" in name:
         return "unet"
-    raise ValueError(f"unsupported denoiser {name}; supported: SD3Transformer2DModel, "
+    raise InvalidArgumentError(f"unsupported denoiser {name}; supported: SD3Transformer2DModel, "
                      f"FluxTransformer2DModel, UNet2DModel, UNet2DConditionModel")
 
 
@@ -154,7 +155,7 @@ class _Denoiser(nn.Module):
         extras = dict(extras)
         if "prompt" in extras:
             if not self.num_prompts:
-                raise ValueError("extra 'prompt' given but the model has no prompt table "
+                raise InvalidArgumentError("extra 'prompt' given but the model has no prompt table "
                                  "(pass prompt_embeds to velocity_model)")
             idx = extras.pop("prompt").long()
             extras.setdefault("encoder_hidden_states", self.prompt_embeds.index_select(0, idx))
@@ -166,7 +167,7 @@ class _Denoiser(nn.Module):
         c = self.conditioning(extras)
         b = x.shape[0]
         if self.family != "unet" and not {"encoder_hidden_states", "pooled_projections"} <= set(c):
-            raise ValueError(f"the {self.family} transformer needs text conditioning: the extra "
+            raise InvalidArgumentError(f"the {self.family} transformer needs text conditioning: the extra "
                              f"'prompt' (with a prompt table) or encoder_hidden_states and "
                              f"pooled_projections; got extras {sorted(extras)}")
         if self.family == "sd3":
@@ -276,7 +277,7 @@ def velocity_model(pipe_or_denoiser, prediction: str | None = None, *, scheduler
             break
     family = _family(denoiser)
     if config is None and prediction is None and family == "unet":
-        raise ValueError("a bare UNet needs prediction= ('epsilon', 'v_prediction', 'sample') or "
+        raise InvalidArgumentError("a bare UNet needs prediction= ('epsilon', 'v_prediction', 'sample') or "
                          "scheduler_config=; pass the pipeline instead to read its scheduler config")
     conv = conversion_from_config(config if config is not None else {"prediction_type": "flow"},
                                   prediction)
@@ -301,7 +302,7 @@ def velocity_model(pipe_or_denoiser, prediction: str | None = None, *, scheduler
         return cfg(model, guidance_scale, cond_key="prompt", null=lambda idx: idx + P)
     if null_class is not None:
         return cfg(model, guidance_scale, cond_key="class_labels", null=int(null_class))
-    raise ValueError("guidance_scale > 1 needs the unconditional input: negative_prompt_embeds "
+    raise InvalidArgumentError("guidance_scale > 1 needs the unconditional input: negative_prompt_embeds "
                      "(prompt tables) or null_class (class labels)")
 
 
@@ -366,7 +367,7 @@ def load_conditioning(path) -> dict:
     from safetensors.torch import load_file
     tensors = load_file(str(path))
     if "prompt_embeds" not in tensors and "classes" not in tensors:
-        raise ValueError(f"{path}: a conditioning file needs 'prompt_embeds' or 'classes'")
+        raise InvalidArgumentError(f"{path}: a conditioning file needs 'prompt_embeds' or 'classes'")
     return tensors
 
 
@@ -395,7 +396,7 @@ class _FittedScheduler(SchedulerMixin, ConfigMixin):
         solver = solver_from_document(solver, "scheduler config 'solver'")
         if solver.kind != self.kind:
             other = "BNSScheduler" if solver.kind == "bns" else "BespokeScheduler"
-            raise ValueError(f"{type(self).__name__} needs a {self.kind} solver, got kind "
+            raise InvalidArgumentError(f"{type(self).__name__} needs a {self.kind} solver, got kind "
                              f"{solver.kind!r}; use {other}")
         self._stages = solver.nfe // solver.n_steps  # model calls per step: 2 for an RK2 base
         self.order = self._stages  # what a pipeline's progress bar counts per tick: set_timesteps
@@ -465,7 +466,7 @@ class _FittedScheduler(SchedulerMixin, ConfigMixin):
         """Start at call ``begin_index`` (a multiple of the model calls per step, 2 for an RK2
         base; 0 for a whole sample)."""
         if begin_index % self._stages or not 0 <= begin_index < len(self.timesteps):
-            raise ValueError(f"begin_index must be a multiple of {self._stages} (model calls per "
+            raise InvalidArgumentError(f"begin_index must be a multiple of {self._stages} (model calls per "
                              f"step) in [0, {len(self.timesteps)}), got {begin_index}")
         self._begin_index = int(begin_index)
 
@@ -639,7 +640,7 @@ class FastPipeline:
         self.solver = load_solver(solver) if isinstance(solver, (str, Path)) else solver
         denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
         if denoiser is None:
-            raise ValueError(f"{type(pipe).__name__} has neither a transformer nor a unet")
+            raise InvalidArgumentError(f"{type(pipe).__name__} has neither a transformer nor a unet")
         self.family = _family(denoiser)
         self.batch_size = int(batch_size)
         self.model_dtype = model_dtype or denoiser.dtype
@@ -680,10 +681,10 @@ class FastPipeline:
         params = inspect.signature(self.pipe.__call__).parameters
         unknown = sorted(set(kwargs) - set(params))
         if unknown:
-            raise TypeError(f"{type(self.pipe).__name__}() got unexpected arguments {unknown}")
+            raise InvalidTypeError(f"{type(self.pipe).__name__}() got unexpected arguments {unknown}")
         for k in self._UNSUPPORTED:
             if k in kwargs and kwargs[k] != params[k].default:
-                raise ValueError(f"fast_pipeline does not support {k}; use pipe(...) with "
+                raise InvalidArgumentError(f"fast_pipeline does not support {k}; use pipe(...) with "
                                  f"BespokeScheduler for it")
         return {k: kwargs.get(k, p.default) for k, p in params.items()
                 if p.default is not inspect.Parameter.empty}
@@ -806,7 +807,7 @@ def tiny_pipeline(kind: str = "sd3", seed: int = 0):
                              num_class_embeds=4 if kind == "ddpm-class" else None)
         pred = "v_prediction" if kind == "ddpm-v" else "epsilon"
         return D.DDPMPipeline(unet=unet, scheduler=D.DDPMScheduler(prediction_type=pred))
-    raise ValueError(f"unknown tiny pipeline {kind!r}; expected 'sd3', 'flux', 'ddpm-eps', 'ddpm-v' "
+    raise InvalidArgumentError(f"unknown tiny pipeline {kind!r}; expected 'sd3', 'flux', 'ddpm-eps', 'ddpm-v' "
                      f"or 'ddpm-class'")
 
 
@@ -823,10 +824,10 @@ def _parse_classes(spec: str):
     try:
         values = [int(v) for v in spec.split(",") if v.strip()]
     except ValueError as e:
-        raise ValueError(f"--classes {spec!r}: expected a count N (labels 0..N-1) or a comma list "
+        raise InvalidArgumentError(f"--classes {spec!r}: expected a count N (labels 0..N-1) or a comma list "
                          f"of integer labels") from e
     if not values or min(values) < 0:
-        raise ValueError(f"--classes {spec!r}: expected a positive count or non-negative labels")
+        raise InvalidArgumentError(f"--classes {spec!r}: expected a positive count or non-negative labels")
     return list(range(values[0])) if len(values) == 1 and "," not in spec else values
 
 
@@ -844,7 +845,7 @@ def cli_model(directory, prompts=None, classes=None, guidance_scale=None, height
     from ..zoo import ZooModel
     directory = Path(directory)
     if not (directory / "model_index.json").is_file():
-        raise FileNotFoundError(f"{directory}: not a diffusers pipeline folder (no model_index.json)")
+        raise MissingFileError(f"{directory}: not a diffusers pipeline folder (no model_index.json)")
     import json
     index = json.loads((directory / "model_index.json").read_text())
     absent = {k: None for k, v in index.items()   # components saved as None (e.g. no text encoders)
@@ -885,16 +886,16 @@ def cli_model(directory, prompts=None, classes=None, guidance_scale=None, height
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (pipe.unet.config.in_channels, *size)
     if family != "unet" and not table:
-        raise ValueError(f"{directory}: a {family} pipeline needs --prompts FILE (prompt embeddings "
+        raise InvalidArgumentError(f"{directory}: a {family} pipeline needs --prompts FILE (prompt embeddings "
                          f"or text)")
     kw.update(table)
     if labels is not None:
         n_embeds = getattr(pipe, "unet", None) and pipe.unet.config.get("num_class_embeds")
         if not n_embeds:
-            raise ValueError(f"{directory}: --classes needs a class-conditional UNet "
+            raise InvalidArgumentError(f"{directory}: --classes needs a class-conditional UNet "
                              f"(num_class_embeds in its config)")
         if max(labels) >= n_embeds - (guidance_scale > 1):
-            raise ValueError(f"--classes: labels must be below {n_embeds - (guidance_scale > 1)} "
+            raise InvalidArgumentError(f"--classes: labels must be below {n_embeds - (guidance_scale > 1)} "
                              f"(num_class_embeds {n_embeds}; with guidance the last one means "
                              f"'no class')")
         if guidance_scale > 1:
@@ -912,15 +913,15 @@ def cli_model(directory, prompts=None, classes=None, guidance_scale=None, height
 
 def _prompt_table(pipe, path: Path, device) -> dict:
     if not path.is_file():
-        raise FileNotFoundError(f"--prompts {path}: no such file")
+        raise MissingFileError(f"--prompts {path}: no such file")
     if path.suffix == ".safetensors":
         return {k: v.to(device) for k, v in load_conditioning(path).items()
                 if k in _EMBED_KEYS or k.startswith("negative_")}
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not lines:
-        raise ValueError(f"--prompts {path}: no prompts (one per line)")
+        raise InvalidArgumentError(f"--prompts {path}: no prompts (one per line)")
     if getattr(pipe, "text_encoder", None) is None:
-        raise ValueError(f"--prompts {path}: the pipeline has no text encoder to encode text "
+        raise InvalidArgumentError(f"--prompts {path}: the pipeline has no text encoder to encode text "
                          f"prompts; give prompt embeddings as a .safetensors file instead")
     out = pipe.encode_prompt(prompt=lines, prompt_2=None, **(
         {"prompt_3": None, "negative_prompt": [""] * len(lines), "do_classifier_free_guidance": True}

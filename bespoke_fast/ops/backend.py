@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import InvalidArgumentError, MissingDependencyError
+
 __all__ = ["BACKENDS", "triton_available", "resolve_backend"]
 
 BACKENDS = ("auto", "reference", "triton")
@@ -22,9 +24,9 @@ def triton_available() -> bool:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """``"auto"`` -> ``"triton"`` on CUDA when triton imports, else ``"reference"``."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        raise InvalidArgumentError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_available() else "reference"
     if backend == "triton" and not triton_available():
-        raise RuntimeError("backend='triton' needs the 'triton' package (pip install bespoke_fast[triton])")
+        raise MissingDependencyError("backend='triton' needs the 'triton' package (pip install bespoke_fast[triton])")
     return backend

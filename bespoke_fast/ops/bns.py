@@ -12,6 +12,7 @@ import torch
 
 from .backend import resolve_backend
 from .rk import write_model_in
+from .._checks import InvalidArgumentError
 
 __all__ = ["bns_step", "bns_step_ref"]
 
@@ -35,7 +36,7 @@ def bns_step_ref(x0, us, i, table_a, table_b, out, model_in=None):
     """
     n = table_a.shape[0]
     if not -n <= i < n:
-        raise ValueError(f"i={i} is out of range for a table with {n} rows")
+        raise InvalidArgumentError(f"i={i} is out of range for a table with {n} rows")
     i = i % n  # negative counts from the end, like table indexing
     a = table_a[i].float()
     b = table_b[i].float()

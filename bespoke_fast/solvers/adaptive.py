@@ -13,6 +13,7 @@ import numbers
 import torch
 
 from .._checks import call_model, check_int, check_state, time_vector
+from .._checks import ExecutionError, InvalidArgumentError
 
 __all__ = ["solve_adaptive", "default_knots"]
 
@@ -73,20 +74,20 @@ def _times(name: str, value, what: str) -> list:
         else:
             t = torch.as_tensor(value, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{name} must be {what}, got {type(value).__name__} ({e})") from None
+        raise InvalidArgumentError(f"{name} must be {what}, got {type(value).__name__} ({e})") from None
     if t.dim() != 1 or t.numel() < 2:
-        raise ValueError(f"{name} must be {what} with length >= 2, got shape {tuple(t.shape)}")
+        raise InvalidArgumentError(f"{name} must be {what} with length >= 2, got shape {tuple(t.shape)}")
     if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} must be finite, got {t.tolist()}")
+        raise InvalidArgumentError(f"{name} must be finite, got {t.tolist()}")
     if not bool((t[1:] > t[:-1]).all()):
-        raise ValueError(f"{name} must be strictly increasing, got {t.tolist()}")
+        raise InvalidArgumentError(f"{name} must be strictly increasing, got {t.tolist()}")
     return t.tolist()
 
 
 def _positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
             math.isfinite(float(value)) and float(value) > 0):
-        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+        raise InvalidArgumentError(f"{name} must be a positive finite float, got {value!r}")
     return float(value)
 
 
@@ -186,7 +187,7 @@ def solve_adaptive(model, x0: torch.Tensor, t_eval, rtol: float = 1e-5, atol: fl
     x0 = check_state("x0", x0)
     ts = _times("t_eval", t_eval, "a 1-D sequence of floats")
     if ts[0] < 0.0 or ts[-1] > 1.0:
-        raise ValueError(f"t_eval must lie in [0, 1], got [{ts[0]}, {ts[-1]}]")
+        raise InvalidArgumentError(f"t_eval must lie in [0, 1], got [{ts[0]}, {ts[-1]}]")
     rtol, atol = _positive("rtol", rtol), _positive("atol", atol)
     max_steps = check_int("max_steps", max_steps, 1)
     if first_step is not None:
@@ -201,12 +202,12 @@ def solve_adaptive(model, x0: torch.Tensor, t_eval, rtol: float = 1e-5, atol: fl
                      ).tolist()
             knots[0], knots[-1] = t0, t_end
         elif isinstance(dense_knots, bool):
-            raise ValueError(f"dense_knots must be an int >= 2 or a 1-D increasing sequence of "
+            raise InvalidArgumentError(f"dense_knots must be an int >= 2 or a 1-D increasing sequence of "
                              f"times, got {dense_knots!r}")
         else:
             knots = _times("dense_knots", dense_knots, "an int >= 2 or a 1-D sequence of times")
             if knots[0] < t0 or knots[-1] > t_end:
-                raise ValueError(f"dense_knots must lie within t_eval's range [{t0}, {t_end}], "
+                raise InvalidArgumentError(f"dense_knots must lie within t_eval's range [{t0}, {t_end}], "
                                  f"got [{knots[0]}, {knots[-1]}]")
 
     nfe = 0
@@ -234,7 +235,7 @@ def solve_adaptive(model, x0: torch.Tensor, t_eval, rtol: float = 1e-5, atol: fl
 
     while t < t_end:
         if n_accepted + n_rejected >= max_steps:
-            raise RuntimeError(
+            raise ExecutionError(
                 f"solve_adaptive: max_steps={max_steps} exceeded at t={t:.6g} (target "
                 f"{t_end:.6g}, step size {h:.3g}, {n_accepted} accepted / {n_rejected} rejected "
                 f"steps); loosen rtol/atol (now {rtol:g}/{atol:g}) or raise max_steps")
@@ -243,7 +244,7 @@ def solve_adaptive(model, x0: torch.Tensor, t_eval, rtol: float = 1e-5, atol: fl
             h = t_end - t
         t_new = t_end if last else t + h
         if t_new <= t:
-            raise RuntimeError(f"solve_adaptive: step size underflow at t={t:.6g} (h={h:.3g}); "
+            raise ExecutionError(f"solve_adaptive: step size underflow at t={t:.6g} (h={h:.3g}); "
                                f"the flow may be singular there, or loosen rtol/atol")
 
         ks = [k1]

@@ -33,6 +33,7 @@ from .._checks import call_model, check_choice, check_int, check_state
 from ..ops import table as T
 from ..ops.rk import rk1_step_ref, rk2_stage1_ref, rk2_stage2_ref
 from .interface import Solver
+from .._checks import InvalidArgumentError
 
 __all__ = ["BespokeSolver", "BASES"]
 
@@ -220,13 +221,13 @@ class BespokeSolver(Solver):
         n = m if base == "rk1" else m // 2
         solver = cls(base, n)
         if solver.n_points != m + 1 or tdot.numel() != m or s.numel() != m + 1 or sdot.numel() != m:
-            raise ValueError(f"table sizes do not fit a {base} solver: t {t.numel()}, "
+            raise InvalidArgumentError(f"table sizes do not fit a {base} solver: t {t.numel()}, "
                              f"tdot {tdot.numel()}, s {s.numel()}, sdot {sdot.numel()}")
         inc = t.diff()
         if t[0] != 0 or t[-1] != 1 or (inc <= 0).any():
-            raise ValueError("t must increase strictly from 0 to 1")
+            raise InvalidArgumentError("t must increase strictly from 0 to 1")
         if (tdot <= 0).any() or (s <= 0).any() or s[0] != 1:
-            raise ValueError("tdot and s must be positive and s[0] must be 1")
+            raise InvalidArgumentError("tdot and s must be positive and s[0] must be 1")
         with torch.no_grad():
             solver.theta_t.copy_(inc * m)  # scale-free: any positive multiple gives the same t
             solver.theta_tdot.copy_(tdot.log())

@@ -40,6 +40,7 @@ from torch import nn
 from .._checks import call_model, check_choice, check_int, check_state
 from ..ops.bns import bns_step_ref
 from .interface import Solver
+from .._checks import InvalidArgumentError
 
 __all__ = ["NonStationarySolver", "INITS", "init_coefficients"]
 
@@ -56,7 +57,7 @@ def init_coefficients(n_steps: int, init: str = "midpoint"):
         h = torch.tensor(1.0, dtype=torch.float64) / n
         return a, torch.tril(torch.ones(n, n, dtype=torch.float64)) * h
     if n % 2:
-        raise ValueError(f"init='midpoint' needs an even number of steps (NFE = n, two evaluations "
+        raise InvalidArgumentError(f"init='midpoint' needs an even number of steps (NFE = n, two evaluations "
                          f"per midpoint step), got n_steps={n}; use an even n or init='euler'")
     m = n // 2
     h = torch.tensor(1.0, dtype=torch.float64) / m        # the midpoint step 2/n, as solve() rounds it
@@ -133,14 +134,14 @@ class NonStationarySolver(Solver):
 
             def probe(x, t, **extras):
                 if len(calls) >= nfe:
-                    raise ValueError(f"{name} called the model more than its NFE ({nfe}) times")
+                    raise InvalidArgumentError(f"{name} called the model more than its NFE ({nfe}) times")
                 calls.append((float(t.reshape(-1)[0]), x.detach().double().clone()))
                 return velocities[len(calls) - 1].to(x.dtype)
 
             with torch.no_grad():
                 out = solver.sample(probe, x0.clone())
             if len(calls) != nfe:
-                raise ValueError(f"{name} called the model {len(calls)} times, not its NFE {nfe}")
+                raise InvalidArgumentError(f"{name} called the model {len(calls)} times, not its NFE {nfe}")
             return ([t for t, _ in calls], [x for _, x in calls] + [out.detach().double()])
 
         # one-hot probe: x0 = e_0, u_j = e_(j+1), so each state's entries ARE its coefficients
@@ -149,10 +150,10 @@ class NonStationarySolver(Solver):
         t_list, states = run(eye[:1], eye[1:, None])
         times = torch.tensor(t_list, dtype=torch.float64)
         if times[0] != 0 or not bool((times.diff() > 0).all()) or times[-1] >= 1:
-            raise ValueError(f"{name} evaluates the model at times {times.tolist()}; a BNS solver "
+            raise InvalidArgumentError(f"{name} evaluates the model at times {times.tolist()}; a BNS solver "
                              f"needs 0 = t_0 < t_1 < ... < t_(n-1) < 1")
         if not torch.equal(states[0], eye[:1]):
-            raise ValueError(f"{name} does not evaluate the model at the noise x0 first")
+            raise InvalidArgumentError(f"{name} does not evaluate the model at the noise x0 first")
         coef = torch.cat(states[1:])                               # [n, n + 1]: (a_i, b_i0, ...)
         a = coef[:, 0].clone()
         b = torch.tril(coef[:, 1:])
@@ -166,7 +167,7 @@ class NonStationarySolver(Solver):
             want = a[i] * x0 + (b[i, :, None, None] * u).sum(0)
             residual = float((x - want).norm() / want.norm().clamp_min(1e-300))
             if residual > tol or bool(coef[i, i + 2:].ne(0).any()):
-                raise ValueError(f"{name} is not linear in its velocities (state {i + 1}: relative "
+                raise InvalidArgumentError(f"{name} is not linear in its velocities (state {i + 1}: relative "
                                  f"residual {residual:.2e}); it cannot be written as a BNS solver")
         new = cls(nfe, init="midpoint" if nfe % 2 == 0 else "euler")
         rows, cols = new._tril()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import call_model, check_choice, check_int, check_state
+from .._checks import InvalidArgumentError
 
 __all__ = ["solve", "METHODS", "NFE_PER_STEP", "uniform_grid"]
 
@@ -20,11 +21,11 @@ def uniform_grid(n_steps: int, dtype=torch.float64) -> torch.Tensor:
 def _check_grid(t_grid) -> torch.Tensor:
     t = torch.as_tensor(t_grid, dtype=torch.float64).reshape(-1)
     if t.numel() < 2:
-        raise ValueError(f"t_grid must hold at least 2 times, got {t.numel()}")
+        raise InvalidArgumentError(f"t_grid must hold at least 2 times, got {t.numel()}")
     if not torch.isfinite(t).all() or (t.diff() <= 0).any():
-        raise ValueError("t_grid must be finite and strictly increasing")
+        raise InvalidArgumentError("t_grid must be finite and strictly increasing")
     if t[0] < 0 or t[-1] > 1:
-        raise ValueError(f"t_grid must lie in [0, 1], got [{t[0].item():.6g}, {t[-1].item():.6g}]")
+        raise InvalidArgumentError(f"t_grid must lie in [0, 1], got [{t[0].item():.6g}, {t[-1].item():.6g}]")
     return t
 
 
@@ -59,7 +60,7 @@ def solve(model, x0: torch.Tensor, method: str = "midpoint", n_steps: int | None
     check_state("x0", x0)
     check_choice("method", method, METHODS)
     if (n_steps is None) == (t_grid is None):
-        raise ValueError("give exactly one of n_steps (a uniform grid) or t_grid")
+        raise InvalidArgumentError("give exactly one of n_steps (a uniform grid) or t_grid")
     if t_grid is None:
         n = check_int("n_steps", n_steps)
         times = uniform_grid(n)

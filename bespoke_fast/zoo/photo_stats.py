@@ -20,16 +20,17 @@ from __future__ import annotations
 import math
 
 import torch
+from .._checks import InvalidArgumentError
 
 __all__ = ["radial_power_spectrum", "channel_stats", "compare"]
 
 
 def _check(x: torch.Tensor) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"expected a float image set [N, C, H, W], got "
+        raise InvalidArgumentError(f"expected a float image set [N, C, H, W], got "
                          f"{getattr(x, 'shape', type(x).__name__)}")
     if not bool(torch.isfinite(x).all()):
-        raise ValueError("image set contains NaN or Inf")
+        raise InvalidArgumentError("image set contains NaN or Inf")
     return x.detach().to(torch.float64)
 
 
@@ -69,7 +70,7 @@ def compare(a: torch.Tensor, b: torch.Tensor) -> dict:
     "stats_a", "stats_b"}``.
     """
     if a.shape[1:] != b.shape[1:]:
-        raise ValueError(f"image sets differ in shape: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
+        raise InvalidArgumentError(f"image sets differ in shape: {tuple(a.shape[1:])} vs {tuple(b.shape[1:])}")
     pa, pb = radial_power_spectrum(a), radial_power_spectrum(b)
     db = 10.0 * torch.log10(pa / pb)
     sa, sb = channel_stats(a), channel_stats(b)

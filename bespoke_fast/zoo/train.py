@@ -35,6 +35,7 @@ from ..io import atomic_write, atomic_write_text, sha256_file
 from ..models import GaussianPath
 from ..utils import count_params
 from .nets import DigitsMLP
+from .._checks import InvalidArgumentError
 
 __all__ = ["MODELS", "NET_CONFIG", "DEFAULTS", "train_model", "save_model", "update_quality",
            "machine_info", "main"]
@@ -142,9 +143,9 @@ def train_model(name: str, iters: int = DEFAULTS["iters"], seed: int = DEFAULTS[
     and, with ``eval_loss``, the EMA net's fixed-seed loss on the train and held-out splits.
     """
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
+        raise InvalidArgumentError(f"unknown model {name!r}; expected one of {', '.join(MODELS)}")
     if iters < 1 or batch_size < 1:
-        raise ValueError("iters and batch_size must be >= 1")
+        raise InvalidArgumentError("iters and batch_size must be >= 1")
     from .quality import digits_split
 
     spec = MODELS[name]

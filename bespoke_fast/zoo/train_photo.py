@@ -36,6 +36,7 @@ from ..utils import count_params
 from .nets import PhotoUNet
 from .photos import HELDOUT_PHOTOS, fixed_crops, photo_split, random_crops
 from .train import loadavg, machine_info, optimizer_step, training_setup
+from .._checks import InvalidArgumentError
 
 __all__ = ["NAME", "NET_CONFIG", "DEFAULTS", "train_photo", "save_photo_model", "fm_loss",
            "eval_sets", "main"]
@@ -113,7 +114,7 @@ def train_photo(iters: int = DEFAULTS["iters"], seed: int = DEFAULTS["seed"],
     ``curve_dir``, ``training_curve.json`` there is rewritten at every evaluation.
     """
     if iters < 1 or batch_size < 1 or eval_every < 1:
-        raise ValueError("iters, batch_size and eval_every must be >= 1")
+        raise InvalidArgumentError("iters, batch_size and eval_every must be >= 1")
     cfg = dict(NET_CONFIG if net_config is None else net_config)
     train_parts, heldout_parts = photo_split()
     sets = eval_sets(train_parts, heldout_parts, eval_n)

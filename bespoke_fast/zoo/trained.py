@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..models import as_velocity
 from .nets import DigitsMLP, PhotoUNet
+from .._checks import InvalidArgumentError, MissingFileError
 
 __all__ = ["TRAINED_NAMES", "IMAGE_NAMES", "WEIGHTS_DIR", "load_trained", "load_meta", "verify_weights",
            "WeightsIntegrityError"]
@@ -42,7 +43,7 @@ def _regen(name: str) -> str:
 
 def _check_name(name: str):
     if name not in TRAINED_NAMES + IMAGE_NAMES:
-        raise ValueError(f"unknown trained model {name!r}; expected one of "
+        raise InvalidArgumentError(f"unknown trained model {name!r}; expected one of "
                          f"{', '.join(map(repr, TRAINED_NAMES + IMAGE_NAMES))}")
 
 
@@ -51,7 +52,7 @@ def load_meta(name: str, weights_dir=None) -> dict:
     _check_name(name)
     jpath = Path(weights_dir or WEIGHTS_DIR) / f"{name}.json"
     if not jpath.is_file():
-        raise FileNotFoundError(f"metadata file {jpath} is missing; {_regen(name)}")
+        raise MissingFileError(f"metadata file {jpath} is missing; {_regen(name)}")
     return json.loads(jpath.read_text())
 
 
@@ -62,7 +63,7 @@ def verify_weights(name: str, weights_dir=None) -> dict:
     meta = load_meta(name, weights_dir)
     wpath = Path(weights_dir or WEIGHTS_DIR) / meta.get("weights_file", f"{name}.safetensors")
     if not wpath.is_file():
-        raise FileNotFoundError(f"weights file {wpath} is missing; {_regen(name)}")
+        raise MissingFileError(f"weights file {wpath} is missing; {_regen(name)}")
     got = sha256_file(wpath)
     if got != meta["sha256"]:
         raise WeightsIntegrityError(
