@@ -133,13 +133,15 @@ def _nfe_to_steps(solver_kind, header, nfe):
         raise CLIError(f"--{e}") from None
 
 
-def _start_names(solver_kind: str) -> tuple:
-    """The named starts ``--init`` takes for ``solver_kind`` (else it is a solver file)."""
-    if solver_kind == "bns":
-        from .solvers.bns import INITS
-        return ("bespoke",) + INITS
-    from .fitting.bespoke import INITS
-    return INITS
+def _trained_kinds() -> tuple:
+    """The solver kinds ``--solver`` takes: those with a trainer (``fitting.TRAINERS``)."""
+    from .fitting.trainers import TRAINERS
+    return tuple(TRAINERS)
+
+
+def _default_kind() -> str:
+    from .fitting.trainers import DEFAULT_KIND
+    return DEFAULT_KIND
 
 
 def _train_options(args) -> dict:
@@ -173,7 +175,7 @@ def cmd_train(args):
     opts = _train_options(args)
     # the header the trainer will use: bespoke's --base, BNS's init (its trainer's default)
     header = {"base": args.base or "rk2"} if solver_class(args.solver).header_key == "base" else {}
-    names = _start_names(args.solver)
+    names = trainer_for(args.solver).start_names     # else --init is a solver file
     if opts.get("init") not in (None, *names):   # a solver file to start from
         from .solvers.files import load_solver
         if not Path(opts["init"]).is_file():
@@ -481,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "command resumes at the stage it stopped.",
                  epilog=FACTORY_CONTRACT)
     p.add_argument("--nfe", type=int, default=10, help="network evaluations (default %(default)s)")
-    p.add_argument("--solver", choices=("bespoke", "bns"), default="bespoke",
+    p.add_argument("--solver", choices=_trained_kinds(), default=_default_kind(),
                    help="bespoke (RK2 scale-time) or bns (non-stationary) (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--num-train", type=int, default=None,
@@ -534,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="fit a Bespoke (or BNS) solver on a GT set",
                  description="Fit a solver to the model on its GT trajectories and save the "
                              "solver file (JSON).", gt=True)
-    p.add_argument("--solver", choices=("bespoke", "bns"), default="bespoke",
+    p.add_argument("--solver", choices=_trained_kinds(), default=_default_kind(),
                    help="solver family (default %(default)s)")
     p.add_argument("--base", choices=("rk1", "rk2"), default=None,
                    help="bespoke base (default rk2; refused for bns)")

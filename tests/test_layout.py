@@ -211,3 +211,15 @@ def test_user_reachable_modules_raise_typed_errors():
     used = {(file, name) for file, name, _ in found}
     assert set(BARE_RAISE_ALLOWED) <= used, "stale allow-list entries: " + str(
         set(BARE_RAISE_ALLOWED) - used)
+
+
+def test_the_fit_job_and_the_cli_name_no_solver_kind():
+    """The solver kind is the one seam: the fit job and the CLI ask the kind's trainer
+    (``fitting.trainer_for``) instead of testing for a kind's name."""
+    from bespoke_fast.solvers.registry import kinds
+    names = set(kinds())
+    for rel in ("bespoke_fast/fitting/job.py", "bespoke_fast/cli.py"):
+        tree = ast.parse((REPO / rel).read_text())
+        hits = [node.lineno for node in ast.walk(tree)
+                if isinstance(node, ast.Constant) and node.value in names]
+        assert not hits, f"{rel} names a solver kind at lines {hits}"

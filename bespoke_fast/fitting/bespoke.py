@@ -380,6 +380,17 @@ class BespokeTrainer(KindTrainer):
     kind = BespokeSolver.kind
     title = "bespoke"
     Options = BespokeOptions
+    # what the fit job (bespoke_fast.fit) needs to know of the kind
+    fit_header, file_label, start_names = "rk2", "bespoke_rk2", INITS
+    min_train = min_val = 1
+    streams_gt = True           # trains on shard rows read per batch
+
+    def fit_options(self, settings: dict) -> dict:
+        """The options the fit job trains this kind with, from its settings: Bespoke RK2 at the
+        fit's NFE, its iteration caps and batch."""
+        return {"base": self.fit_header, "n_steps": settings["nfe"] // 2,
+                "iters": settings["iters"], "finetune_iters": settings["finetune_iters"],
+                "batch_size": settings["batch_size"]}
     lacks = {
         "num_train": "bespoke trains on all but the validation trajectories",
         "optimizer": "the bespoke trainer uses Adam, then polishes with L-BFGS",

@@ -250,6 +250,15 @@ class BNSTrainer(KindTrainer):
     kind = NonStationarySolver.kind
     title = "BNS"
     Options = BNSOptions
+    # what the fit job (bespoke_fast.fit) needs to know of the kind: the header its steps are
+    # counted with (it starts from a fitted Bespoke RK2), its file name, its named starts
+    fit_header, file_label, start_names = "midpoint", "bns", ("bespoke",) + INITS
+    min_train, min_val = MIN_TRAIN_PAIRS, MIN_VAL_PAIRS
+    streams_gt = False          # L-BFGS reads its whole training set every evaluation
+
+    def fit_options(self, settings: dict) -> dict:
+        """The options the fit job trains this kind with: NFE steps and its iteration cap."""
+        return {"n_steps": settings["nfe"], "iters": settings["iters"]}
     lacks = {
         "finetune_iters": "BNS has no fine-tune phase: its loss is end-to-end already",
         "finetune_lr": "BNS has no fine-tune phase: its loss is end-to-end already",

@@ -31,6 +31,7 @@ from .._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError,
 from .common import check_budget_evals
 from .stopping import describe_events
 from . import options_lacking, trainer_for
+from .trainers import DEFAULT_KIND, TRAINERS
 from .gt_storage import bytes_per_trajectory
 from .plots import plot_error_maps, plot_transform  # the report's figures (re-exported)
 from .plots import pyplot as _plt
@@ -42,9 +43,7 @@ from ..solvers.bespoke import BespokeSolver
 __all__ = ["fit", "FitResult", "make_plan", "plot_error_maps", "plot_transform", "baselines",
            "SOLVERS"]
 
-SOLVERS = ("bespoke", "bns")
-# the header the fit job trains each kind with: Bespoke RK2, BNS from midpoint
-FIT_HEADERS = {"bespoke": "rk2", "bns": "midpoint"}   # BNS then starts from a fitted Bespoke RK2
+SOLVERS = tuple(TRAINERS)     # the kinds with a trainer (the registry's, in its order)
 _ENDPOINT_KNOTS = (0.0, 1.0)
 # smallest plan --max-disk / --budget-seconds may scale down to
 _MIN_TRAIN, _MIN_HELDOUT, _MIN_ITERS = 64, 64, 10
@@ -239,12 +238,8 @@ def _memory_estimate(s, probe) -> dict:
 
 def _num_select(num_train: int, solver: str) -> int:
     """The last trajectories of the training GT that select the checkpoint: a fifth, at most
-    256 (BNS: at least its minimum of validation pairs)."""
-    num_select = max(1, min(256, num_train // 5))
-    if solver == "bns":
-        from .bns import MIN_VAL_PAIRS
-        num_select = max(num_select, MIN_VAL_PAIRS)
-    return num_select
+    256, at least what the kind's trainer needs (``min_val``)."""
+    return max(trainer_for(solver).min_val, min(256, num_train // 5))
 
 
 def _scaled(settings, scale):
@@ -337,7 +332,7 @@ def plan_lines(plan, settings) -> list:
 
 
 # ----------------------------------------------------------------------------- the job
-def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=None,
+def fit(model, nfe: int = 10, solver: str = DEFAULT_KIND, out="runs/fit", shape=None,
         data_range=None, num_train: int | None = None, num_heldout: int = 1024, seed: int = 0,
         heldout_seed: int | None = None, rtol: float = 1e-5, atol: float = 1e-5,
         knots: int | None = None, storage_dtype: str = "float32", adaptive_knots: bool = False,
@@ -404,7 +399,7 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
         raise InvalidArgumentError(f"{', '.join(unused)}: not used by the {trainer_for(solver).title} "
                                    f"trainer ({'; '.join(lacking[n] for n in unused)}); drop "
                                    f"{'them' if len(unused) > 1 else 'it'} or use another solver")
-    solver_class(solver).steps_for_nfe(FIT_HEADERS[solver], nfe)
+    solver_class(solver).steps_for_nfe(trainer_for(solver).fit_header, nfe)
     heldout_seed = seed + 1 if heldout_seed is None else heldout_seed
     if heldout_seed == seed:
         raise InvalidArgumentError("heldout_seed must differ from seed (the held-out noises must be disjoint)")
@@ -458,8 +453,7 @@ def fit(model, nfe: int = 10, solver: str = "bespoke", out="runs/fit", shape=Non
 
 def solver_file_name(model_name: str, solver: str, nfe: int) -> str:
     """The name of the solver file a fit writes into its folder."""
-    kind = "bespoke_rk2" if solver == "bespoke" else "bns"
-    return f"{_safe(model_name)}_{kind}_nfe{nfe}.json"
+    return f"{_safe(model_name)}_{trainer_for(solver).file_label}_nfe{nfe}.json"
 
 
 def fit_inventory(solver_file: str, extra_files=()) -> Inventory:
@@ -522,11 +516,11 @@ def _settings(zm, nfe, solver, num_train, num_heldout, seed, heldout_seed, rtol,
                       else getattr(defaults, "finetune_iters", 0))
     batch_size = check_int("batch_size", batch_size if batch_size is not None else defaults.batch_size)
     num_select = _num_select(num_train, solver)     # the last ones pick the checkpoint
-    if solver == "bns":
-        from .bns import MIN_TRAIN_PAIRS
-        if num_train < num_select + MIN_TRAIN_PAIRS:
-            raise InvalidArgumentError(f"num_train must be >= {num_select + MIN_TRAIN_PAIRS} for BNS "
-                                       f"({MIN_TRAIN_PAIRS} training + {num_select} selection pairs)")
+    trainer = trainer_for(solver)
+    if num_train < num_select + trainer.min_train:
+        raise InvalidArgumentError(f"num_train must be >= {num_select + trainer.min_train} for "
+                                   f"{trainer.title} ({trainer.min_train} training + {num_select} "
+                                   f"selection trajectories)")
     storage_dtype = str(storage_dtype_of(storage_dtype) or torch.float32).replace("torch.", "")
     # BNS trains on endpoint pairs, but its Bespoke start needs the knots
     knots_t = default_knots(check_int("knots", knots if knots is not None else DEFAULT_KNOTS, 2)).tolist()
@@ -584,7 +578,7 @@ def _run(zm, device, s, plan, out, micro_batch, activation_checkpointing, autoca
     for event in describe_events(train_report):
         log(f"note: {event}")
     log(f"[4/4] evaluating on the {len(heldout)} held-out trajectories")
-    label = f"{s['solver']}{'-rk2' if s['solver'] == 'bespoke' else ''}@{s['nfe']}"
+    label = f"{trainer_for(s['solver']).file_label.replace('_', '-')}@{s['nfe']}"   # bespoke-rk2@10
     rows = [{**evaluate(zm.model, solver, heldout), "solver": label}]
     rows += [evaluate(zm.model, spec, heldout) for spec in baselines(s["nfe"])]
     files = _report_plots(out, zm, solver, heldout, s, label, log) if plots else {}
@@ -637,21 +631,15 @@ def _safe(name):
 def _train(zm, device, s, out, micro_batch, activation_checkpointing, autocast, stream, progress,
            train_kwargs):
     from .gt import load_trajectories
-    ckpt = out / "train.ckpt"
-    if s["solver"] == "bespoke":
-        from .bespoke import train
-        gt = load_trajectories(out / "gt_train", device=device, stream=stream)
-        return train(zm.model, gt, base="rk2", n_steps=s["nfe"] // 2, iters=s["iters"],
-                     finetune_iters=s["finetune_iters"], batch_size=s["batch_size"],
-                     val=s["num_select"], seed=s["seed"], checkpoint=ckpt, model_name=zm.name,
-                     progress=progress, micro_batch=micro_batch,
-                     activation_checkpointing=activation_checkpointing, autocast=autocast,
-                     **train_kwargs)
-    from .bns import train_bns
-    gt = load_trajectories(out / "gt_train", device=device)
-    return train_bns(zm.model, gt, n_steps=s["nfe"], iters=s["iters"], val=s["num_select"],
-                     seed=s["seed"], checkpoint=ckpt,
-                     model_name=zm.name, progress=progress, **train_kwargs)
+    trainer = trainer_for(s["solver"])
+    gt = load_trajectories(out / "gt_train", device=device, stream=stream and trainer.streams_gt)
+    lacking = options_lacking(s["solver"])      # fit() refused the memory options it lacks
+    memory = {k: v for k, v in (("micro_batch", micro_batch),
+                                ("activation_checkpointing", activation_checkpointing),
+                                ("autocast", autocast)) if k not in lacking}
+    return trainer.keywords(zm.model, gt, val=s["num_select"], seed=s["seed"],
+                            checkpoint=out / "train.ckpt", model_name=zm.name, progress=progress,
+                            **trainer.fit_options(s), **memory, **train_kwargs)
 
 
 def _gt_evaluations(manifest) -> int:

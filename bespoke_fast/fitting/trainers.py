@@ -1,7 +1,9 @@
 """The trainers by solver kind: one :class:`Trainer` per kind of the solver registry
 (``bespoke_fast.solvers.registry``), and what follows from their options.
 
-A trainer has ``kind`` (the solver kind it fits), ``title`` (its name in messages),
+A trainer has ``kind`` (the solver kind it fits), ``title`` (its name in messages), what the
+fit job needs of it (``fit_header``, ``file_label``, ``start_names``, ``min_train``,
+``min_val``, ``streams_gt``, ``fit_options(settings)``),
 ``Options`` (a frozen dataclass of every option with its default; each field's
 ``metadata["help"]`` says what it does, its unit and default), ``lacks`` (why it has no such
 option, for options other kinds have), ``planned_evaluations(options, num_train, num_val,
@@ -26,7 +28,7 @@ from ..solvers.registry import kinds
 from .bespoke import TRAINER as BESPOKE
 from .bns import TRAINER as BNS
 
-__all__ = ["Trainer", "TRAINERS", "trainer_for", "option_names", "options_lacking"]
+__all__ = ["Trainer", "TRAINERS", "DEFAULT_KIND", "trainer_for", "option_names", "options_lacking"]
 
 
 class Trainer(Protocol):
@@ -36,6 +38,14 @@ class Trainer(Protocol):
     title: str
     Options: type
     lacks: dict
+    fit_header: str        # the header the fit job counts steps with (``steps_for_nfe``)
+    file_label: str        # the fit job's solver file is ``<model>_<file_label>_nfe<N>.json``
+    start_names: tuple     # the named starts of ``init`` (else a solver)
+    min_train: int         # the fewest training / validation trajectories it accepts
+    min_val: int
+    streams_gt: bool       # whether it can train on GT rows streamed from the shards
+
+    def fit_options(self, settings: dict) -> dict: ...
 
     def planned_evaluations(self, options, num_train: int, num_val: int, nfe: int) -> tuple: ...
 
@@ -44,6 +54,7 @@ class Trainer(Protocol):
 
 
 TRAINERS = {trainer.kind: trainer for trainer in (BESPOKE, BNS)}
+DEFAULT_KIND = BESPOKE.kind     # what bespoke_fast.fit and the CLI fit without --solver
 
 
 def trainer_for(kind: str) -> Trainer:
