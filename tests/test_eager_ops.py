@@ -106,6 +106,11 @@ def count_call(kind, dtype, guided, n, b=4):
     sampler = make_sampler(kind, n, dtype, guided)
     x0, ex = torch.randn(b, *SHAPE), extras_for(guided, b)
     sampler(x0, **ex)  # the first call makes the state (buffers, model times)
+    return ops_of_one_call(sampler, x0, ex)
+
+
+def ops_of_one_call(sampler, x0, ex):
+    """The non-model aten ops of one ``sampler(x0, **ex)`` call, by op name."""
     counter = _Counter()
     Net.counter = counter
     try:
@@ -282,14 +287,8 @@ def test_identity_solver_skips_exact_terms_and_matches_the_reference(kind, dtype
     x0, ex = torch.randn(4, *SHAPE), extras_for(guided, 4)
     got = sampler(x0, **ex)
     assert torch.equal(got, reference_loop(sampler, x0, ex))
-    counter = _Counter()
-    Net.counter = counter
-    try:
-        with counter:
-            sampler(x0, **ex)
-    finally:
-        Net.counter = None
-    assert sum(counter.ops.values()) == exact_ops(kind, dtype, guided, 3), dict(counter.ops)
+    ops = ops_of_one_call(sampler, x0, ex)
+    assert sum(ops.values()) == exact_ops(kind, dtype, guided, 3), dict(ops)
     # the graph path's loop keeps every term: the same result
     run, x = sampler.captured_region(x0, **ex)
     run()
