@@ -159,8 +159,9 @@ def test_fit_job_end_to_end_with_image_error_maps(tmp_path):
     pytest.importorskip("matplotlib")
     lines = []
     r = bf.fit("photo-32", out=tmp_path / "fit", nfe=4, num_train=24, num_heldout=8, iters=2,
-               finetune_iters=1, batch_size=8, rtol=1e-3, atol=1e-3, progress=False,
-               log=lines.append)
+               finetune_iters=1, batch_size=8, rtol=1e-3, atol=1e-3, budget_evals=12_000,
+               progress=False, log=lines.append)
+    assert r.report["evaluations"]["fit"] <= 12_000
     assert lines[0].startswith("plan: bespoke solver at NFE 4 for photo-32 (shape (3, 32, 32))")
     rows = r.report["heldout"]
     assert [x["solver"] for x in rows][:2] == ["bespoke-rk2@4", "euler@4"]
