@@ -144,15 +144,71 @@ def _default_kind() -> str:
     return DEFAULT_KIND
 
 
+# trainer options the train command sets from flags of its own (--nfe, --seed)
+_OWN_FLAGS = ("n_steps", "seed")
+_DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+def _flag_choices() -> dict:
+    from .fitting.bespoke import GT_MODES
+    from .fitting.bns import OPTIMIZERS
+    from .fitting.stopping import SELECT
+    return {"base": ("rk1", "rk2"), "gt_mode": GT_MODES, "optimizer": OPTIMIZERS, "select": SELECT}
+
+
+def _trainer_flags(p) -> None:
+    """One ``--flag`` per option of the trainers (``fitting.TRAINERS``), made from their
+    ``Options`` dataclasses: the name (``warmup_pairs`` -> ``--warmup-pairs``), the type and
+    choices from the field, the help from its ``metadata["help"]`` (per kind where the kinds'
+    differ, and which kinds have it). Unset flags keep the trainer's default; 0 gives None to
+    an option that takes None."""
+    import dataclasses
+    from .fitting.trainers import TRAINERS
+    fields = {}
+    for kind, trainer in TRAINERS.items():
+        for f in dataclasses.fields(trainer.Options):
+            if f.name not in _OWN_FLAGS:
+                fields.setdefault(f.name, []).append((kind, f))
+    choices = _flag_choices()
+    for name, per_kind in fields.items():
+        f = per_kind[0][1]
+        helps = {h: None for _, g in per_kind for h in [g.metadata["help"]]}
+        text = (next(iter(helps)) if len(helps) == 1 else
+                "; ".join(f"{k}: {g.metadata['help']}" for k, g in per_kind))
+        if len(per_kind) < len(TRAINERS):
+            text = f"{' / '.join(k for k, _ in per_kind)} only: {text}"
+        if "None" in str(f.type) and not str(f.type).startswith(("str", "torch")):
+            text += " (0 here: None)"
+        kw = {}
+        if name in choices:
+            kw["choices"] = choices[name]
+        elif name == "autocast":
+            kw["choices"] = _DTYPES[2:]
+        elif "dtype" in str(f.type):
+            kw["choices"] = _DTYPES
+        elif str(f.type).startswith("bool"):
+            kw = {"action": "store_const", "const": True}
+        elif str(f.type).startswith("int"):
+            kw["type"] = int
+        elif str(f.type).startswith("float"):
+            kw["type"] = float
+        if name == "init":
+            kw["metavar"] = "NAME|FILE"
+            text += " (here: a name, or a solver file to start from)"
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                       help=text.replace("%", "%%"), **kw)
+
+
 def _train_options(args) -> dict:
     """The trainer's options from the command line: each option of the kind's options dataclass
     (``fitting.trainer_for``), unset ones at its default; an option the kind lacks is refused."""
     import dataclasses
+    import torch
     from .fitting import options_lacking, trainer_for
     from .solvers.registry import solver_class
-    _, defaults = trainer_for(args.solver)
+    trainer = trainer_for(args.solver)
     # n_steps, seed and base: cmd_train passes them itself
-    names = [f.name for f in dataclasses.fields(defaults) if f.name not in ("n_steps", "seed", "base")]
+    fields = [f for f in dataclasses.fields(trainer.Options) if f.name not in (*_OWN_FLAGS, "base")]
     header_key = solver_class(args.solver).header_key
     if args.base is not None and header_key != "base":
         raise CLIError(f"--base is for --solver bespoke; a {args.solver} solver has no base "
@@ -161,11 +217,16 @@ def _train_options(args) -> dict:
         if getattr(args, name, None) is not None:
             flag = "--" + name.replace("_", "-")
             raise CLIError(f"{flag} is not an option of --solver {args.solver} ({why})")
-    opts = {name: getattr(args, name) if getattr(args, name, None) is not None
-            else getattr(defaults, name) for name in names}
-    opts["budget_seconds"] = opts["budget_seconds"] or None    # 0: no budget
-    opts["budget_evals"] = opts["budget_evals"] or None        # 0: no budget
-    opts["patience"] = opts["patience"] or None                # 0: no patience stop
+    defaults, opts = trainer.Options(), {}
+    for f in fields:
+        value = getattr(args, f.name, None)
+        if value is None:
+            value = getattr(defaults, f.name)
+        elif "dtype" in str(f.type):
+            value = getattr(torch, value)
+        elif value == 0 and "None" in str(f.type) and not isinstance(value, bool):
+            value = None                    # 0 on the command line: None (no budget, ...)
+        opts[f.name] = value
     return opts
 
 
@@ -538,56 +599,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "solver file (JSON).", gt=True)
     p.add_argument("--solver", choices=_trained_kinds(), default=_default_kind(),
                    help="solver family (default %(default)s)")
-    p.add_argument("--base", choices=("rk1", "rk2"), default=None,
-                   help="bespoke base (default rk2; refused for bns)")
     p.add_argument("--nfe", type=int, default=10, help="network evaluations (default %(default)s)")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the trainer's)")
-    p.add_argument("--finetune-iters", type=int, default=None,
-                   help="end-to-end fine-tune iterations after the bound phase (bespoke only)")
-    p.add_argument("--polish-iters", type=int, default=None,
-                   help="cap on the full-batch L-BFGS polish (and warm-up) iterations (bespoke "
-                        "only; default 1000, 0: none; the budget usually ends it first)")
-    p.add_argument("--warmup-pairs", type=int, default=None,
-                   help="trajectories of the warm-up L-BFGS before the one on all of them "
-                        "(default 32; 0: none)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--val", type=int, default=None,
-                   help="held-out trajectories (default: bespoke 256, a fifth of the GT set when "
-                        "that is fewer; bns 1024, fewer when the GT set is small, at least 16)")
-    p.add_argument("--num-train", type=int, default=None,
-                   help="bns only: training pairs (default 520, fewer when the GT set is small, at "
-                        "least 16)")
-    p.add_argument("--gt-mode", choices=("cached", "online"), default=None,
-                   help="bespoke only: cached (Hermite interpolation of the stored GT; default) or "
-                        "online (an RK45 solve per iteration)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the batch order and of the "
+                                                       "start's own fit (default %(default)s)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint file: resume from it if present")
-    p.add_argument("--optimizer", choices=("auto", "lbfgs", "adam"), default=None,
-                   help="bns only (default auto: L-BFGS, then Adam when L-BFGS stalls)")
-    p.add_argument("--init", default=None, metavar="NAME|FILE",
-                   help="the starting solver. bespoke: searched (default: the base solver on "
-                        "the grid of least one-step error), auto (the best of a few starting "
-                        "grids after a short trial each) or identity; bns: bespoke (default: "
-                        "fit a Bespoke solver of the same NFE first, with 40%% of the budget, "
-                        "and start from it), midpoint or euler. Or a solver file of the same "
-                        "kind (bespoke) or NFE (bns)")
-    p.add_argument("--budget-evals", type=int, default=None,
-                   help="model evaluations the fit may spend (forward-equivalents: one sample "
-                        "through the model; a backward counts 2), start, phases and validation "
-                        "included; 0: no limit (default: the trainer's, 200,000)")
-    p.add_argument("--budget-seconds", type=float, default=None,
-                   help="wall-time cap on the fit, besides --budget-evals; 0: none (default "
-                        "none)")
-    p.add_argument("--max-iters", type=int, default=None,
-                   help="cap on all training iterations (default: the trainer's phase caps)")
-    p.add_argument("--patience", type=int, default=None,
-                   help="stop after this many validations without improvement; 0: never "
-                        "(default: the trainer's, 8)")
-    p.add_argument("--select", choices=("per-sample", "set", "rmse"), default="per-sample",
-                   help="validation score for the kept checkpoint and for patience (default "
-                        "per-sample PSNR: the papers' metric and the least noisy on multi-modal data)")
+    _trainer_flags(p)
     p.add_argument("--out", required=True,
                    help="solver file to write (.json); an existing file there is replaced only "
                         "if it is a solver file")
