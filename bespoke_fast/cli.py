@@ -172,8 +172,8 @@ def _trainer_flags(p) -> None:
     choices = _flag_choices()
     for name, per_kind in fields.items():
         f = per_kind[0][1]
-        helps = {h: None for _, g in per_kind for h in [g.metadata["help"]]}
-        text = (next(iter(helps)) if len(helps) == 1 else
+        helps = {g.metadata["help"] for _, g in per_kind}
+        text = (helps.pop() if len(helps) == 1 else
                 "; ".join(f"{k}: {g.metadata['help']}" for k, g in per_kind))
         if len(per_kind) < len(TRAINERS):
             text = f"{' / '.join(k for k, _ in per_kind)} only: {text}"

@@ -247,16 +247,15 @@ def screen_starts(model, train_set: TrajectorySet, val_set: TrajectorySet, base:
     slot = None if seconds is None else (seconds - (time.perf_counter() - started)) / len(candidates)
     eval_slot = (None if evals is None else
                  (evals - (spent() - spent_before)) / len(candidates))
-    # each trial's validation comes out of its own slot
-    val_cost = n_steps * (1 if base == "rk1" else 2) * len(val_set)
     records, nfe = [], 0
     for name, start in candidates.items():
         trial = copy.deepcopy(start)
         optim = torch.optim.Adam(trial.parameters(), lr=lr)
         gen = torch.Generator().manual_seed(seed)
         t0, e0, k = time.perf_counter(), spent(), 0
+        # each trial's validation (trial.nfe x len(val_set) evaluations) comes out of its slot
         while k < iters and (slot is None or time.perf_counter() - t0 < slot) and (
-                eval_slot is None or spent() - e0 + val_cost < eval_slot):
+                eval_slot is None or spent() - e0 + trial.nfe * len(val_set) < eval_slot):
             for group in optim.param_groups:
                 group["lr"] = cosine_lr(lr, k, iters)
             rows = torch.randint(len(train_set), (batch_size,), generator=gen)
@@ -292,17 +291,19 @@ FINETUNE_BUDGET_SHARE = 0.85  # the fine-tune stops here, leaving the rest of th
 SEARCH_CANDIDATES, SEARCH_BATCH, SEARCH_SHARE = 32, 16, 0.15
 
 
+def search_cost(base: str, candidates: int, batch: int) -> int:
+    """Model evaluations of the grid search: one (rk1) or two (rk2) calls per one-step cost,
+    ``candidates (candidates + 1) / 2`` of them on ``batch`` trajectories."""
+    return (1 if base == "rk1" else 2) * batch * candidates * (candidates + 1) // 2
+
+
 def search_size(base: str, n_steps: int, num_train: int, budget_evals=None) -> tuple:
     """``(candidates, batch)`` of the start's grid search: ``SEARCH_CANDIDATES`` times on
     ``SEARCH_BATCH`` trajectories, fewer of both (never fewer candidates than ``2 n_steps``,
     nor trajectories than 4) while its cost, ``calls x batch x M (M + 1) / 2`` model
-    evaluations (1 call per step for rk1, 2 for rk2), exceeds ``SEARCH_SHARE`` of the budget."""
-    calls = 1 if base == "rk1" else 2
+    evaluations (:func:`search_cost`), exceeds ``SEARCH_SHARE`` of the budget."""
     m, b = SEARCH_CANDIDATES, min(SEARCH_BATCH, num_train)
-
-    def cost(m, b):
-        return calls * b * m * (m + 1) // 2
-    while budget_evals is not None and cost(m, b) > SEARCH_SHARE * budget_evals:
+    while budget_evals is not None and search_cost(base, m, b) > SEARCH_SHARE * budget_evals:
         if b > 4:
             b = max(4, b // 2)
         elif m > 2 * n_steps:
@@ -412,8 +413,8 @@ class BespokeTrainer(KindTrainer):
         else:
             start = 0
         if options.init in ("auto", "searched"):     # the grid search: one or two calls per step
-            m, b = search_size(options.base, options.n_steps, num_train, options.budget_evals)
-            start += (1 if options.base == "rk1" else 2) * b * m * (m + 1) // 2
+            start += search_cost(options.base, *search_size(options.base, options.n_steps,
+                                                            num_train, options.budget_evals))
         warm = min(options.warmup_pairs, num_train) if polish else 0
         lbfgs_pairs = min(POLISH_PAIRS, num_train) + warm
         train = ((iters + finetune) * options.batch_size * per_pair

@@ -28,7 +28,7 @@ import torch
 
 from .._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError, check_choice,
                        check_int, model_error, probe_model, raised_by_model)
-from .common import check_budget_evals
+from .common import check_budget_evals, frozen
 from .stopping import describe_events
 from . import options_lacking, trainer_for
 from .trainers import DEFAULT_KIND, TRAINERS
@@ -139,12 +139,8 @@ def _probe(zm, device, batch, rtol, atol, knots):
     # what the model keeps for the backward per sample when its input takes part in a
     # gradient: saved bytes at two batch sizes, the difference per row (weights a call saves
     # are shared by the rows, not per sample)
-    params = [p for p in (zm.model.parameters() if isinstance(zm.model, torch.nn.Module) else [])]
-    flags = [p.requires_grad for p in params]
     sizes, saved = (1, min(batch, 4)), []
-    try:
-        for p in params:
-            p.requires_grad_(False)
+    with frozen(zm.model):
         for rows in sizes:
             total = [0]
 
@@ -154,9 +150,6 @@ def _probe(zm, device, batch, rtol, atol, knots):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
                 zm.model(x[:rows].clone().requires_grad_(True), t[:rows])
             saved.append(total[0])
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
     per_row = (saved[1] - saved[0]) / (sizes[1] - sizes[0]) if sizes[1] > sizes[0] else saved[0]
     return per_eval, stats["nfe"] + knots, max(per_row, 0.0)
 

@@ -239,10 +239,16 @@ class _NoRoom(Exception):
 
 
 def _finite(loss, params) -> bool:
-    if loss is not None and not math.isfinite(float(loss)):
+    """Whether ``loss`` (a float, a 0-d tensor or None) and every parameter and gradient are
+    finite: one host sync for all of them."""
+    params = list(params)
+    if loss is not None and not isinstance(loss, torch.Tensor) and not math.isfinite(loss):
         return False
-    return all(bool(torch.isfinite(p).all()) and (p.grad is None or bool(torch.isfinite(p.grad).all()))
-               for p in params)
+    checks = [torch.isfinite(v).all() for p in params for v in (p, p.grad) if v is not None]
+    if isinstance(loss, torch.Tensor):
+        checks.append(torch.isfinite(loss.detach()).all().to(checks[0].device if checks
+                                                               else loss.device))
+    return bool(torch.stack(checks).all()) if checks else True
 
 
 def lbfgs_step(closure, checkpoint_every: int | None = None, cost: int = 0):
