@@ -12,13 +12,15 @@ For each model (zoo: ``gmm-64``, ``digits-exact``; the trained ``digits-fmot``, 
    endpoint on the held-out noises for
 
    * ours: ``euler``, ``midpoint``, ``heun``, ``rk4`` (``bespoke_fast.solve``; where NFE divides),
-   * ``bespoke-rk1`` / ``bespoke-rk2``: ``bespoke_fast.train`` on the training trajectories only
-     (``--iters`` bound-phase iterations + ``--finetune-iters`` end-to-end; the last ``--num-val``
-     training trajectories pick the best iterate), trained solvers cached too,
-   * ``bns``: ``train_bns`` with its defaults (a Bespoke RK2 start fitted first with half of
-     the budget, then BNS on 520 pairs),
+   * ``bespoke-rk1`` / ``bespoke-rk2``: ``bespoke_fast.train`` on the training trajectories only,
+     with the default recipe of ``bespoke-fast fit``: 160 training trajectories (the trainer holds
+     out its default fifth to pick the best iterate) and the fit's evaluation budget, 250,000
+     forward-equivalents less what the training GT cost (``--budget-evals``); trained solvers
+     are cached too,
+   * ``bns``: ``train_bns`` with its defaults on the same GT and budget,
    * learned-grid peers (``bench/peers_learned.py``): LD3-style iPNDM / DPM-Solver++(2M) /
-     UniPC and GITS-style midpoint, fitted on the same pairs with the same budget,
+     UniPC and GITS-style midpoint, fitted on the same training trajectories with the same
+     validation fifth and their own defaults,
    * peers: torchdiffeq fixed-grid ``odeint`` (euler, midpoint, rk4) on the same uniform grid,
      flow_matching ``ODESolver`` (midpoint, ``step_size = 1/steps``), diffusers
      ``FlowMatchEulerDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (dpmsolver++ 2M) and
@@ -27,6 +29,8 @@ For each model (zoo: ``gmm-64``, ``digits-exact``; the trained ``digits-fmot``, 
 
    Every solver call goes through a counting wrapper: the model evaluations per sample are
    recorded (``nfe_measured``) and any mismatch with the nominal NFE is flagged in the table.
+   Every fit's model evaluations (forward-equivalents, exact) are recorded and shown with the
+   training GT's.
 
 Writes ``OUT/quality.json`` (records: ``kind`` = gt / result / note), ``OUT/quality.md`` (one
 PSNR table per model, rows solver, columns NFE, then issue 16's targets judged cell by cell)
@@ -61,6 +65,8 @@ import bespoke_fast as bf  # noqa: E402
 import peers_learned  # noqa: E402
 from bespoke_fast.fitting.bns import train_bns  # noqa: E402
 from bespoke_fast.fitting.evaluation import mode_assigner  # noqa: E402
+from bespoke_fast.fitting.evals import EvalLedger  # noqa: E402
+from bespoke_fast.fitting.job import DEFAULT_BUDGET_EVALS, DEFAULT_NUM_TRAIN  # noqa: E402
 from bespoke_fast.io import model_fingerprint  # noqa: E402
 from bespoke_fast.metrics import mode_flip_fraction, rmse_psnr  # noqa: E402
 from bespoke_fast.solvers.fixed import NFE_PER_STEP  # noqa: E402
@@ -68,14 +74,14 @@ from bespoke_fast.solvers.fixed import NFE_PER_STEP  # noqa: E402
 EXACT_MODELS = ["gmm-64", "digits-exact"]
 TRAINED_MODELS = ["digits-fmot", "digits-vcs", "digits-eps"]
 # None: the trainer's own default (the numbers a user gets); 1,024 held-out noises (seed 1,
-# disjoint from the training noises' seed 0); 1,544 training trajectories (the last 256 select
-# every trained row's checkpoint)
-FULL = dict(nfes=[4, 6, 8, 10, 16, 20], num_train=1544, num_test=1024, num_val=None, iters=None,
-            finetune_iters=None, train_batch=None, rtol=1e-5, bns_iters=None, bns_num_train=None,
-            eval_only_num_test=1024, budget_seconds=None)
+# disjoint from the training noises' seed 0); the default fit's training GT (DEFAULT_NUM_TRAIN)
+# and budget (budget_evals None: DEFAULT_BUDGET_EVALS less the training GT's evaluations)
+FULL = dict(nfes=[4, 6, 8, 10, 16, 20], num_train=DEFAULT_NUM_TRAIN, num_test=1024, num_val=None,
+            iters=None, finetune_iters=None, train_batch=None, rtol=1e-5, bns_iters=None,
+            bns_num_train=None, eval_only_num_test=1024, budget_seconds=None, budget_evals=None)
 QUICK = dict(nfes=[4, 8], num_train=96, num_test=64, num_val=32, iters=8, finetune_iters=4,
              train_batch=32, rtol=1e-5, bns_iters=4, bns_num_train=64, eval_only_num_test=32,
-             budget_seconds=3.0)
+             budget_seconds=3.0, budget_evals=None)
 LEARNED_GRID = ["ld3-ipndm", "ld3-dpm++2m", "ld3-unipc", "gits-midpoint"]
 BASES = ["euler", "midpoint", "heun", "rk4"]
 DESCRIPTIONS = {
@@ -125,13 +131,18 @@ def get_gt(name, zm, args, device):
     num_test = args.eval_only_num_test if eval_only else args.num_test
     want = model_fingerprint(zm.model)
     t0 = time.perf_counter()
-    train = (_gt_set(name, zm, args, device, num_train, args.seed, want)[0] if num_train else None)
+    train, train_manifest, _ = (_gt_set(name, zm, args, device, num_train, args.seed, want)
+                                if num_train else (None, None, None))
     test, manifest, d = _gt_set(name, zm, args, device, num_test, args.seed + 1, want)
+    # what the training GT cost, as `fit` counts it (solves, knots and the accuracy check)
+    train_gt_evals = (int(train_manifest["nfe"]["total"]) + int(
+        (train_manifest.get("interpolation") or {}).get("evaluations", 0)) if train_manifest else 0)
     wall = time.perf_counter() - t0
     rec = {"kind": "gt", "model": name, "num_train": len(train) if train is not None else 0,
            "num_test": len(test), "eval_only": eval_only,
            "rtol": args.rtol, "atol": args.rtol, "seed": args.seed, "test_seed": args.seed + 1,
            "cache_dir": d, "nfe_per_trajectory": manifest["nfe"]["per_trajectory"],
+           "train_gt_evaluations": train_gt_evals,
            "interpolation": manifest.get("interpolation"), "model_hash": want,
            "wall_seconds_this_run": wall, "shape": list(zm.shape), "data_range": zm.data_range}
     return train, test, rec
@@ -183,14 +194,24 @@ def _given(args, **names):
     return {k: getattr(args, v) for k, v in names.items() if getattr(args, v) is not None}
 
 
-def trained_solver(kind, base, n, name, zm, train, args, cache_tag):
+def fit_budget(args, gt_record) -> int:
+    """The trainers' budget in forward-equivalents: ``--budget-evals``, or what the default
+    ``bespoke-fast fit`` leaves its trainer (its whole budget less the training GT's cost)."""
+    if args.budget_evals is not None:
+        return args.budget_evals
+    return max(1, DEFAULT_BUDGET_EVALS - gt_record["train_gt_evaluations"])
+
+
+def trained_solver(kind, base, n, name, zm, train, args, cache_tag, budget_evals):
     """Train (or load from the cache) one solver; returns (solver, train record).
 
     ``kind``: bespoke, bns, ld3 (``base`` = the classical method) or gits. Options left at None
-    take the trainers' defaults; the LD3 peers get BNS's split of the same training pairs
-    (520 train / 256 validation by default), budget and stopping rules."""
+    take the trainers' defaults; ours spend ``budget_evals`` forward-equivalents; the LD3 peers
+    validate on the same last fifth of the training trajectories as ours (at most 256) and train
+    on the rest (at most ``--bns-num-train``), with their own defaults. The record's
+    ``evaluations`` is the fit's exact cost in forward-equivalents."""
     stop = _given(args, budget_seconds="budget_seconds")
-    key = f"{kind}-{base}-n{n}-N{len(train)}-s{args.seed}-" + "-".join(
+    key = f"{kind}-{base}-n{n}-N{len(train)}-s{args.seed}-b{budget_evals}-" + "-".join(
         f"{k}{getattr(args, k)}" for k in ("iters", "finetune_iters", "train_batch", "num_val",
                                              "bns_iters", "bns_num_train", "budget_seconds"))
     d = os.path.join(args.cache, "solvers", f"{name}-{cache_tag}")
@@ -202,24 +223,25 @@ def trained_solver(kind, base, n, name, zm, train, args, cache_tag):
             return solver, rec
         except Exception as e:  # stale or invalid file: retrain
             print(f"[{name}] cached solver {path} unusable ({e}); retraining", flush=True)
-    common = dict(seed=args.seed, model_name=name, progress=args.progress, **stop)
-    # every trained row selects its checkpoint on the same last 256 (--num-val) training
-    # trajectories; BNS and LD3 train on 520 pairs (BNS's Bespoke start on all the others)
-    bns_split = dict(num_train=args.bns_num_train or 520, num_val=args.num_val or 256)
+    common = dict(seed=args.seed, model_name=name, progress=args.progress,
+                  budget_evals=budget_evals, **stop)
+    ledger = EvalLedger()               # the peers' cost (ours count their own)
     if kind == "bespoke":
         solver, report = bf.train(zm.model, train, base=base, n_steps=n, **common, **_given(
             args, iters="iters", finetune_iters="finetune_iters", batch_size="train_batch",
             val="num_val"))
     elif kind == "bns":
-        solver, report = train_bns(zm.model, train, n_steps=n, **common,
-                                   **_given(args, iters="bns_iters"), **bns_split)
+        solver, report = train_bns(zm.model, train, n_steps=n, **common, **_given(
+            args, iters="bns_iters", num_train="bns_num_train", val="num_val"))
     elif kind == "ld3":
-        pool, val = train.split(min(bns_split["num_val"], len(train) - 1))
-        pairs = pool.subset(range(min(bns_split["num_train"], len(pool))))
-        solver, report = peers_learned.fit_ld3(zm.model, base, n, pairs, val, seed=args.seed,
-                                               **stop)
+        pool, val = train.split(args.num_val or min(256, max(1, len(train) // 5)))
+        pairs = pool.subset(range(min(args.bns_num_train or len(pool), len(pool))))
+        solver, report = peers_learned.fit_ld3(ledger.wrap(zm.model), base, n, pairs, val,
+                                               seed=args.seed, **stop)
     else:  # gits
-        solver, report = peers_learned.fit_gits_midpoint(zm.model, n, train, seed=args.seed)
+        solver, report = peers_learned.fit_gits_midpoint(ledger.wrap(zm.model), n, train,
+                                                         seed=args.seed)
+    spent = (report.get("evaluations") or {}).get("total", {}).get("forward_equivalent")
     best = report.get("best") or {}
     cfg = report.get("config", {})
     rec = {"kind": kind, "base": base, "optimizer": cfg.get("optimizer"),
@@ -229,6 +251,8 @@ def trained_solver(kind, base, n, name, zm, train, args, cache_tag):
            "budget_seconds": cfg.get("budget_seconds", stop.get("budget_seconds")),
            "wall_seconds": report.get("wall_seconds"),
            "val_psnr": best.get("psnr"), "val_rmse": best.get("rmse"),
+           "evaluations": int(spent if spent is not None else ledger.equivalent()),
+           "budget_evals": budget_evals if kind in ("bespoke", "bns") else None,
            "num_parameters": getattr(solver, "num_parameters", None), "cached": False}
     os.makedirs(d, exist_ok=True)
     torch.save((solver, rec), path)
@@ -302,7 +326,8 @@ def run_model(name, zm, args, device, machine, records, flush):
             label = kind
             t0 = time.perf_counter()
             try:
-                solver, trec = trained_solver(k, b, n, name, zm, train, args, cache_tag)
+                solver, trec = trained_solver(k, b, n, name, zm, train, args, cache_tag,
+                                              fit_budget(args, grec))
             except Exception as e:
                 records.append({"kind": "note", "model": name,
                                 "text": f"{label} at NFE {nfe}: training failed: "
@@ -357,21 +382,24 @@ def plot(records, out_dir, name):
 
 def header(args):
     light = {k: getattr(args, k) for k in ("iters", "finetune_iters", "train_batch", "num_val",
-                                           "bns_iters", "bns_num_train", "budget_seconds")
+                                           "bns_iters", "bns_num_train", "budget_seconds",
+                                           "budget_evals")
              if getattr(args, k) is not None}
     return [f"* command: `{command_line()}`",
             f"* settings: NFEs {args.nfes} (trained solvers at {args.train_nfes}); GT "
             f"{args.num_test} held-out (noise seed {args.seed + 1}) + {args.num_train} training "
             f"trajectories (seed {args.seed}), rtol {args.rtol:g}; training: "
             + (f"LIGHT settings {light} (not the defaults), the rest the trainers' defaults"
-               if light else "the trainers' defaults")
+               if light else "the default recipe of `bespoke-fast fit` (our fits spend "
+               f"{DEFAULT_BUDGET_EVALS:,} forward-equivalent evaluations with their training GT)")
             + f"; evaluation only (no training, {args.eval_only_num_test} held-out) for "
             f"{args.eval_only or 'none'}; torch threads {torch.get_num_threads()}"
             + (" (QUICK smoke run: numbers are not meaningful)" if args.quick else ""),
             "* intervals: 95% percentile bootstrap over the held-out noises (2,000 resamples); "
             "mode flips: fraction of samples whose mixture component (gmm-64, digits-exact) or "
             "digits-classifier class (trained digits models) differs from the GT endpoint's; "
-            "fit: wall seconds of the fit at 1 thread on a shared machine"]
+            "fit: wall seconds of the fit at 1 thread on a shared machine, and its exact model "
+            "evaluations (forward-equivalents; the training GT's are in the GT line)"]
 
 
 def parse_args(argv=None):
@@ -400,9 +428,14 @@ def parse_args(argv=None):
                    help=f"BNS optimizer iterations (default: the trainer's)"
                         f"own default optimizer)")
     p.add_argument("--bns-num-train", type=int, default=None,
-                   help="BNS (and LD3) training pairs (default: the BNS trainer's, 520)")
+                   help="BNS (and LD3) training pairs (default: the BNS trainer's; LD3: all "
+                        "that are not held out)")
     p.add_argument("--budget-seconds", type=float, default=None,
-                   help="wall-time budget of each fit (default: the trainers', 170 s)")
+                   help="an extra wall-time cap on each fit, in seconds (default: none)")
+    p.add_argument("--budget-evals", type=int, default=None,
+                   help=f"model evaluations each of our fits may spend, in forward-equivalents "
+                        f"(default: what `bespoke-fast fit` leaves its trainer: "
+                        f"{DEFAULT_BUDGET_EVALS:,} less the training GT's evaluations)")
     p.add_argument("--train-nfes", type=int, nargs="+", default=None,
                    help="NFEs at which solvers are trained (default: all of --nfes)")
     p.add_argument("--eval-only", nargs="*", default=None,

@@ -80,6 +80,8 @@ def _cell(r):
         cell += f"; flips {100 * r['mode_flips']:.1f}%"
     if (r.get("train") or {}).get("wall_seconds") is not None:
         cell += f"; fit {r['train']['wall_seconds']:.0f} s"
+        if r["train"].get("evaluations") is not None:
+            cell += f", {r['train']['evaluations']:,} evals"
     return cell
 
 
@@ -106,7 +108,10 @@ def quality_markdown(records: list, title: str = "Sample quality vs NFE (PSNR dB
             interp = g.get("interpolation") or {}
             lines += [f"GT: {g['num_test']} held-out + {g['num_train']} training trajectories, RK45 "
                       f"rtol {g['rtol']:g} / atol {g['atol']:g}, {_f(g.get('nfe_per_trajectory'))} "
-                      f"model evaluations per trajectory; Hermite interpolation RMSE "
+                      f"model evaluations per trajectory"
+                      + (f" (the training GT: {g['train_gt_evaluations']:,} with its accuracy "
+                         f"check)" if g.get("train_gt_evaluations") else "")
+                      + "; Hermite interpolation RMSE "
                       f"{_f(interp.get('rmse_mean'))} (mean), endpoint RMSE vs a 100x tighter "
                       f"solve {_f(interp.get('endpoint_rmse_mean'))}.", ""]
         rs = [r for r in results if r["model"] == model]

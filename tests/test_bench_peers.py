@@ -209,6 +209,14 @@ def test_quality_quick_end_to_end(tmp_path):
         assert r["nfe"] == 4 and r["nfe_measured"] == 4 and r["psnr"] > 10, r
         assert r["psnr_ci"][0] <= r["psnr"] <= r["psnr_ci"][1] and 0 <= r["mode_flips"] <= 1, r
     assert res["ld3-unipc"]["train"]["stop_reason"] in ("patience", "budget", "max_iters")
+    # every fit's exact cost is recorded; ours stay within what the default fit leaves them
+    gt = next(r for r in recs if r.get("kind") == "gt")
+    assert gt["train_gt_evaluations"] >= 24 * gt["nfe_per_trajectory"]
+    for s in ("bespoke-rk2", "ld3-unipc", "gits-midpoint"):
+        assert res[s]["train"]["evaluations"] > 0, s
+    ours = res["bespoke-rk2"]["train"]
+    assert ours["budget_evals"] == quality.DEFAULT_BUDGET_EVALS - gt["train_gt_evaluations"]
+    assert ours["evaluations"] <= ours["budget_evals"]
     for p in peers:
         assert p in res
     if "torchdiffeq-midpoint" in res:
