@@ -210,12 +210,12 @@ def call_model(model, x: torch.Tensor, t: torch.Tensor, extras: dict, check_fini
         raise ModelContractError(f"the model returned dtype {u.dtype} for an input of dtype {x.dtype}; "
                         f"expected {want} (cast inside the model, or wrap it)")
     if check_finite and not bool(torch.isfinite(u).all()):
+        at = float(t.detach().reshape(-1)[0])
         if not bool(torch.isfinite(x).all()):
-            raise NonFiniteError(f"the state given to the model at t={float(t.reshape(-1)[0]):.6g} "
-                                 f"holds NaN/Inf already (x0, the extras or an earlier step), "
-                                 f"so its velocity does too")
-        raise NonFiniteError(f"the model returned a non-finite velocity (NaN or Inf) at "
-                                 f"t={float(t.reshape(-1)[0]):.6g}")
+            raise NonFiniteError(f"the state given to the model at t={at:.6g} holds NaN/Inf "
+                                 f"already (x0, the extras or an earlier step), so its velocity "
+                                 f"does too")
+        raise NonFiniteError(f"the model returned a non-finite velocity (NaN or Inf) at t={at:.6g}")
     return u
 
 

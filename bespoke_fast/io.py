@@ -31,7 +31,7 @@ MAX_INT_DIGITS = 20
 __all__ = ["model_fingerprint", "fingerprint_configs", "model_identity", "check_model_identity",
            "sha256_file", "atomic_write", "atomic_write_text", "write_with_sidecar", "read_sidecar",
            "save_figure", "verified_sidecar", "check_writable", "read_json_bounded",
-           "claim_run_dir", "check_shard_plan", "seal", "unseal", "identity_hash", "Inventory",
+           "claim_run_dir", "claim_sharded_run", "check_shard_plan", "seal", "unseal", "identity_hash", "Inventory",
            "read_run_record", "prepare_out_dir", "first_difference", "temp_prefix", "file_mode",
            "remove_stale_temp_files", "MAX_BYTES", "MAX_DEPTH", "MAX_INT_DIGITS"]
 
@@ -575,6 +575,19 @@ def remove_stale_temp_files(out, inventory: Inventory) -> None:
     for e in entries:
         if inventory.is_temp(e.name) and e.is_file(follow_symlinks=False):
             Path(out, e.name).unlink(missing_ok=True)
+
+
+def claim_sharded_run(out, identity: dict, inventory: Inventory, overwrite: bool, what: str,
+                      rank: int, distributed: bool) -> str:
+    """:func:`claim_run_dir` for a run whose ranks write shards side by side: rank 0 also removes
+    a killed writer's temp files, before the barrier that every rank then meets (after it,
+    another rank's temp files are live ones). Returns what :func:`claim_run_dir` returns."""
+    result = claim_run_dir(out, identity, inventory, overwrite, what, rank, distributed)
+    if rank == 0:
+        remove_stale_temp_files(out, inventory)
+    if distributed:
+        torch.distributed.barrier()
+    return result
 
 
 def check_shard_plan(out, num: int, shard_size: int, bytes_per_item: int, existing: int = 0,

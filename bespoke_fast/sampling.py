@@ -40,10 +40,8 @@ import torch
 from ._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError, MissingFileError,
                       NonFiniteError, check_int, model_error, raised_by_model)
 from .io import (MANIFEST_MAX_BYTES, Inventory, atomic_write_text, check_model_identity, check_shard_plan,
-                 claim_run_dir, identity_hash, model_identity, read_json_bounded, read_run_record,
-                 read_sidecar,
-                 remove_stale_temp_files, seal, sha256_file, unseal, verified_sidecar,
-                 write_with_sidecar)
+                 claim_sharded_run, identity_hash, model_identity, read_json_bounded, read_run_record,
+                 read_sidecar, seal, sha256_file, unseal, verified_sidecar, write_with_sidecar)
 from .noise import noise_for_indices
 from .utils import dist_info
 
@@ -163,11 +161,7 @@ def sample_to_dir(model, solver, shape, num: int, out_dir, batch_size: int = 256
     n_shards = check_shard_plan(out_dir, num, shard_size, 4 * int(np.prod(shape)), existing,
                                 "sample")
     inventory = samples_inventory(n_shards)
-    claim_run_dir(out_dir, identity, inventory, overwrite, "sample folder", rank, distributed)
-    if rank == 0:  # before the barrier: after it, another rank's temp files are live ones
-        remove_stale_temp_files(out_dir, inventory)
-    if distributed:
-        torch.distributed.barrier()
+    claim_sharded_run(out_dir, identity, inventory, overwrite, "sample folder", rank, distributed)
 
     def bounds(k):
         return k * shard_size, min((k + 1) * shard_size, num)

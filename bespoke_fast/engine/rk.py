@@ -125,6 +125,17 @@ class RKProgram(Program):
             return u.clone()
         return u if u.is_contiguous() else u.contiguous()
 
+    def _eager_velocity(self, st, call, inp, t, extras, w, written):
+        """The reference loop's model call, inlined (``call.check`` only on a mismatch), the
+        guidance combined, and a copy of a velocity that is (a view of) ``written``, the state
+        the step overwrites before it reads u."""
+        u = call.net(inp, t, **extras)
+        if not isinstance(u, torch.Tensor) or u.shape != inp.shape or u.dtype != inp.dtype:
+            call.check(u, inp, t, extras)
+        if self.guided:
+            return self.combine(st, u, w)
+        return u.clone() if u.data_ptr() == written else u
+
     def _loop_rk1(self, st, x, steps, extras, call) -> None:
         mi, guided, last = st.model_in, self.guided, self.n_steps - 1
         x2 = x.expand(2, *x.shape) if guided else None
@@ -136,15 +147,9 @@ class RKProgram(Program):
                 rk1_step(x, u, self.table, i, model_in=None if i == last else mi,
                          guidance=guided, out=x, backend=self.backend)
             return
-        xp, net, shape, dtype = x.data_ptr(), call.net, inp.shape, inp.dtype
+        xp, velocity = x.data_ptr(), self._eager_velocity
         for i, (a, b, _, _, _, w, a1, _, _), t in zip(range(last + 1), steps, st.t_rows):
-            u = net(inp, t, **extras)  # the call, inlined: checked by call.check on a mismatch
-            if not isinstance(u, torch.Tensor) or u.shape != shape or u.dtype != dtype:
-                call.check(u, inp, t, extras)
-            if guided:
-                u = self.combine(st, u, w)
-            elif u.data_ptr() == xp:
-                u = u.clone()  # a model returning (a view of) its input: x is overwritten first
+            u = velocity(st, call, inp, t, extras, w, xp)
             if not a1:  # a == 1: x * a is x itself (exact), so the step is one addcmul_
                 torch.mul(x, a, out=x)
             x.addcmul_(u, b)
@@ -167,15 +172,9 @@ class RKProgram(Program):
                 rk2_stage2(x, xm, u, self.table, i, model_in=None if i == last else mi,
                            guidance=guided, out=x, backend=self.backend)
             return
-        xp, xmp, net, shape, dtype = x.data_ptr(), xm.data_ptr(), call.net, in1.shape, in1.dtype
+        xp, xmp, velocity = x.data_ptr(), xm.data_ptr(), self._eager_velocity
         for i, (a, b, c, d, e, w, a1, c1, d0), t1, t2 in zip(range(last + 1), steps, ts1, ts2):
-            u = net(in1, t1, **extras)  # the call, inlined: checked by call.check on a mismatch
-            if not isinstance(u, torch.Tensor) or u.shape != shape or u.dtype != dtype:
-                call.check(u, in1, t1, extras)
-            if guided:
-                u = self.combine(st, u, w)
-            elif u.data_ptr() == xmp:
-                u = u.clone()
+            u = velocity(st, call, in1, t1, extras, w, xmp)
             if a1:  # A == 1: the same addcmul kernel on x itself (x * 1 is x: bitwise)
                 torch.addcmul(x, u, b, out=xm)
             else:
@@ -183,13 +182,7 @@ class RKProgram(Program):
                 xm.addcmul_(u, b)
             if mi is not None:
                 self.write_in(st, xm, xm2)
-            u = net(in2, t2, **extras)
-            if not isinstance(u, torch.Tensor) or u.shape != shape or u.dtype != dtype:
-                call.check(u, in2, t2, extras)
-            if guided:
-                u = self.combine(st, u, w)
-            elif u.data_ptr() == xp:
-                u = u.clone()
+            u = velocity(st, call, in2, t2, extras, w, xp)
             if not c1:  # C == 1: x * C is x itself (exact)
                 torch.mul(x, c, out=x)
             if not d0:  # D == 0: D x_mid adds only a zero (see the module docs)

@@ -36,9 +36,9 @@ import torch
 from .. import __version__
 from .._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError, MissingFileError,
                       NonFiniteError, check_int, check_positive, model_error)
-from ..io import (MANIFEST_MAX_BYTES, Inventory, atomic_write_text, check_shard_plan, claim_run_dir,
+from ..io import (MANIFEST_MAX_BYTES, Inventory, atomic_write_text, check_shard_plan, claim_sharded_run,
                  first_difference, identity_hash, model_fingerprint, model_identity,
-                 read_json_bounded, read_run_record, read_sidecar, remove_stale_temp_files, seal,
+                 read_json_bounded, read_run_record, read_sidecar, seal,
                  sha256_file, unseal, verified_sidecar, write_with_sidecar)
 from .gt_storage import StorageOptions, StreamedTrajectories, bytes_per_trajectory, decode_knots
 from .trajectories import TrajectorySet, hermite
@@ -201,11 +201,7 @@ def generate_trajectories(model, num: int, shape, out, seed: int = 0, rtol: floa
     n_shards = check_shard_plan(out, num, batch_size, item * (2 + 2 * knots_t.numel()) + 8,
                                 existing, "gt")
     inventory = gt_inventory(n_shards, extra_files)
-    claim_run_dir(out, identity, inventory, overwrite, "GT set", rank, distributed)
-    if rank == 0:  # before the barrier: after it, another rank's temp files are live ones
-        remove_stale_temp_files(out, inventory)
-    if distributed:
-        torch.distributed.barrier()
+    claim_sharded_run(out, identity, inventory, overwrite, "GT set", rank, distributed)
 
     def count(k):
         return min(batch_size, num - k * batch_size)

@@ -275,29 +275,40 @@ def update_quality(name: str, out_dir=DEFAULT_OUT, n: int = 1000, grid_dir=None)
     return rep
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bespoke_fast.zoo.train",
-                                 description="Train the bundled digits flow models (CPU).")
-    g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("--name", choices=sorted(MODELS), help="the model to train")
-    g.add_argument("--all", action="store_true", help="train the three models")
-    ap.add_argument("--iters", type=int, default=DEFAULTS["iters"],
-                    help=f"training iterations (default {DEFAULTS['iters']})")
-    ap.add_argument("--seed", type=int, default=DEFAULTS["seed"],
-                    help=f"seed of initialisation, data order, noise and times (default {DEFAULTS['seed']})")
-    ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
-                    help=f"default {DEFAULTS['batch_size']}")
-    ap.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"peak Adam lr (default {DEFAULTS['lr']})")
+def training_parser(prog: str, description: str, defaults: dict, seeded: str, batch: str):
+    """The options every zoo training script shares (iterations, seed, batch, learning rate,
+    threads), with ``defaults``' values; ``seeded`` says what the seed draws, ``batch`` what a
+    batch holds."""
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--iters", type=int, default=defaults["iters"],
+                    help=f"training iterations (default {defaults['iters']})")
+    ap.add_argument("--seed", type=int, default=defaults["seed"],
+                    help=f"seed of {seeded} (default {defaults['seed']})")
+    ap.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                    help=f"{batch} per iteration (default {defaults['batch_size']})")
+    ap.add_argument("--lr", type=float, default=defaults["lr"],
+                    help=f"peak Adam learning rate (default {defaults['lr']})")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch.set_num_threads (default 1: on a shared 2-core machine two OpenMP "
                          "threads competing with other jobs ran 10x slower than one)")
+    return ap
+
+
+def main(argv=None):
+    ap = training_parser("python -m bespoke_fast.zoo.train",
+                         "Train the bundled digits flow models (CPU).", DEFAULTS,
+                         "initialisation, data order, noise and times", "digits")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--name", choices=sorted(MODELS), help="the model to train")
+    g.add_argument("--all", action="store_true", help="train the three models")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: bundled weights)")
     ap.add_argument("--no-quality", action="store_true", help="skip the quality report")
     ap.add_argument("--quality-only", action="store_true",
                     help="do not train: recompute the quality report of existing weights in --out")
-    ap.add_argument("--quality-n", type=int, default=1000, help="samples for the quality report")
+    ap.add_argument("--quality-n", type=int, default=1000,
+                    help="samples for the quality report (default 1000)")
     ap.add_argument("--grid-dir", default=None, help="also save <grid-dir>/zoo_<name>.png")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)

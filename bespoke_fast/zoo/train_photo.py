@@ -24,7 +24,6 @@ Output: ``<out>/photo-32.safetensors`` (EMA weights, float32) and ``<out>/photo-
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from ..io import atomic_write_text
 from ..utils import count_params
 from .nets import PhotoUNet
 from .photos import HELDOUT_PHOTOS, fixed_crops, photo_split, random_crops
-from .train import loadavg, machine_info, optimizer_step, training_setup
+from .train import loadavg, machine_info, optimizer_step, training_parser, training_setup
 from .._checks import InvalidArgumentError
 
 __all__ = ["NAME", "NET_CONFIG", "DEFAULTS", "train_photo", "save_photo_model", "fm_loss",
@@ -219,18 +218,11 @@ def save_photo_model(net: PhotoUNet, stats: dict, out_dir=DEFAULT_OUT) -> Path:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bespoke_fast.zoo.train_photo",
-                                 description="Train the bundled photo-32 flow model (CPU).")
-    ap.add_argument("--iters", type=int, default=DEFAULTS["iters"],
-                    help=f"training iterations (default {DEFAULTS['iters']})")
-    ap.add_argument("--seed", type=int, default=DEFAULTS["seed"],
-                    help=f"seed of initialisation, crops, noise and times (default {DEFAULTS['seed']})")
-    ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
-                    help=f"crops per iteration (default {DEFAULTS['batch_size']})")
-    ap.add_argument("--lr", type=float, default=DEFAULTS["lr"], help=f"peak Adam lr (default {DEFAULTS['lr']})")
+    ap = training_parser("python -m bespoke_fast.zoo.train_photo",
+                         "Train the bundled photo-32 flow model (CPU).", DEFAULTS,
+                         "initialisation, crops, noise and times", "crops")
     ap.add_argument("--eval-every", type=int, default=DEFAULTS["eval_every"],
                     help=f"iterations between held-out evaluations (default {DEFAULTS['eval_every']})")
-    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="weights folder (default: bundled weights)")
     ap.add_argument("--curve-dir", default=str(DEFAULT_CURVE_DIR),
                     help=f"where training_curve.json/.png go (default {DEFAULT_CURVE_DIR})")
