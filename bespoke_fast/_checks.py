@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from contextlib import contextmanager
 
 import torch
 
@@ -19,7 +20,7 @@ __all__ = ["BespokeFastError", "InvalidArgumentError", "InvalidTypeError", "Inva
            "SolverFileError", "MissingFileError", "MismatchError", "ModelContractError", "ModelError",
            "NonFiniteError",
            "OutputError", "MissingDependencyError", "check_int", "check_choice", "check_positive", "check_state",
-           "call_model", "time_vector"]
+           "call_model", "time_vector", "model_error", "model_errors", "raised_by_model"]
 
 
 class BespokeFastError(Exception):
@@ -84,6 +85,27 @@ def model_error(e: BaseException, where: str, x=None, t=None) -> ModelError:
         text = text[:297] + "..."
     return ModelError(f"the model raised {type(e).__name__} {', '.join(parts)}: {text}; "
                       f"--debug shows the traceback")
+
+
+@contextmanager
+def model_errors(model, where: str, x=None):
+    """Inside the block, an exception raised in ``model``'s own code (:func:`raised_by_model`)
+    becomes a one-line :class:`ModelError` naming ``where`` (and ``x``'s shape); the library's
+    errors and its bugs pass unchanged.
+
+    Example::
+
+        >>> with model_errors(net, "during the fit (training or evaluation)"):
+        ...     train(net, gt)
+    """
+    try:
+        yield
+    except BespokeFastError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- the user's model's exceptions: one line
+        if not raised_by_model(e, model):
+            raise
+        raise model_error(e, where, x) from e
 
 
 def _model_files(model) -> set:

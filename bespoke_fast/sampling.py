@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError, MissingFileError,
-                      NonFiniteError, check_int, model_error, raised_by_model)
+from ._checks import (InvalidArgumentError, InvalidFileError, MissingFileError, NonFiniteError,
+                      check_int, model_errors)
 from .io import (MANIFEST_MAX_BYTES, Inventory, atomic_write_text, check_model_identity, check_shard_plan,
                  claim_sharded_run, identity_hash, model_identity, read_json_bounded, read_run_record,
                  read_sidecar, seal, sha256_file, unseal, verified_sidecar, write_with_sidecar)
@@ -182,14 +182,8 @@ def sample_to_dir(model, solver, shape, num: int, out_dir, batch_size: int = 256
             for a in range(start, end, batch_size):
                 b = min(a + batch_size, end)
                 x0 = noise_for_indices(range(a, b), shape, seed)
-                try:
+                with model_errors(model, f"at samples {a}..{b - 1}", x0):
                     x = sampler(x0, **extras).cpu()
-                except BespokeFastError:
-                    raise
-                except Exception as e:  # noqa: BLE001 -- the user's model's, or a bug's
-                    if not raised_by_model(e, model):
-                        raise
-                    raise model_error(e, f"at samples {a}..{b - 1}", x0) from e
                 _check_finite(x, a, model, solver, x0, sampler.device, extras)
                 parts.append(x)
                 if bar is not None:

@@ -576,6 +576,10 @@ def test_a_model_that_raises_is_one_line_naming_the_call(base, tmp_path, capsys)
     _refused(["sample", *RAISES, "--solver", str(solver), "--num", "6", "--batch-size", "4",
               "--allow-model-mismatch", "--out", str(tmp_path / "s")], capsys,
              "the model raised RuntimeError at samples 0..3", "input shape (4, 4): boom")
+    _refused(["fit", *RAISES, "--nfe", "4", "--num-train", "16", "--num-heldout", "8", "--out",
+              str(tmp_path / "f")], capsys,
+             "the model raised RuntimeError on the timing probe (one GT trajectory, before any "
+             "work): boom")
     with pytest.raises(RuntimeError, match="boom"):       # --debug: the model's own traceback
         main(["gt", *RAISES, "--num", "8", "--out", str(tmp_path / "g2"), "--debug"])
 

@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .._checks import (BespokeFastError, InvalidArgumentError, InvalidFileError, check_choice,
-                       check_int, model_error, probe_model, raised_by_model)
+from .._checks import (InvalidArgumentError, InvalidFileError, check_choice,
+                       check_int, model_errors, probe_model)
 from .common import check_budget_evals, frozen
 from .stopping import describe_events
 from . import options_lacking, trainer_for
@@ -420,8 +420,9 @@ def fit(model, nfe: int = 10, solver: str = DEFAULT_KIND, out="runs/fit", shape=
         settings, plan = saved["settings"], saved["plan"]
         log(f"resuming the fit in {out} (plan from {plan_file})")
     else:
-        per_eval, gt_per_traj, saved_bytes = _probe(zm, device, min(settings["batch_size"], 16),
-                                                    rtol, atol, len(settings["knots_t"]))
+        with model_errors(zm.model, "on the timing probe (one GT trajectory, before any work)"):
+            per_eval, gt_per_traj, saved_bytes = _probe(zm, device, min(settings["batch_size"], 16),
+                                                        rtol, atol, len(settings["knots_t"]))
         probe = {"seconds_per_eval": per_eval, "gt_evals_per_trajectory": gt_per_traj,
                  "saved_bytes_per_eval": saved_bytes, "device": str(device)}
         settings, plan = _fit_plan(settings, probe, max_disk, budget_seconds, log)
@@ -433,15 +434,9 @@ def fit(model, nfe: int = 10, solver: str = DEFAULT_KIND, out="runs/fit", shape=
         log(line)
     if plan_only:
         return plan
-    try:
+    with model_errors(zm.model, "during the fit (training or evaluation)"):
         return _run(zm, device, settings, plan, out, micro_batch, activation_checkpointing,
                     autocast, stream, plots, progress, log, train_kwargs or {}, overwrite)
-    except BespokeFastError:
-        raise
-    except Exception as e:  # noqa: BLE001 -- the user's model's exceptions: one line
-        if not raised_by_model(e, zm.model):
-            raise
-        raise model_error(e, "during the fit (training or evaluation)") from e
 
 
 def solver_file_name(model_name: str, solver: str, nfe: int) -> str:
