@@ -50,6 +50,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -392,8 +393,9 @@ def header(args):
             + (f"LIGHT settings {light} (not the defaults), the rest the trainers' defaults"
                if light else "the default recipe of `bespoke-fast fit` (our fits spend "
                f"{DEFAULT_BUDGET_EVALS:,} forward-equivalent evaluations with their training GT)")
-            + f"; evaluation only (no training, {args.eval_only_num_test} held-out) for "
-            f"{args.eval_only or 'none'}; torch threads {torch.get_num_threads()}"
+            + (f"; evaluation only (no training, {args.eval_only_num_test} held-out) for "
+               f"{args.eval_only}" if args.eval_only else "")
+            + f"; torch threads {torch.get_num_threads()}"
             + (" (QUICK smoke run: numbers are not meaningful)" if args.quick else ""),
             "* intervals: 95% percentile bootstrap over the held-out noises (2,000 resamples); "
             "mode flips: fraction of samples whose mixture component (gmm-64, digits-exact) or "
@@ -512,12 +514,16 @@ def merge(dirs, out):
             records.append(r)
         with open(os.path.join(d, "quality.md"), encoding="utf-8") as f:
             top = f.read().split("\n## ")[0].splitlines()    # the header block, before any model
-        head += [f"* run {name}: {line[2:]}" for line in top
-                 if line.startswith(("* command", "* settings"))]
+        for line in top:
+            if line.startswith(("* command", "* settings")):
+                line = re.sub(r"--out [^\s`]+", f"--out {name}", line[2:])     # no machine paths
+                line = re.sub(r"; evaluation only \(no training, \d+ held-out\) for none", "",
+                              line)                                        # older runs' wording
+                head.append(f"* run {name}: {line}")
     with open(os.path.join(dirs[0], "quality.md"), encoding="utf-8") as f:
         top = f.read().split("\n## ")[0].splitlines()
     head += [line for line in top if line.startswith("* ")
-             and not line.startswith(("* machine", "* command", "* settings"))]
+             and not line.startswith(("* machine", "* command", "* settings", "* Each cell"))]
     head.append(f"* merged from {len(dirs)} runs (run side by side or one after the other on "
                 f"this machine)")
     order = EXACT_MODELS + TRAINED_MODELS           # the bench's model order, others after

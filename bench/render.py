@@ -241,7 +241,7 @@ def targets_markdown(records: list) -> list:
                for r in records):
         return []
     header, rows = quality_targets(records)
-    return ["", "## Targets (issue 16)", "",
+    return ["", "## Targets", "",
             "Per-sample PSNR point estimates unless marked set-level; \"every peer\" = every "
             "learned-grid peer and every diffusers scheduler in the table at that NFE. Many "
             "cells lie within each other's 95% intervals (see the tables above).", "",

@@ -276,7 +276,7 @@ def test_quality_targets_judge_each_cell_against_the_strongest_peer():
     assert cells["bespoke-rk2@6 > every peer"] == "n/a"
     assert cells["set-level bespoke-rk2@10 >= midpoint@10"] == "**missed** (19.0 vs 20.0)"
     assert cells["fit <= 180 s (each bespoke-rk2 / BNS fit)"] == "**missed** (longest 200 s)"
-    assert "## Targets (issue 16)" in "\n".join(render.targets_markdown(rows))
+    assert "## Targets" in "\n".join(render.targets_markdown(rows))
     assert render.targets_markdown(rows[:2]) == []                 # no learned solver: no table
 
 
