@@ -45,9 +45,10 @@ if not HAS_CUDA:
     # flag before they are defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (command_line, machine_info, markdown_table, timeit_cpu,  # noqa: E402
-                     timeit_cuda, write_results)
+if not __package__:  # python bench/x.py: the repository root, not bench/, on sys.path
+    import _path  # noqa: F401
+from bench.harness import (command_line, machine_info, markdown_table, timeit_cpu,  # noqa: E402
+                           timeit_cuda, write_results)
 
 from bespoke_fast import ops  # noqa: E402
 from bespoke_fast.ops import table as T  # noqa: E402

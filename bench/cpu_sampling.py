@@ -44,16 +44,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import datetime  # noqa: E402
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (command_line, diffusers_sample, diffusers_scheduler,  # noqa: E402
-                     flow_matching_sample, machine_info, peer_status, torchdiffeq_sample,
-                     write_results)
+if not __package__:  # python bench/x.py: the repository root, not bench/, on sys.path
+    import _path  # noqa: F401
+from bench.harness import command_line, machine_info, write_results  # noqa: E402
+from bench.peers import (diffusers_sample, diffusers_scheduler, flow_matching_sample,  # noqa: E402
+                         peer_status, torchdiffeq_sample)
 
 import bespoke_fast as bf  # noqa: E402
 

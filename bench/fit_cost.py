@@ -47,9 +47,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # python bench/x.py: the repository root, not bench/, on sys.path
+    import _path  # noqa: F401
 import bespoke_fast as bf  # noqa: E402
-from bench._common import machine_info, write_results  # noqa: E402
+from bench.harness import machine_info, write_results  # noqa: E402
 
 
 def fit_cost(name, num_gt, iters_compare, workdir):

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # python bench/x.py: the repository root, not bench/, on sys.path
+    import _path  # noqa: F401
 
 from bespoke_fast import zoo  # noqa: E402
 from bespoke_fast.io import atomic_write_text  # noqa: E402

@@ -25,7 +25,7 @@ For each model (zoo: ``gmm-64``, ``digits-exact``; the trained ``digits-fmot``, 
      flow_matching ``ODESolver`` (midpoint, ``step_size = 1/steps``), diffusers
      ``FlowMatchEulerDiscreteScheduler``, ``DPMSolverMultistepScheduler`` (dpmsolver++ 2M) and
      ``UniPCMultistepScheduler`` in flow-prediction mode with their default flow sigmas
-     (conversions in ``_common.py``, checked in tests/test_bench_peers.py).
+     (conversions in ``bench/peers.py``, checked in tests/test_bench_peers.py).
 
    Every solver call goes through a counting wrapper: the model evaluations per sample are
    recorded (``nfe_measured``) and any mismatch with the nominal NFE is flagged in the table.
@@ -57,13 +57,13 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (PEERS, Counted, command_line, machine_info, peer_status,  # noqa: E402
-                     write_results)
-from render import quality_markdown  # noqa: E402
-
+if not __package__:  # python bench/x.py: the repository root, not bench/, on sys.path
+    import _path  # noqa: F401
 import bespoke_fast as bf  # noqa: E402
-import peers_learned  # noqa: E402
+from bench import peers_learned  # noqa: E402
+from bench.harness import Counted, command_line, machine_info, write_results  # noqa: E402
+from bench.peers import PEERS, peer_status  # noqa: E402
+from bench.render import _order, quality_markdown  # noqa: E402
 from bespoke_fast.fitting.bns import train_bns  # noqa: E402
 from bespoke_fast.fitting.evaluation import mode_assigner  # noqa: E402
 from bespoke_fast.fitting.evals import EvalLedger  # noqa: E402
@@ -355,7 +355,6 @@ def plot(records, out_dir, name):
     rs = [r for r in records if r.get("kind") == "result" and r["model"] == name]
     if not rs:
         return None
-    from render import _order
     fig, ax = plt.subplots(figsize=(9, 4.8))
     names = _order({r["solver"] for r in rs})
     colors = plt.cm.tab20.colors

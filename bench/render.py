@@ -2,7 +2,7 @@
 """Render a benchmark results folder's JSON records into one Markdown summary.
 
 Reads whichever of these the folder holds (each a JSON list of records written by
-``_common.write_results``) and writes ``DIR/summary.md`` (or ``--out``):
+``bench.harness.write_results``) and writes ``DIR/summary.md`` (or ``--out``):
 
 * ``quality.json``    (bench/quality.py):    PSNR vs GT per model, rows solver, columns NFE
 * ``throughput.json`` (bench/throughput.py): samples/s, latency, overhead over the model-only floor

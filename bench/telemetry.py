@@ -1,7 +1,7 @@
 """GPU power / energy / utilisation telemetry through NVML (``nvidia-ml-py``), sampled in a
 background thread while a benchmark runs.
 
-    >>> from telemetry import PowerSampler      # with bench/ on sys.path, as the bench scripts run
+    >>> from bench.telemetry import PowerSampler
     >>> with PowerSampler(device=0) as ps:
     ...     run_the_workload()
     ...     torch.cuda.synchronize()          # the GPU work must be inside the block

@@ -53,13 +53,15 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (_summarise, command_line, diffusers_sample, diffusers_scheduler,  # noqa: E402
-                     flow_matching_sample, machine_info, peer_status, timeit_cuda,
-                     torchdiffeq_sample, write_results)
-from models import count_params, make_model  # noqa: E402
-from render import throughput_markdown  # noqa: E402
-from telemetry import PowerSampler  # noqa: E402
+if not __package__:  # python bench/x.py: the repository root, not bench/, on sys.path
+    import _path  # noqa: F401
+from bench.harness import (_summarise, command_line, machine_info, timeit_cuda,  # noqa: E402
+                           write_results)
+from bench.models import count_params, make_model  # noqa: E402
+from bench.peers import (diffusers_sample, diffusers_scheduler, flow_matching_sample,  # noqa: E402
+                         peer_status, torchdiffeq_sample)
+from bench.render import throughput_markdown  # noqa: E402
+from bench.telemetry import PowerSampler  # noqa: E402
 
 import bespoke_fast as bf  # noqa: E402
 

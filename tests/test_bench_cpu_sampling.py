@@ -3,23 +3,15 @@ the records, bad options are refused, and a smoke run writes JSON + Markdown."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-
 
 @pytest.fixture(scope="module")
 def cpu_sampling():
-    sys.path.insert(0, BENCH)
-    try:
-        import cpu_sampling
-        yield cpu_sampling
-    finally:
-        sys.path.remove(BENCH)
+    from bench import cpu_sampling
+    return cpu_sampling
 
 
 def test_fast_sampler_is_the_hand_written_midpoint_loop(cpu_sampling):

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import pytest
@@ -20,9 +19,7 @@ import torch
 import bespoke_fast as bf
 from bespoke_fast.metrics import rmse_psnr
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-sys.path.insert(0, BENCH)
-import _common  # noqa: E402
+from bench import harness, peers
 
 
 def smooth_velocity(x, t):
@@ -44,8 +41,8 @@ def test_torchdiffeq_fixed_grid_equals_ours(field, method, per):
     pytest.importorskip("torchdiffeq")
     model, x0 = field
     for nfe in (4, 10):
-        c = _common.Counted(model)
-        got = _common.torchdiffeq_sample(c, x0, method, nfe // per)
+        c = harness.Counted(model)
+        got = peers.torchdiffeq_sample(c, x0, method, nfe // per)
         want = bf.solve(model, x0, method, n_steps=nfe // per)
         assert c.calls == nfe
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
@@ -59,7 +56,7 @@ def test_torchdiffeq_rk4_is_the_38_rule(field):
     ref = bf.solve(model, x0, "rk4", n_steps=64)
     errs = {}
     for n in (4, 8):
-        got = _common.torchdiffeq_sample(model, x0, "rk4", n)
+        got = peers.torchdiffeq_sample(model, x0, "rk4", n)
         ours = bf.solve(model, x0, "rk4", n_steps=n)
         assert (got - ours).abs().max() > 1e-12            # not the same formula
         errs[n] = ((got - ref).abs().max(), (ours - ref).abs().max())
@@ -71,8 +68,8 @@ def test_flow_matching_midpoint_equals_ours(field):
     pytest.importorskip("flow_matching")
     model, x0 = field
     for steps in (3, 5, 10):
-        c = _common.Counted(model)
-        got = _common.flow_matching_sample(c, x0, "midpoint", steps)
+        c = harness.Counted(model)
+        got = peers.flow_matching_sample(c, x0, "midpoint", steps)
         want = bf.solve(model, x0, "midpoint", n_steps=steps)
         assert c.calls == 2 * steps
         # ODESolver builds the grid as k * (1/steps) (last point clamped), ours as k / steps:
@@ -85,7 +82,7 @@ def test_flow_matching_float32_close_to_ours():
     pytest.importorskip("flow_matching")
     model = bf.zoo.load("gmm-64").model
     x0 = torch.randn(32, 64, generator=torch.Generator().manual_seed(0))
-    got = _common.PEERS["flow_matching-midpoint"].run(model, x0, 10)
+    got = peers.PEERS["flow_matching-midpoint"].run(model, x0, 10)
     want = bf.solve(model, x0, "midpoint", n_steps=5)
     assert (got - want).abs().max() < 2e-5
 
@@ -95,8 +92,8 @@ def test_diffusers_euler_equals_ours_on_uniform_sigmas(field):
     # the scheduler runs its arithmetic in float32: compare a float32 run
     m32, x32 = field[0], field[1].float()
     for n in (4, 20):
-        c = _common.Counted(m32)
-        got = _common.diffusers_sample(c, x32, "euler", n, uniform_sigmas=True)
+        c = harness.Counted(m32)
+        got = peers.diffusers_sample(c, x32, "euler", n, uniform_sigmas=True)
         want = bf.solve(m32, x32, "euler", n_steps=n)
         assert c.calls == n
         assert (got - want).abs().max() < 1e-4, (n, (got - want).abs().max())
@@ -109,8 +106,8 @@ def test_diffusers_sign_convention():
     c = torch.linspace(-1, 1, 8)
     model = lambda x, t: c.expand_as(x).clone()  # noqa: E731
     x0 = torch.zeros(2, 8)
-    for name in _common.DIFFUSERS_SCHEDULERS:
-        got = _common.diffusers_sample(model, x0, name, 6)
+    for name in peers.DIFFUSERS_SCHEDULERS:
+        got = peers.diffusers_sample(model, x0, name, 6)
         # dpm++2m starts at sigma = 0.999, not 1: it integrates over [0.001, 1]
         torch.testing.assert_close(got, c.expand_as(x0), atol=2e-3, rtol=0)
 
@@ -126,8 +123,8 @@ def test_diffusers_default_schedules_match_our_psnr_range():
     ours = rmse_psnr(bf.solve(model, x0, "euler", n_steps=20), ref)["psnr"]
     psnr = {}
     for name in ("diffusers-euler", "diffusers-dpm++2m", "diffusers-unipc"):
-        c = _common.Counted(model)
-        psnr[name] = rmse_psnr(_common.PEERS[name].run(c, x0, 20), ref)["psnr"]
+        c = harness.Counted(model)
+        psnr[name] = rmse_psnr(peers.PEERS[name].run(c, x0, 20), ref)["psnr"]
         assert c.calls == 20, name
     assert abs(psnr["diffusers-euler"] - ours) < 2.0, (psnr, ours)
     assert psnr["diffusers-dpm++2m"] > ours + 5 and psnr["diffusers-unipc"] > ours + 5, (psnr, ours)
@@ -136,7 +133,7 @@ def test_diffusers_default_schedules_match_our_psnr_range():
 # ----------------------------------------------------------------------------- telemetry
 def test_power_sampler_na_without_nvml(monkeypatch):
     """With pynvml unimportable, every figure is 'n/a' and nothing raises."""
-    import telemetry
+    from bench import telemetry
     monkeypatch.setitem(sys.modules, "pynvml", None)   # import pynvml -> ImportError
     with telemetry.PowerSampler(device=0, num_samples=10) as ps:
         sum(range(1000))
@@ -150,7 +147,7 @@ def test_power_sampler_na_without_nvml(monkeypatch):
 def test_power_sampler_nvml_error(monkeypatch):
     """An NVMLError from nvmlInit (e.g. NVMLError_LibraryNotFound) also gives 'n/a'."""
     pynvml = pytest.importorskip("pynvml")
-    import telemetry
+    from bench import telemetry
 
     def boom():
         raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
@@ -164,7 +161,7 @@ def test_power_sampler_nvml_error(monkeypatch):
 def test_power_sampler_with_fake_nvml(monkeypatch):
     """With a (fake) working NVML: energy from the counter, power, utilisation, per-sample."""
     import types
-    import telemetry
+    from bench import telemetry
     state = {"energy": 1_000_000.0}
 
     def energy(h):
@@ -193,14 +190,14 @@ def test_quality_quick_end_to_end(tmp_path):
     """bench/quality.py with tiny settings: GT, base solvers, one peer of each library, a
     trained bespoke solver; JSON + Markdown + PNG written; peers agree where they must."""
     pytest.importorskip("matplotlib")
-    import quality
+    from bench import quality
     out, cache = tmp_path / "out", tmp_path / "cache"
-    peers = [p for p in ("torchdiffeq-midpoint", "flow_matching-midpoint", "diffusers-euler")
-             if _common.peer_status(_common.PEERS[p].package)[0]]
+    peer_names = [p for p in ("torchdiffeq-midpoint", "flow_matching-midpoint", "diffusers-euler")
+                  if peers.peer_status(peers.PEERS[p].package)[0]]
     rc = quality.main(["--quick", "--out", str(out), "--cache", str(cache), "--nfes", "4",
                        "--num-train", "24", "--num-test", "16", "--num-val", "8", "--iters", "2",
                        "--finetune-iters", "1", "--train-batch", "8", "--trained", "bespoke-rk2",
-                       "ld3-unipc", "gits-midpoint", "--peers", *peers])
+                       "ld3-unipc", "gits-midpoint", "--peers", *peer_names])
     assert rc == 0
     recs = json.loads((out / "quality.json").read_text())
     res = {r["solver"]: r for r in recs if r.get("kind") == "result"}
@@ -217,7 +214,7 @@ def test_quality_quick_end_to_end(tmp_path):
     ours = res["bespoke-rk2"]["train"]
     assert ours["budget_evals"] == quality.DEFAULT_BUDGET_EVALS - gt["train_gt_evaluations"]
     assert ours["evaluations"] <= ours["budget_evals"]
-    for p in peers:
+    for p in peer_names:
         assert p in res
     if "torchdiffeq-midpoint" in res:
         assert res["torchdiffeq-midpoint"]["psnr"] == pytest.approx(res["midpoint"]["psnr"], abs=1e-3)
@@ -229,20 +226,20 @@ def test_quality_quick_end_to_end(tmp_path):
 
 def test_render_summary(tmp_path):
     """render.py turns a folder of records into one summary (missing files are fine)."""
-    import render
+    from bench import render
     recs = [{"kind": "result", "model": "m", "solver": "euler", "library": "bespoke_fast",
              "nfe": 4, "psnr": 20.0, "rmse": 0.1},
             {"kind": "result", "model": "m", "solver": "midpoint", "library": "bespoke_fast",
              "nfe": 4, "psnr": 25.0, "rmse": 0.05},
             {"kind": "note", "model": None, "text": "hello"}]
-    _common.write_results(str(tmp_path), "quality", recs, render.quality_markdown(recs))
+    harness.write_results(str(tmp_path), "quality", recs, render.quality_markdown(recs))
     trecs = [{"kind": "result", "regime": "cpu", "model": "digits-unet", "batch": 4,
               "dtype": "fp32", "row": "fast: reference", "median_ms": 2.0, "min_ms": 1.9,
               "x_floor": 1.01, "target": "<= 1.05x floor", "meets_target": True,
               "telemetry": {"avg_power_w": "n/a"}},
              {"kind": "result", "regime": "cpu", "model": "digits-unet", "batch": 4,
               "dtype": "fp32", "row": "fast: triton", "note": "CUDA only"}]
-    _common.write_results(str(tmp_path), "throughput", trecs, render.throughput_markdown(trecs))
+    harness.write_results(str(tmp_path), "throughput", trecs, render.throughput_markdown(trecs))
     assert render.main([str(tmp_path)]) == 0
     md = (tmp_path / "summary.md").read_text()
     assert "| euler | bespoke_fast | 20.00 |" in md
@@ -259,7 +256,7 @@ def _row(model, solver, nfe, psnr, psnr_set=None, library="bespoke_fast", wall=N
 
 
 def test_quality_targets_judge_each_cell_against_the_strongest_peer():
-    import render
+    from bench import render
     rows = [_row("m", "midpoint", 10, 30.0, 20.0), _row("m", "midpoint", 20, 40.0),
             _row("m", "bespoke-rk2", 10, 41.0, 19.0, wall=150),
             _row("m", "bns", 10, 44.5, 25.0, wall=200),
@@ -290,7 +287,7 @@ def _run_dir(path, records):
 
 
 def test_quality_merge_joins_runs_split_by_nfe_and_refuses_a_fit_met_twice(tmp_path):
-    import quality
+    from bench import quality
     gt = {"kind": "gt", "model": "gmm-64", "num_test": 4, "num_train": 8, "seed": 0,
           "test_seed": 1, "rtol": 1e-5, "atol": 1e-5, "model_hash": "h"}
     mid = _row("gmm-64", "midpoint", 6, 30.0)

@@ -5,8 +5,6 @@ fail in CI."""
 from __future__ import annotations
 
 import inspect
-import os
-import sys
 import warnings
 
 import pytest
@@ -21,8 +19,6 @@ from bespoke_fast.models import cfg
 from bespoke_fast.solvers.bns import NonStationarySolver
 from tests.helpers import StandInCuda, run_twice_expecting_one_fallback
 from tests.test_engine import SHAPE, CondFlow, gmm, noise, perturbed, perturbed_bns, reference
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
 def solvers():
@@ -43,11 +39,7 @@ def test_every_zoo_model_and_solver_kind_is_capturable(name):
 
 @pytest.mark.parametrize("name", ["unet-2m", "digits", "unet-35m"])
 def test_bench_models_are_capturable(name):
-    sys.path.insert(0, BENCH)
-    try:
-        from models import make_model
-    finally:
-        sys.path.remove(BENCH)
+    from bench.models import make_model
     net, shape, _ = make_model(name)
     for dtype in (torch.float32, torch.bfloat16):
         report = bf.check_capturable(net.to(dtype), perturbed("rk2", 1), shape, model_dtype=dtype)

@@ -284,10 +284,7 @@ def test_fast_path_equals_scheduler_path_bitwise(kind, solver):
 def test_fit_on_tiny_sd3_beats_diffusers_schedulers_at_nfe10(tmp_path):
     """Conditional GT over 4 prompts with CFG 3, a bespoke RK2 fit (few iterations), then pipe(...)
     with FlowMatchEuler, DPM-Solver++(2M), UniPC and our scheduler on held-out trajectories."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from diffusers_tiny import quality
+    from bench.diffusers_tiny import quality
     res, solver, _ = quality(nfe=10, num_gt=48, num_val=16, iters=30, finetune_iters=30,
                              out_dir=tmp_path, bns_iters=10)   # BNS needs >= 16 validation pairs
     gt = bf.load_trajectories(tmp_path / "gt")

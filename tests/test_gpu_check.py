@@ -21,17 +21,10 @@ SCRIPT = os.path.join(BENCH, "gpu_check.sh")
 
 @pytest.fixture(scope="module")
 def bench():
-    """The bench modules (bench/ is a folder of scripts, not a package)."""
-    sys.path.insert(0, BENCH)
-    try:
-        import _common
-        import bench_kernels
-        import models
-        import throughput
-        yield {"common": _common, "kernels": bench_kernels, "models": models,
-               "throughput": throughput}
-    finally:
-        sys.path.remove(BENCH)
+    """The bench modules the GPU check runs."""
+    from bench import bench_kernels, harness, models, throughput
+    return {"harness": harness, "kernels": bench_kernels, "models": models,
+            "throughput": throughput}
 
 
 # ----------------------------------------------------------------------------- the script
@@ -131,13 +124,13 @@ class _Writes(TorchDispatchMode):
 def test_l2_flush_only_reads_its_buffer(bench, monkeypatch):
     """Writing the flush buffer (zero_) left dirty lines whose write-back was charged to the
     timed kernel (defect 5): the flush now reads it."""
-    common = bench["common"]
-    monkeypatch.setattr(common, "L2_FLUSH_BYTES", 4096)
-    monkeypatch.setattr(common, "_L2_FLUSH", {})
-    common._flush_l2("cpu")                     # creates (and fills) the buffer, untimed
-    buf = common._L2_FLUSH["cpu"][0]
+    harness = bench["harness"]
+    monkeypatch.setattr(harness, "L2_FLUSH_BYTES", 4096)
+    monkeypatch.setattr(harness, "_L2_FLUSH", {})
+    harness._flush_l2("cpu")                    # creates (and fills) the buffer, untimed
+    buf = harness._L2_FLUSH["cpu"][0]
     with _Writes() as w:
-        common._flush_l2("cpu")                 # what runs before every timed repetition
+        harness._flush_l2("cpu")                # what runs before every timed repetition
     assert w.ops, "the flush must touch the buffer"
     for func, tensors, out in w.ops:
         name = func.overloadpacket.__name__

@@ -9,19 +9,14 @@
 """
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
 import bespoke_fast as bf
-
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
-sys.path.insert(0, BENCH)
-import _common  # noqa: E402
-import peers_learned as pl  # noqa: E402
-from tests.helpers import smooth_gmm  # noqa: E402
+from bench import peers_learned as pl
+from bench.harness import Counted
+from bench.peers import diffusers_sample, diffusers_scheduler
+from tests.helpers import smooth_gmm
 
 
 def smooth_velocity(x, t):
@@ -38,11 +33,11 @@ def x0():
 @pytest.mark.parametrize("nfe", [4, 7, 10])
 def test_multistep_solvers_equal_diffusers_on_its_grid(x0, name, method, nfe):
     pytest.importorskip("diffusers")
-    sched = _common.diffusers_scheduler(name, nfe)
+    sched = diffusers_scheduler(name, nfe)
     grid = (1.0 - sched.sigmas.to(torch.float64))           # t = 1 - sigma, ends at 1
-    c = _common.Counted(smooth_velocity)
+    c = Counted(smooth_velocity)
     got = pl.sample_on_grid(c, x0, method, grid)
-    want = _common.diffusers_sample(smooth_velocity, x0, name, nfe)
+    want = diffusers_sample(smooth_velocity, x0, name, nfe)
     assert c.calls == nfe
     # diffusers keeps its sigmas and coefficients in float32: agreement to float32 rounding
     torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-5, atol=1e-6)
@@ -64,7 +59,7 @@ def test_midpoint_and_ipndm_on_the_uniform_grid(x0):
 def test_learned_grid_solver_starts_uniform_and_keeps_nfe(x0):
     for method, nfe in (("ipndm", 6), ("dpm++2m", 6), ("unipc", 6), ("midpoint", 6)):
         s = pl.LearnedGridSolver(method, nfe)
-        c = _common.Counted(smooth_velocity)
+        c = Counted(smooth_velocity)
         s.sample(c, x0)
         assert c.calls == nfe
         t, tm = (v.detach() for v in s.times())

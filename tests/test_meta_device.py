@@ -4,9 +4,6 @@ on the wrong device (e.g. a CPU index for a device table) or a host read of a de
 ``bool(tensor)``) then fails here, as it would on CUDA."""
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
@@ -19,7 +16,6 @@ from bespoke_fast.fitting.bespoke import gt_at_grid, rmse_bound_loss
 from tests.test_engine import SHAPE, CondFlow, gmm, perturbed, perturbed_bns
 
 META = torch.device("meta")
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
 
 
 def _solver(kind):
@@ -115,14 +111,8 @@ def test_gaussian_mixture_equal_stds_decided_at_construction():
 
 @pytest.fixture()
 def bench_modules():
-    sys.path.insert(0, BENCH)
-    try:
-        import bench_kernels
-        import models
-        import throughput
-        yield bench_kernels, models, throughput
-    finally:
-        sys.path.remove(BENCH)
+    from bench import bench_kernels, models, throughput
+    return bench_kernels, models, throughput
 
 
 def test_bench_setup_on_meta(bench_modules):
