@@ -150,15 +150,29 @@ def add_command(sub, name, func, help, description, gt=False, epilog=None, **def
     if gt:
         p.add_argument("--gt", required=True, type=Path, help="GT directory made by 'bespoke-fast gt'")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
-    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout (default: off)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's own; demo: 1)")
     p.add_argument("--debug", action="store_true",
-                   help="show the full traceback of an error instead of one line")
+                   help="show the full traceback of an error instead of one line (default: off)")
     p.set_defaults(func=func, **defaults)  # after the options: it overrides their defaults
     return p
 
+
+
+def add_nfe(p) -> None:
+    """``--nfe``: the same flag, default and help in every command that fits a solver."""
+    p.add_argument("--nfe", type=int, default=10,
+                   help="network evaluations per sample of the fitted solver; a bespoke RK2 "
+                        "solver needs an even number (default %(default)s)")
+
+
+def add_model_dtype(p) -> None:
+    """``--model-dtype``: the dtype the model runs in while sampling (``sample``, ``doctor``)."""
+    p.add_argument("--model-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype the model runs in while sampling; the solver state stays fp32 "
+                        "(default %(default)s)")
 
 
 def add_overwrite(p, what):
@@ -182,7 +196,7 @@ def add_diffusers_options(p):
                         "negative_*) or a text file, one prompt per line; trajectory i uses prompt "
                         "i mod P (default for train/eval: the table stored in --gt)")
     g.add_argument("--classes", default=None,
-                   help="class labels for class-conditional UNets: N (0..N-1) or a list 3,7,9")
+                   help="class labels for class-conditional UNets: N (0..N-1) or a list 3,7,9 (default: none, unconditional)")
     g.add_argument("--guidance-scale", type=float, default=None,
                    help="the pipeline's guidance_scale (CFG; Flux: embedded guidance); default: "
                         "the pipeline's own default, or the value stored in --gt")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .common import add_command, resolve_device
+from .common import add_command, add_nfe, resolve_device
 
 
 def run(args):
@@ -30,7 +30,7 @@ def register(sub) -> None:
                              "compare it on held-out noises with euler/midpoint/rk4 at the same "
                              "NFE and midpoint at twice the NFE, save the solver file, a report, "
                              "error maps against GT, the learned transform and a PSNR-vs-NFE plot.")
-    p.add_argument("--nfe", type=int, default=10, help="network evaluations (even; default %(default)s)")
+    add_nfe(p)
     from ..fitting.job import DEFAULT_NUM_TRAIN
     p.add_argument("--num-gt", type=int, default=DEFAULT_NUM_TRAIN,
                    help="training GT trajectories (default %(default)s, the fit's)")
@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--iters", type=int, default=None, help="bound-phase iterations (default: the trainer's)")
     p.add_argument("--finetune-iters", type=int, default=None,
                    help="fine-tune iterations (default: the trainer's)")
-    p.add_argument("--out", type=Path, default=Path("bespoke_demo"), help="output directory")
+    p.add_argument("--out", type=Path, default=Path("bespoke_demo"), help="output directory (default %(default)s)")
     from ..demo import DEFAULT_BUDGET_SECONDS
     p.add_argument("--budget-seconds", type=float, default=DEFAULT_BUDGET_SECONDS,
                    help="planned seconds for the whole demo (from the fit's timed plan): a "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import CLIError, add_command, emit, load_model
+from .common import CLIError, add_command, add_model_dtype, emit, load_model
 
 
 def run(args):
@@ -38,6 +38,5 @@ def register(sub) -> None:
     p.add_argument("--solver", type=Path, default=None,
                    help="solver file (.json); default a 5-step bespoke RK2 (any solver of the same "
                         "kind runs the same loop)")
-    p.add_argument("--model-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="dtype the model runs in (as for 'sample')")
-    p.add_argument("--batch-size", type=int, default=2, help="batch size to check (default 2)")
+    add_model_dtype(p)
+    p.add_argument("--batch-size", type=int, default=2, help="batch size to check (default %(default)s)")

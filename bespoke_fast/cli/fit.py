@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..zoo import FACTORY_CONTRACT
-from .common import CLIError, add_command, default_kind, resolve_device, parse_size, trained_kinds
+from .common import CLIError, add_command, add_nfe, default_kind, resolve_device, parse_size, trained_kinds
 
 
 def run(args):
@@ -48,7 +48,7 @@ def register(sub) -> None:
                              "evaluations, ETA from a timed probe) first. Rerunning the same "
                              "command resumes at the stage it stopped.",
                  epilog=FACTORY_CONTRACT)
-    p.add_argument("--nfe", type=int, default=10, help="network evaluations (default %(default)s)")
+    add_nfe(p)
     p.add_argument("--solver", choices=trained_kinds(), default=default_kind(),
                    help="bespoke (RK2 scale-time) or bns (non-stationary) (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
@@ -60,25 +60,25 @@ def register(sub) -> None:
     p.add_argument("--heldout-seed", type=int, default=None, help="held-out noise seed (default seed + 1)")
     p.add_argument("--storage-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                    help="dtype of the stored GT knots; float16 about halves the disk, refused if its "
-                        "measured error exceeds 0.1x the RK2 local error at this NFE")
+                        "measured error exceeds 0.1x the RK2 local error at this NFE (default %(default)s)")
     p.add_argument("--adaptive-knots", action="store_true",
-                   help="keep per trajectory only the knots its interpolation needs (same budget)")
-    p.add_argument("--max-disk", type=parse_size, default=None, help="e.g. 20GB: scale down or refuse beyond it")
+                   help="keep per trajectory only the knots its interpolation needs (same budget) (default: off, all knots)")
+    p.add_argument("--max-disk", type=parse_size, default=None, help="disk the GT sets may take, in bytes or with a unit, e.g. 20GB: scale down or refuse beyond it (default: no limit)")
     p.add_argument("--budget-seconds", type=float, default=None,
-                   help="scale down (fewer trajectories, then iterations) to fit the ETA, or refuse")
+                   help="scale down (fewer trajectories, then iterations) to fit the ETA, or refuse; in seconds (default: no limit)")
     p.add_argument("--budget-evals", type=int, default=None,
                    help="model evaluations the fit may spend (forward-equivalents: a backward "
                         "counts 2), training GT and trainer together; 0: the trainer's own "
                         "(default 250,000: the same fit on any device)")
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: the trainer's)")
-    p.add_argument("--finetune-iters", type=int, default=None, help="fine-tune iterations (bespoke)")
+    p.add_argument("--finetune-iters", type=int, default=None, help="fine-tune iterations (bespoke) (default: the trainer's)")
     p.add_argument("--batch-size", type=int, default=None, help="training batch (default: the trainer's)")
     p.add_argument("--micro-batch", type=int, default=None,
-                   help="gradient accumulation over chunks of this many trajectories (bespoke)")
+                   help="gradient accumulation over chunks of this many trajectories (bespoke) (default: none, the whole batch at once)")
     p.add_argument("--checkpoint-activations", action="store_true",
-                   help="recompute each model call's activations in the backward (less memory)")
+                   help="recompute each model call's activations in the backward (less memory) (default: off)")
     p.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
-                   help="run the model under autocast while training (solver maths stays float32)")
-    p.add_argument("--plan", action="store_true", help="print the plan and stop")
+                   help="run the model under autocast while training (solver maths stays float32) (default %(default)s)")
+    p.add_argument("--plan", action="store_true", help="print the plan and stop (default: off, run the fit)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a fit made with other settings in --out (default: refuse)")

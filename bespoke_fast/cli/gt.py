@@ -44,9 +44,11 @@ def register(sub) -> None:
     p.add_argument("--num", type=int, default=1280, help="trajectories (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--rtol", type=float, default=1e-5)
-    p.add_argument("--atol", type=float, default=1e-5)
+    p.add_argument("--rtol", type=float, default=1e-5,
+                   help="relative tolerance of the adaptive RK45 solves (default %(default)s)")
+    p.add_argument("--atol", type=float, default=1e-5,
+                   help="absolute tolerance of the adaptive RK45 solves (default %(default)s)")
     p.add_argument("--knots", type=int, default=None, help="knots per trajectory (default: gt.DEFAULT_KNOTS)")
-    p.add_argument("--batch-size", type=int, default=256, help="trajectories per shard")
+    p.add_argument("--batch-size", type=int, default=256, help="trajectories per shard (default %(default)s)")
     add_diffusers_options(p)
     add_overwrite(p, "GT set")

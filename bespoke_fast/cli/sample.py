@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .._checks import MissingDependencyError
-from .common import CLIError, add_allow_mismatch, add_command, resolve_device, emit, load_model, add_overwrite
+from .common import CLIError, add_allow_mismatch, add_command, add_model_dtype, resolve_device, emit, load_model, add_overwrite
 
 
 def run(args):
@@ -47,9 +47,10 @@ def register(sub) -> None:
                    help="samples per sampler call (default %(default)s); a rerun with another "
                         "one resumes")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default %(default)s)")
-    p.add_argument("--model-dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="dtype the model runs in (the solver state stays fp32)")
-    p.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto")
+    add_model_dtype(p)
+    p.add_argument("--backend", choices=("auto", "reference", "triton"), default="auto",
+                   help="sampler backend: triton kernels (CUDA), the pure-torch reference, or "
+                        "auto (triton on CUDA when installed) (default %(default)s)")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     add_overwrite(p, "samples")
     add_allow_mismatch(p)

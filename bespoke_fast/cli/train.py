@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from .._checks import BespokeFastError
-from .common import (CLIError, add_command, default_kind, add_diffusers_options, emit, load_gt, load_model,
+from .common import (CLIError, add_command, add_nfe, default_kind, add_diffusers_options, emit, load_gt, load_model,
                      nfe_to_steps, trained_kinds)
 
 
@@ -198,11 +198,11 @@ def register(sub) -> None:
                              "solver file (JSON).", gt=True)
     p.add_argument("--solver", choices=trained_kinds(), default=default_kind(),
                    help="solver family (default %(default)s)")
-    p.add_argument("--nfe", type=int, default=10, help="network evaluations (default %(default)s)")
+    add_nfe(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the batch order and of the "
                                                        "start's own fit (default %(default)s)")
     p.add_argument("--checkpoint", type=Path, default=None,
-                   help="checkpoint file: resume from it if present")
+                   help="checkpoint file: resume from it if present (default: none, no checkpoint)")
     _trainer_flags(p)
     p.add_argument("--out", required=True,
                    help="solver file to write (.json); an existing file there is replaced only "
