@@ -12,6 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
+from .. import __version__
 from . import demo, doctor, eval, fit, gt, sample, train
 from .common import CLIError, fill_defaults, user_error
 
@@ -25,7 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bespoke-fast",
         description="Fit Bespoke solvers to flow models and sample fast. "
                     "Data flow: model -> gt -> train -> solver file -> eval / sample.")
-    from .. import __version__
     parser.add_argument("--version", action="version", version=f"bespoke_fast {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command in _COMMANDS:
@@ -43,7 +45,6 @@ def main(argv=None) -> int:
         if args.threads is not None:
             if args.threads < 1:
                 raise CLIError(f"--threads must be >= 1, got {args.threads}")
-            import torch
             torch.set_num_threads(args.threads)
         fill_defaults(args)
         rc = args.func(args)

@@ -7,7 +7,13 @@ import errno
 import json
 from pathlib import Path
 
-from .._checks import BespokeFastError
+import torch
+
+from .._checks import BespokeFastError, model_error, probe_model, raised_by_model
+from ..fitting.gt import DEFAULT_KNOTS, load_trajectories
+from ..fitting.trainers import DEFAULT_KIND, TRAINERS
+from ..solvers.registry import solver_class
+from ..zoo import resolve_model
 
 
 class CLIError(Exception):
@@ -16,7 +22,6 @@ class CLIError(Exception):
 
 
 def resolve_device(name):
-    import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -36,8 +41,6 @@ def resolve_device(name):
 def load_model(args):
     """The ``--model`` (a bundled name, a factory or a diffusers pipeline); a factory's model
     gets one probe call at batch 2 before any work (see ``_checks.probe_model``)."""
-    from .._checks import probe_model
-    from ..zoo import resolve_model
     if args.model.startswith("diffusers:"):
         try:
             zm = diffusers_model(args)
@@ -61,7 +64,7 @@ _DIFFUSERS_COMMANDS = ("gt", "train", "eval")     # the commands that take --mod
 def diffusers_model(args):
     """``--model diffusers:DIR``: a local pipeline folder, conditioned by --prompts / --classes
     (or by the table stored in the --gt directory)."""
-    from ..integrations.diffusers import cli_model
+    from ..integrations.diffusers import cli_model   # deferred: needs the optional diffusers
     if args.command not in _DIFFUSERS_COMMANDS:
         raise CLIError(f"{args.command} does not take diffusers pipelines; use "
                        f"bespoke_fast.integrations.diffusers.fast_pipeline from Python")
@@ -72,7 +75,6 @@ def diffusers_model(args):
 
 
 def load_gt(args, zm):
-    from ..fitting.gt import load_trajectories
     gt = load_trajectories(args.gt, device=resolve_device(args.device))
     if tuple(gt.shape) != tuple(zm.shape):
         raise CLIError(f"{args.gt}: GT samples have shape {tuple(gt.shape)} but model {args.model!r} "
@@ -96,7 +98,6 @@ def emit(args, summary, human_lines):
 def nfe_to_steps(solver_kind, header, nfe):
     """Steps of a ``solver_kind`` solver with ``header`` (its base or init) at ``nfe``, through
     the solver interface (:meth:`Solver.steps_for_nfe`)."""
-    from ..solvers.registry import solver_class
     try:
         return solver_class(solver_kind).steps_for_nfe(header, nfe)
     except ValueError as e:
@@ -106,13 +107,11 @@ def nfe_to_steps(solver_kind, header, nfe):
 
 def trained_kinds() -> tuple:
     """The solver kinds ``--solver`` takes: those with a trainer (``fitting.TRAINERS``)."""
-    from ..fitting.trainers import TRAINERS
     return tuple(TRAINERS)
 
 
 
 def default_kind() -> str:
-    from ..fitting.trainers import DEFAULT_KIND
     return DEFAULT_KIND
 
 
@@ -216,7 +215,6 @@ def user_error(e: BaseException, model=None):
     """The one-line message for a user-fixable error, or None for a bug (see the docstring). An
     exception raised inside the user's ``model`` (its code is in the traceback) is the model's:
     one line too."""
-    from .._checks import model_error, raised_by_model
     if isinstance(e, (CLIError, BespokeFastError)):
         text = str(e)
     elif model is not None and isinstance(e, Exception) and raised_by_model(e, model):
@@ -241,5 +239,4 @@ def fill_defaults(args):
             expanded = Path(value).expanduser()
             setattr(args, name, str(expanded) + trailing if isinstance(value, str) else expanded)
     if args.command == "gt" and args.knots is None:
-        from ..fitting.gt import DEFAULT_KNOTS
         args.knots = DEFAULT_KNOTS

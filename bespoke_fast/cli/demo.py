@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..demo import DEFAULT_BUDGET_SECONDS, run_demo
+from ..fitting.job import DEFAULT_NUM_TRAIN
 from .common import add_command, add_nfe, resolve_device
 
 
 def run(args):
-    from ..demo import run_demo
     summary = run_demo(args.model, nfe=args.nfe, out=args.out, num_gt=args.num_gt,
                        num_val=args.num_val, iters=args.iters,
                        finetune_iters=args.finetune_iters,
@@ -31,7 +32,6 @@ def register(sub) -> None:
                              "NFE and midpoint at twice the NFE, save the solver file, a report, "
                              "error maps against GT, the learned transform and a PSNR-vs-NFE plot.")
     add_nfe(p)
-    from ..fitting.job import DEFAULT_NUM_TRAIN
     p.add_argument("--num-gt", type=int, default=DEFAULT_NUM_TRAIN,
                    help="training GT trajectories (default %(default)s, the fit's)")
     p.add_argument("--num-val", type=int, default=1024, help="held-out GT trajectories (separate seed; evaluation only) (default %(default)s)")
@@ -39,7 +39,6 @@ def register(sub) -> None:
     p.add_argument("--finetune-iters", type=int, default=None,
                    help="fine-tune iterations (default: the trainer's)")
     p.add_argument("--out", type=Path, default=Path("bespoke_demo"), help="output directory (default %(default)s)")
-    from ..demo import DEFAULT_BUDGET_SECONDS
     p.add_argument("--budget-seconds", type=float, default=DEFAULT_BUDGET_SECONDS,
                    help="planned seconds for the whole demo (from the fit's timed plan): a "
                         "slower model gets fewer trajectories, and the demo says so; 0: no limit "

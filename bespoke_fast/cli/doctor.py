@@ -3,15 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import CLIError, add_command, add_model_dtype, emit, load_model
+import torch
+
+from ..capture import check_capturable
+from ..solvers.bespoke import BespokeSolver
+from ..solvers.files import load_solver
+from .common import add_command, add_model_dtype, CLIError, emit, load_model
 
 
 def run(args):
     """Exit 0 when the sampling loop can be captured in one CUDA graph, 1 with the problems."""
-    import torch
-    from ..capture import check_capturable
-    from ..solvers.files import load_solver
-    from ..solvers.bespoke import BespokeSolver
     zm = load_model(args)
     try:
         solver = load_solver(args.solver) if args.solver else BespokeSolver("rk2", 5)

@@ -4,16 +4,16 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import CLIError, add_allow_mismatch, add_command, add_diffusers_options, emit, load_gt, load_model
+from ..fitting.evaluation import evaluate, trained_on
+from ..metrics import format_ci
+from ..solvers.files import load_solver
+from .common import (add_allow_mismatch, add_command, add_diffusers_options, CLIError, emit,
+                     load_gt, load_model)
 
 
 def run(args):
-    from ..fitting.evaluation import evaluate
     zm = load_model(args)
     gt = load_gt(args, zm)
-    from ..fitting.evaluation import trained_on
-    from ..solvers.files import load_solver
-    from ..metrics import format_ci
     results = []
     for spec in args.solvers:
         if Path(spec).is_file() and trained_on(load_solver(spec), gt):

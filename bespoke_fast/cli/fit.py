@@ -5,13 +5,15 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from ..fitting.job import fit
 from ..zoo import FACTORY_CONTRACT
-from .common import CLIError, add_command, add_nfe, default_kind, resolve_device, parse_size, trained_kinds
+from .common import (add_command, add_nfe, CLIError, default_kind, parse_size, resolve_device,
+                     trained_kinds)
 
 
 def run(args):
-    import torch
-    from ..fitting.job import fit
     if args.model.startswith("diffusers:"):
         raise CLIError("fit does not take diffusers pipelines yet; use 'gt', 'train' and 'eval' "
                        "with --model diffusers:DIR")

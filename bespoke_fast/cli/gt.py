@@ -3,16 +3,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_command, add_diffusers_options, emit, load_model, add_overwrite
+from ..fitting.gt import generate_trajectories
+from .common import add_command, add_diffusers_options, add_overwrite, emit, load_model
 
 
-# ----------------------------------------------------------------------------- sub-commands
 def run(args):
-    from ..fitting.gt import generate_trajectories
     zm = load_model(args)
     extra = ()
     if getattr(zm, "conditioning", None):
-        from ..integrations.diffusers import CONDITIONING_FILE
+        # deferred: integrations.diffusers needs the optional diffusers package
+        from ..integrations.diffusers import CONDITIONING_FILE, save_conditioning
         extra = (CONDITIONING_FILE,)
     manifest = generate_trajectories(zm.model, args.num, zm.shape, args.out, seed=args.seed,
                                      rtol=args.rtol, atol=args.atol, knots=args.knots,
@@ -21,7 +21,6 @@ def run(args):
                                      extras_fn=getattr(zm, "condition", None),
                                      overwrite=args.overwrite, extra_files=extra)
     if getattr(zm, "conditioning", None):  # the table the stored prompt indices refer to
-        from ..integrations.diffusers import CONDITIONING_FILE, save_conditioning
         save_conditioning(Path(args.out) / CONDITIONING_FILE, zm.conditioning, zm.guidance_scale)
     interp = manifest.get("interpolation", {})
     lines = [f"wrote {manifest['num']} GT trajectories of {zm.name} to {args.out} "

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from .._checks import MissingDependencyError
-from .common import CLIError, add_allow_mismatch, add_command, add_model_dtype, resolve_device, emit, load_model, add_overwrite
+from ..ops.backend import triton_available
+from ..sampling import sample_to_dir
+from ..solvers.files import load_solver
+from .common import (add_allow_mismatch, add_command, add_model_dtype, add_overwrite, CLIError,
+                     emit, load_model, resolve_device)
 
 
 def run(args):
-    import torch
-    from ..solvers.files import load_solver
-    from ..sampling import sample_to_dir
     if args.backend == "triton":
-        from ..ops.backend import triton_available
         if not triton_available():
             raise MissingDependencyError("--backend triton needs the 'triton' package: pip install "
                                          "\"bespoke_fast[triton]\" (or use --backend reference)")

@@ -1,12 +1,24 @@
 """The ``train`` sub-command: its options and its run function."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
+import torch
+
 from .._checks import BespokeFastError
-from .common import (CLIError, add_command, add_nfe, default_kind, add_diffusers_options, emit, load_gt, load_model,
-                     nfe_to_steps, trained_kinds)
+from ..fitting import options_lacking, trainer_for
+from ..fitting.bespoke import GT_MODES
+from ..fitting.bns import OPTIMIZERS
+from ..fitting.stopping import describe_events, describe_stop, SELECT
+from ..fitting.trainers import TRAINERS
+from ..io import check_writable, read_json_bounded
+from ..solvers.base import FORMAT
+from ..solvers.files import load_solver
+from ..solvers.registry import solver_class
+from .common import (add_command, add_diffusers_options, add_nfe, CLIError, default_kind, emit,
+                     load_gt, load_model, nfe_to_steps, trained_kinds)
 
 
 # trainer options the train command sets from flags of its own (--nfe, --seed)
@@ -19,9 +31,6 @@ _DTYPES = ("float64", "float32", "bfloat16", "float16")
 
 
 def _flag_choices() -> dict:
-    from ..fitting.bespoke import GT_MODES
-    from ..fitting.bns import OPTIMIZERS
-    from ..fitting.stopping import SELECT
     return {"base": ("rk1", "rk2"), "gt_mode": GT_MODES, "optimizer": OPTIMIZERS, "select": SELECT}
 
 
@@ -32,8 +41,6 @@ def _trainer_flags(p) -> None:
     choices from the field, the help from its ``metadata["help"]`` (per kind where the kinds'
     differ, and which kinds have it). Unset flags keep the trainer's default; 0 gives None to
     an option that takes None."""
-    import dataclasses
-    from ..fitting.trainers import TRAINERS
     fields = {}
     for kind, trainer in TRAINERS.items():
         for f in dataclasses.fields(trainer.Options):
@@ -73,10 +80,6 @@ def _trainer_flags(p) -> None:
 def _train_options(args) -> dict:
     """The trainer's options from the command line: each option of the kind's options dataclass
     (``fitting.trainer_for``), unset ones at its default; an option the kind lacks is refused."""
-    import dataclasses
-    import torch
-    from ..fitting import options_lacking, trainer_for
-    from ..solvers.registry import solver_class
     trainer = trainer_for(args.solver)
     # n_steps, seed and base: cmd_train passes them itself
     fields = [f for f in dataclasses.fields(trainer.Options) if f.name not in (*_OWN_FLAGS, "base")]
@@ -103,14 +106,11 @@ def _train_options(args) -> dict:
 
 
 def run(args):
-    from ..fitting import trainer_for
-    from ..solvers.registry import solver_class
     opts = _train_options(args)
     # the header the trainer will use: bespoke's --base, BNS's init (its trainer's default)
     header = {"base": args.base or "rk2"} if solver_class(args.solver).header_key == "base" else {}
     names = trainer_for(args.solver).start_names     # else --init is a solver file
     if opts.get("init") not in (None, *names):   # a solver file to start from
-        from ..solvers.files import load_solver
         if not Path(opts["init"]).is_file():
             raise CLIError(f"--init {opts['init']}: not {', '.join(names)} or a solver file")
         opts["init"] = load_solver(opts["init"])
@@ -120,7 +120,6 @@ def run(args):
     args.out = _solver_out(args.out)                 # before the fit, not after it
     zm = load_model(args)
     gt = load_gt(args, zm)
-    from ..fitting.stopping import describe_events, describe_stop
     train, _ = trainer_for(args.solver)
     solver, report = train(zm.model, gt, n_steps=n, seed=args.seed, checkpoint=args.checkpoint,
                            progress=not args.quiet, model_name=zm.name, **header, **opts)
@@ -144,7 +143,6 @@ def run(args):
 def _solver_out(raw) -> Path:
     """``train --out``: a file name (not a folder, not ``dir/``) that can be written, and that
     holds nothing but a solver file already (a file of the user's is never replaced)."""
-    from ..io import check_writable
     text = str(raw)
     path = Path(text)
     if text.endswith(("/", "\\")) or path.is_dir():
@@ -153,8 +151,6 @@ def _solver_out(raw) -> Path:
     if path.is_symlink() and not path.exists():
         raise CLIError(f"--out {text}: a symbolic link to {path.readlink()}, which does not exist")
     if path.exists():
-        from ..io import read_json_bounded
-        from ..solvers.base import FORMAT
         try:
             ours = read_json_bounded(path, "solver file").get("format") == FORMAT
         except (BespokeFastError, AttributeError):
