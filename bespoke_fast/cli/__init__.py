@@ -6,6 +6,10 @@ machine-readable summary on stdout. Errors that are the user's to fix (the libra
 ``BespokeFastError`` types, bad options, and permission / disk-full / missing-file / is-a-directory
 ``OSError``) are one line on stderr and exit code 2; ``--debug`` shows their traceback instead.
 Anything else is a bug and keeps its traceback.
+
+Layout: one module per command (``demo``, ``fit``, ``gt``, ``train``, ``eval``, ``sample``,
+``doctor``), each with ``register(sub)`` (its parser) and ``run(args)``; ``common`` holds the
+options, loaders and error mapping they share. ``python -m bespoke_fast.cli`` runs :func:`main`.
 """
 from __future__ import annotations
 
