@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from .._checks import MissingDependencyError
-from ..ops.backend import triton_available
+from ..ops import backend as ops_backend
 from ..sampling import sample_to_dir
 from ..solvers.files import load_solver
 from .common import (add_allow_mismatch, add_command, add_model_dtype, add_overwrite, CLIError,
@@ -15,7 +15,7 @@ from .common import (add_allow_mismatch, add_command, add_model_dtype, add_overw
 
 def run(args):
     if args.backend == "triton":
-        if not triton_available():
+        if not ops_backend.triton_available():
             raise MissingDependencyError("--backend triton needs the 'triton' package: pip install "
                                          "\"bespoke_fast[triton]\" (or use --backend reference)")
         if not str(resolve_device(args.device)).startswith("cuda"):
