@@ -1,8 +1,9 @@
-"""The README's Python examples run as written (at small sizes) on this machine.
+"""The Python examples of README.md and docs/usage.md run as written (at small sizes) on this
+machine.
 
 Convention for README code (follow it when adding a section):
 
-* every ```python block in README.md is a test case; it runs on its own (a fresh namespace, in a
+* every ```python block in README.md and docs/usage.md is a test case; it runs on its own (a fresh namespace, in a
   fresh temporary working directory, so relative paths like "runs/gt" are fine), top to bottom,
   on a CPU-only machine when no GPU is there;
 * the test sets the environment variable ``BESPOKE_FAST_README_SMALL=1``: a block that would take
@@ -19,17 +20,19 @@ from pathlib import Path
 import pytest
 import torch
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"^```python\n(.*?)^```", README.read_text(encoding="utf-8"), re.S | re.M)
+ROOT = Path(__file__).resolve().parents[1]
+BLOCKS = [(page, code) for page in ("README.md", "docs/usage.md")
+          for code in re.findall(r"^```python\n(.*?)^```", (ROOT / page).read_text(encoding="utf-8"),
+                                 re.S | re.M)]
 
 
 def test_the_readme_has_python_examples():
-    assert len(BLOCKS) >= 2
+    assert sum(page == "README.md" for page, _ in BLOCKS) >= 2
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_python_block_runs(index, tmp_path, monkeypatch):
-    code = BLOCKS[index]
+    page, code = BLOCKS[index]
     first = code.lstrip().splitlines()[0] if code.strip() else ""
     if first.startswith("# readme-test: skip"):
         pytest.skip(first[len("# readme-test: skip"):].strip(" ()") or "marked skip in README")
@@ -37,7 +40,7 @@ def test_readme_python_block_runs(index, tmp_path, monkeypatch):
     monkeypatch.setenv("BESPOKE_FAST_README_SMALL", "1")
     threads = torch.get_num_threads()
     try:
-        exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "__readme__"})
+        exec(compile(code, f"{page} python block {index}", "exec"), {"__name__": "__readme__"})
     finally:
         torch.set_num_threads(threads)
     assert os.getcwd() == str(tmp_path)
