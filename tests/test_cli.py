@@ -122,7 +122,7 @@ def test_every_option_has_a_help_that_states_its_default():
     assert not bad, "options without a help stating the default:\n" + "\n".join(bad)
 
 
-# Flags whose meaning differs between commands on purpose (or not yet unified), with the reason.
+# Flags whose meaning differs between commands on purpose, with the reason.
 DIFFERENT_MEANING = {
     "--model": "diffusers:DIR is accepted by gt/train/eval only, and the help says so there",
     "--out": "a directory for demo/fit/gt/sample, the solver file for train",
@@ -130,17 +130,11 @@ DIFFERENT_MEANING = {
     "--seed": "the noise seed of GT or samples, the training seed of fit, the batch order of train",
     "--num": "GT trajectories for gt, samples for sample",
     "--batch-size": "a GT shard (gt), a sampler call (sample), a checked batch (doctor), a "
-                    "training batch (fit, train: the trainer's per-kind help)",
+                    "training batch (fit, train: the same trainer flag)",
     "--overwrite": "each command names what it replaces (a fit, a GT set, samples)",
     "--model-dtype": "train: the trainer's option (training); sample/doctor: sampling",
     "--num-train": "fit: GT trajectories; train: the bns trainer's training pairs",
     "--budget-seconds": "demo: its planned total; fit: the job's ETA; train: the trainer's cap",
-    # not yet unified: fit's flags feed fitting.job.fit (its own defaults and choices), train's
-    # are generated from the trainers' Options; unify when fit's flags come from FitSettings
-    "--iters": "demo/fit: the job's iterations; train: the trainer's per-kind option",
-    "--finetune-iters": "as --iters",
-    "--micro-batch": "as --iters",
-    "--autocast": "fit: none/bf16/fp16 for the job; train: the trainer's dtype option",
     "--budget-evals": "fit: GT and training together; train: the trainer alone",
 }
 
@@ -156,3 +150,22 @@ def test_a_flag_shared_by_commands_has_one_help():
     assert not bad, f"flags with different help texts across commands: {bad}"
     stale = sorted(set(DIFFERENT_MEANING) - differ)
     assert not stale, f"DIFFERENT_MEANING lists flags that now agree: {stale}"
+
+
+def test_fit_and_demo_pass_the_trainer_flags_as_train_does(monkeypatch, tmp_path):
+    """fit's and demo's --iters / --micro-batch / --autocast / ... are train's flags: the same
+    parsing (dtype names, 0 for None), passed on to the job; unset ones are left out."""
+    import torch
+    import bespoke_fast.cli.demo as demo_cmd
+    import bespoke_fast.cli.fit as fit_cmd
+    seen = {}
+    monkeypatch.setattr(fit_cmd, "fit", lambda *a, **kw: seen.setdefault("fit", kw) and {})
+    monkeypatch.setattr(demo_cmd, "run_demo", lambda *a, **kw: seen.setdefault("demo", kw) and {})
+    main(["fit", "--model", "gmm-64", "--out", str(tmp_path / "f"), "--plan", "--iters", "7",
+          "--micro-batch", "0", "--autocast", "bfloat16", "--activation-checkpointing"])
+    kw = seen["fit"]
+    assert kw["iters"] == 7 and kw["autocast"] is torch.bfloat16
+    assert kw["activation_checkpointing"] is True and kw["micro_batch"] is None
+    assert "finetune_iters" not in kw and "batch_size" not in kw
+    main(["demo", "--out", str(tmp_path / "d"), "--finetune-iters", "3"])
+    assert seen["demo"]["finetune_iters"] == 3 and "iters" not in seen["demo"]

@@ -42,9 +42,9 @@ def test_every_trainer_option_has_a_train_flag_made_from_its_metadata():
     """The train command's flags come from the Options dataclasses: one per option (besides
     --nfe and --seed), its help the field's, marked with the kinds that have it."""
     import argparse
-    from bespoke_fast.cli.train import _trainer_flags, _train_options
+    from bespoke_fast.cli.train import _train_options, trainer_flags
     p = argparse.ArgumentParser()
-    _trainer_flags(p)
+    trainer_flags(p)
     flags = {a.dest: a for a in p._actions if a.dest != "help"}
     for kind, trainer in TRAINERS.items():
         for f in dataclasses.fields(trainer.Options):

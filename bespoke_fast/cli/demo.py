@@ -6,13 +6,16 @@ from pathlib import Path
 
 from ..demo import DEFAULT_BUDGET_SECONDS, run_demo
 from ..fitting.job import DEFAULT_NUM_TRAIN
-from .common import add_command, add_nfe, resolve_device
+from .common import add_command, add_nfe, default_kind, resolve_device
+from .train import job_flag_values, trainer_flags
+
+# the trainer options the demo passes on (run_demo's keywords): the same flags as train's
+DEMO_FLAGS = ("iters", "finetune_iters")
 
 
 def run(args):
     summary = run_demo(args.model, nfe=args.nfe, out=args.out, num_gt=args.num_gt,
-                       num_val=args.num_val, iters=args.iters,
-                       finetune_iters=args.finetune_iters,
+                       num_val=args.num_val, **job_flag_values(args, default_kind()),
                        budget_seconds=args.budget_seconds or None,
                        device=resolve_device(args.device), progress=not args.quiet,
                        log=(lambda *a: None) if args.json else print)
@@ -35,9 +38,7 @@ def register(sub) -> None:
     p.add_argument("--num-gt", type=int, default=DEFAULT_NUM_TRAIN,
                    help="training GT trajectories (default %(default)s, the fit's)")
     p.add_argument("--num-val", type=int, default=1024, help="held-out GT trajectories (separate seed; evaluation only) (default %(default)s)")
-    p.add_argument("--iters", type=int, default=None, help="bound-phase iterations (default: the trainer's)")
-    p.add_argument("--finetune-iters", type=int, default=None,
-                   help="fine-tune iterations (default: the trainer's)")
+    trainer_flags(p, only=DEMO_FLAGS)
     p.add_argument("--out", type=Path, default=Path("bespoke_demo"), help="output directory (default %(default)s)")
     p.add_argument("--budget-seconds", type=float, default=DEFAULT_BUDGET_SECONDS,
                    help="planned seconds for the whole demo (from the fit's timed plan): a "

@@ -5,19 +5,17 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from ..fitting.job import fit
 from ..zoo import FACTORY_CONTRACT
 from .common import (add_command, add_nfe, CLIError, default_kind, parse_size, resolve_device,
                      trained_kinds)
+from .train import job_flag_values, JOB_FLAGS, trainer_flags
 
 
 def run(args):
     if args.model.startswith("diffusers:"):
         raise CLIError("fit does not take diffusers pipelines yet; use 'gt', 'train' and 'eval' "
                        "with --model diffusers:DIR")
-    autocast = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast]
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     try:
         result = fit(args.model, nfe=args.nfe, solver=args.solver, out=args.out,
@@ -27,10 +25,7 @@ def run(args):
                      budget_seconds=args.budget_seconds, device=resolve_device(args.device),
                      **({} if args.budget_evals is None else
                         {"budget_evals": args.budget_evals or None}),
-                     iters=args.iters, finetune_iters=args.finetune_iters,
-                     batch_size=args.batch_size, micro_batch=args.micro_batch,
-                     activation_checkpointing=args.checkpoint_activations, autocast=autocast,
-                     progress=not args.quiet, log=log, plan_only=args.plan,
+                     **job_flag_values(args, args.solver), progress=not args.quiet, log=log, plan_only=args.plan,
                      overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, TypeError) as e:
         raise CLIError(str(e)) from e
@@ -72,15 +67,7 @@ def register(sub) -> None:
                    help="model evaluations the fit may spend (forward-equivalents: a backward "
                         "counts 2), training GT and trainer together; 0: the trainer's own "
                         "(default 250,000: the same fit on any device)")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default: the trainer's)")
-    p.add_argument("--finetune-iters", type=int, default=None, help="fine-tune iterations (bespoke) (default: the trainer's)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch (default: the trainer's)")
-    p.add_argument("--micro-batch", type=int, default=None,
-                   help="gradient accumulation over chunks of this many trajectories (bespoke) (default: none, the whole batch at once)")
-    p.add_argument("--checkpoint-activations", action="store_true",
-                   help="recompute each model call's activations in the backward (less memory) (default: off)")
-    p.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none",
-                   help="run the model under autocast while training (solver maths stays float32) (default %(default)s)")
+    trainer_flags(p, only=JOB_FLAGS)
     p.add_argument("--plan", action="store_true", help="print the plan and stop (default: off, run the fit)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a fit made with other settings in --out (default: refuse)")

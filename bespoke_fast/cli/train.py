@@ -35,16 +35,22 @@ def _flag_choices() -> dict:
 
 
 
-def _trainer_flags(p) -> None:
-    """One ``--flag`` per option of the trainers (``fitting.TRAINERS``), made from their
-    ``Options`` dataclasses: the name (``warmup_pairs`` -> ``--warmup-pairs``), the type and
-    choices from the field, the help from its ``metadata["help"]`` (per kind where the kinds'
-    differ, and which kinds have it). Unset flags keep the trainer's default; 0 gives None to
-    an option that takes None."""
+# the trainer options that fit and demo pass on to the trainer: the same flags as train's
+JOB_FLAGS = ("iters", "finetune_iters", "batch_size", "micro_batch", "activation_checkpointing",
+             "autocast")
+
+
+def trainer_flags(p, only=None) -> None:
+    """One ``--flag`` per option of the trainers (``fitting.TRAINERS``; ``only``: these names),
+    made from their ``Options`` dataclasses: the name (``warmup_pairs`` -> ``--warmup-pairs``),
+    the type and choices from the field, the help from its ``metadata["help"]`` (per kind where
+    the kinds' differ, and which kinds have it). Unset flags keep the trainer's default; 0 gives
+    None to an option that takes None. ``fit`` and ``demo`` add ``JOB_FLAGS`` with it, so a
+    flag means the same in every command."""
     fields = {}
     for kind, trainer in TRAINERS.items():
         for f in dataclasses.fields(trainer.Options):
-            if f.name not in _OWN_FLAGS:
+            if f.name not in _OWN_FLAGS and (only is None or f.name in only):
                 fields.setdefault(f.name, []).append((kind, f))
     choices = _flag_choices()
     for name, per_kind in fields.items():
@@ -77,6 +83,28 @@ def _trainer_flags(p) -> None:
 
 
 
+def flag_value(f, value):
+    """A trainer flag's value as the option ``f`` (a dataclass field) takes it: a dtype name
+    becomes the dtype, 0 gives None to an option that takes None; None stays None (unset)."""
+    if value is None:
+        return None
+    if "dtype" in str(f.type):
+        return getattr(torch, value)
+    if value == 0 and "None" in str(f.type) and not isinstance(value, bool):
+        return None                    # 0 on the command line: None (no budget, ...)
+    return value
+
+
+def job_flag_values(args, kind) -> dict:
+    """``fit`` / ``demo``: the ``JOB_FLAGS`` given on the command line, as the options of the
+    trainer of ``kind`` take them (unset ones left out: the job's defaults apply; one the kind
+    lacks is passed on for the job to refuse)."""
+    fields = {f.name: f for trainer in (*TRAINERS.values(), trainer_for(kind))
+              for f in dataclasses.fields(trainer.Options)}          # the kind's own last
+    return {name: flag_value(fields[name], getattr(args, name)) for name in JOB_FLAGS
+            if getattr(args, name, None) is not None}
+
+
 def _train_options(args) -> dict:
     """The trainer's options from the command line: each option of the kind's options dataclass
     (``fitting.trainer_for``), unset ones at its default; an option the kind lacks is refused."""
@@ -94,13 +122,7 @@ def _train_options(args) -> dict:
     defaults, opts = trainer.Options(), {}
     for f in fields:
         value = getattr(args, f.name, None)
-        if value is None:
-            value = getattr(defaults, f.name)
-        elif "dtype" in str(f.type):
-            value = getattr(torch, value)
-        elif value == 0 and "None" in str(f.type) and not isinstance(value, bool):
-            value = None                    # 0 on the command line: None (no budget, ...)
-        opts[f.name] = value
+        opts[f.name] = getattr(defaults, f.name) if value is None else flag_value(f, value)
     return opts
 
 
@@ -199,7 +221,7 @@ def register(sub) -> None:
                                                        "start's own fit (default %(default)s)")
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint file: resume from it if present (default: none, no checkpoint)")
-    _trainer_flags(p)
+    trainer_flags(p)
     p.add_argument("--out", required=True,
                    help="solver file to write (.json); an existing file there is replaced only "
                         "if it is a solver file")
