@@ -218,7 +218,8 @@ _CHILD = textwrap.dedent("""
                          val_every=1, checkpoint=sys.argv[2] or None, checkpoint_every=1,
                          finetune_iters=10, polish_iters=20, init="searched", progress=False,
                          callback=cb, patience=None, budget_seconds=None)
-    # a fixed schedule: kill points at iterations 12 (bound), 33 (fine-tune), 50 (polish)
+    # a fixed schedule: kill points at iterations 12 (bound), 33 (fine-tune), 44 (the
+    # Levenberg-Marquardt warm-up, 41-47) and 57 (polish, validated at 57 and 67)
     solver.save(sys.argv[3])
 """)
 
@@ -234,7 +235,7 @@ def test_sigkill_and_restart_ends_with_the_uninterrupted_parameters(gmm_gt, tmp_
     subprocess.run([sys.executable, str(script), str(gt_dir), "", str(tmp_path / "full.json")],
                    check=True, env=env, capture_output=True)
     ckpt, out = tmp_path / "ckpt.pt", tmp_path / "resumed.json"
-    for kill_at in ("iter 12", "iter 33", "iter 50"):   # once in each phase
+    for kill_at in ("iter 12", "iter 33", "iter 44", "iter 57"):   # once in each phase
         proc = subprocess.Popen([sys.executable, str(script), str(gt_dir), str(ckpt), str(out)],
                                 stdout=subprocess.PIPE, text=True, env=env)
         for line in proc.stdout:

@@ -15,14 +15,15 @@ What a fit costs is counted in model evaluations (``bespoke_fast.fitting.evals``
 by ``budget_evals`` (forward-equivalents: a backward counts 2), the same on every device. The
 default recipe **(ours)** is built for that budget: start from the base solver on the grid of
 least one-step error (``init="searched"``, GITS-style), then minimise ``mean log ||x_n -
-x(1)||^2`` (the mean per-sample PSNR, the selection metric itself) through the n-step sampler
-with full-batch L-BFGS, first on ``warmup_pairs`` trajectories (cheap iterations find the
-basin; at most ``WARMUP_SHARE`` of the budget), then on all of them (the polish: what
-generalises), each phase until its validation score stops improving or its share of the budget
-is spent. The paper's RMSE-bound phase (``iters``) and an Adam fine-tune on batches
-(``finetune_iters``) are there to be switched on; both are off by default: at a few hundred
-thousand evaluations full-batch L-BFGS from a searched start gave more held-out PSNR per
-evaluation (``bench/fit_cost.py --pareto``). The checkpoint kept is the one with the best
+x(1)||^2`` (the mean per-sample PSNR, the selection metric itself) through the n-step sampler:
+first Levenberg-Marquardt on ``warmup_pairs`` trajectories (``bespoke_fast.fitting.gauss_newton``:
+the whole Gauss-Newton curvature of the few parameters from forward differences, which finds the
+basin in a few iterations; at most ``WARMUP_SHARE`` of the budget), then full-batch L-BFGS on
+all of them (the polish: what generalises), each phase until its validation score stops
+improving or its share of the budget is spent. The paper's RMSE-bound phase (``iters``) and an
+Adam fine-tune on batches (``finetune_iters``) are there to be switched on; both are off by
+default: at a few hundred thousand evaluations these second-order phases from a searched start
+gave more held-out PSNR per evaluation (``bench/fit_cost.py --pareto``). The checkpoint kept is the one with the best
 validation score (default the mean per-sample PSNR; ``select``, see
 ``bespoke_fast.fitting.stopping``), and the report says why training stopped.
 
@@ -49,6 +50,7 @@ from .common import (CommonOptions, KindTrainer, average_gradients, check_budget
                      check_gt_matches, cosine_lr, finish, gt_split_fingerprint, in_dtype,
                      keyword_trainer, new_lbfgs, option, validate_solver)
 from .evals import EvalLedger, raw_model
+from .gauss_newton import LevenbergMarquardt, lm_step, MAX_TRIALS
 from .gt import TrajectorySet
 from .loop import Phase, Stopping, lbfgs_step, run_phases
 from .stopping import DEFAULT_SELECT, check_stopping, phase_horizon, selection_score
@@ -282,7 +284,7 @@ DEFAULT_VAL = 256          # validation trajectories at most, by default (a fift
 BOUND_BUDGET_SHARE = 0.25  # the bound phase may use at most this share, counted from its start
 SCREEN_ITERS = 60          # init="auto": end-to-end Adam iterations of each start's trial
 SCREEN_SHARE = 0.25        # init="auto": at most this share for the candidate search and trials
-WARMUP_SHARE = 0.5         # the warm-up L-BFGS on warmup_pairs ends here at the latest
+WARMUP_SHARE = 0.5         # the Levenberg-Marquardt warm-up on warmup_pairs ends here at the latest
 POLISH_VAL_EVERY = 10      # polish: L-BFGS iterations between validations
 POLISH_PAIRS = 1024        # polish: at most this many training trajectories in its full batch
 FINETUNE_BUDGET_SHARE = 0.85  # the fine-tune stops here, leaving the rest of the budget to the polish
@@ -339,8 +341,8 @@ class BespokeOptions(CommonOptions):
     finetune_iters: int = option(0, "cap on the end-to-end Adam fine-tune on batches, in "
                                     "iterations (0: none); default 0")
     finetune_lr: float | None = option(None, "learning rate of the fine-tune; default: lr")
-    warmup_pairs: int = option(32, "training trajectories of the warm-up: full-batch L-BFGS on "
-                                   "these few first (cheap iterations find the basin), then the "
+    warmup_pairs: int = option(32, "training trajectories of the warm-up: Levenberg-Marquardt "
+                                   "on these few first (it finds the basin), then the L-BFGS "
                                    "polish on all (0: no warm-up); default 32")
     polish_iters: int = option(1000, "cap on the full-batch L-BFGS polish (and on the warm-up), "
                                      "in iterations (0: none); default 1000")
@@ -403,7 +405,8 @@ class BespokeTrainer(KindTrainer):
         2), its start and validations included, with ``num_train`` training and ``num_val``
         validation trajectories at NFE ``nfe``: ``budget_evals`` when set, and never more than
         the phases' caps allow (a gradient iteration costs 3 ``nfe`` per trajectory; L-BFGS
-        about 1.3 of them per iteration on its full batch)."""
+        about 1.3 of them per iteration on its full batch; a Levenberg-Marquardt iteration of
+        the warm-up at most ``P + 1 + MAX_TRIALS`` forward passes for P parameters)."""
         from .grid_search import GRID_FAMILIES
         iters, finetune, polish = options.iters, options.finetune_iters, options.polish_iters
         per_pair = 3 * nfe
@@ -416,11 +419,12 @@ class BespokeTrainer(KindTrainer):
             start += search_cost(options.base, *search_size(options.base, options.n_steps,
                                                             num_train, options.budget_evals))
         warm = min(options.warmup_pairs, num_train) if polish else 0
-        lbfgs_pairs = min(POLISH_PAIRS, num_train) + warm
+        n_params = sum(p.numel() for p in BespokeSolver(options.base, options.n_steps).parameters())
         train = ((iters + finetune) * options.batch_size * per_pair
-                 + int(1.3 * polish * lbfgs_pairs * per_pair))
+                 + int(1.3 * polish * min(POLISH_PAIRS, num_train) * per_pair)
+                 + polish * (n_params + 1 + MAX_TRIALS) * warm * nfe)   # LM: J, then its trials
         validations = (2 + math.ceil((iters + finetune) / options.val_every)
-                       + 2 * math.ceil(polish / POLISH_VAL_EVERY))
+                       + math.ceil(polish / POLISH_VAL_EVERY) + (polish if warm else 0))
         at_caps = start + train + validations * num_val * nfe
         return at_caps if options.budget_evals is None else min(at_caps, options.budget_evals)
 
@@ -552,6 +556,12 @@ class BespokeTrainer(KindTrainer):
                 return loss.to(torch.float64)
             return closure
 
+        def endpoints(part):    # the warm-up's samples: float64 state, the model in its dtype
+            return solver.sample(in_dtype(loss_model, part.x0.dtype),
+                                 part.x0.to(torch.float64), **part.extras)
+
+        n_params = sum(p.numel() for p in solver.parameters())
+
         def adam(rate):
             return lambda: torch.optim.Adam(solver.parameters(), lr=rate)
 
@@ -565,12 +575,13 @@ class BespokeTrainer(KindTrainer):
                   adam_step("finetune", config["finetune_lr"]),
                   budget_share=FINETUNE_BUDGET_SHARE if caps["polish"] else 1.0, val_every=val_every,
                   sets_horizon=True, record={"phase": "finetune"}),
-            # full-batch L-BFGS on a few trajectories (cheap iterations find the basin), then
-            # on all of them (what generalises); the polish goes on with a fresh memory
-            Phase("warmup", caps["warmup"], lambda: new_lbfgs(solver.parameters()),
-                  lbfgs_step(closure_on(warmup_set), cost=evaluation_cost(warmup_set)),
-                  budget_share=WARMUP_SHARE,
-                  val_every=POLISH_VAL_EVERY, val_from_start=True, record={"phase": "warmup"}),
+            # Levenberg-Marquardt on a few trajectories (the whole curvature: it finds the basin
+            # in a few iterations), then full-batch L-BFGS on all of them (what generalises)
+            Phase("warmup", caps["warmup"], lambda: LevenbergMarquardt(solver.parameters()),
+                  lm_step(warmup_set, endpoints, micro_batch or batch_size,
+                          cost=(n_params + 2) * len(warmup_set) * solver.nfe),
+                  budget_share=WARMUP_SHARE, val_every=1, val_from_start=True,
+                  record={"phase": "warmup"}),
             Phase("polish", caps["polish"], lambda: new_lbfgs(solver.parameters()),
                   lbfgs_step(closure_on(polish_set), cost=evaluation_cost(polish_set)),
                   val_every=POLISH_VAL_EVERY,
@@ -600,13 +611,14 @@ train = keyword_trainer(TRAINER, "train", """Fit a :class:`BespokeSolver` to ``m
     ``evaluations`` has them by stage) and the caps (``bespoke_fast.fitting.stopping``): the
     RMSE-bound phase (at most ``iters`` iterations, ``BOUND_BUDGET_SHARE`` of the budget; off
     by default), the end-to-end fine-tune with Adam on batches (at most ``finetune_iters``;
-    off by default), the warm-up (full-batch L-BFGS on the first ``warmup_pairs`` training
-    trajectories, until ``WARMUP_SHARE`` of the budget) and the polish (the same on up to
+    off by default), the warm-up (Levenberg-Marquardt on the first ``warmup_pairs`` training
+    trajectories, ``bespoke_fast.fitting.gauss_newton``, validated every iteration, until
+    ``WARMUP_SHARE`` of the budget) and the polish (full-batch L-BFGS on up to
     ``POLISH_PAIRS`` training trajectories, the state in float64, validated every
     ``POLISH_VAL_EVERY`` iterations). Each phase stops at the first of: ``patience``
-    validations without a ``min_delta`` dB improvement, its share of the budget (an L-BFGS
+    validations without a ``min_delta`` dB improvement, its share of the budget (an
     evaluation that would pass it is not made), its cap, ``max_iters`` iterations in all,
-    L-BFGS convergence, or a non-finite loss (then the phase's best parameters are restored,
+    convergence, or a non-finite loss (then the phase's best parameters are restored,
     the report's ``events`` says where, and the next phase goes on from them). The parameters
     with the best validation score are kept.
 
@@ -630,9 +642,10 @@ train = keyword_trainer(TRAINER, "train", """Fit a :class:`BespokeSolver` to ``m
             ``"online"`` (an RK45 solve per iteration at the current grid, as in the paper).
         finetune_iters, finetune_lr: cap and rate of the end-to-end fine-tune (ours);
             ``finetune_lr`` defaults to ``lr``. 0 skips the fine-tune.
-        polish_iters: cap on the L-BFGS polish and on the warm-up (ours; each iteration costs
-            about 1.3 passes of the sampler over its full batch, forward and backward). 0 skips
-            both. warmup_pairs: trajectories of the warm-up (0: none).
+        polish_iters: cap on the L-BFGS polish and on the warm-up (ours; a polish iteration
+            costs about 1.3 passes of the sampler over its full batch, forward and backward; a
+            warm-up iteration P + 1 forward passes over its batch for P parameters, and one per
+            damping trial). 0 skips both. warmup_pairs: trajectories of the warm-up (0: none).
         budget_evals: model evaluations the whole fit may spend (forward-equivalents; default
             200,000; None: no limit): the start, every phase and the validations.
         budget_seconds: an extra wall-time cap on the whole fit in seconds (default None).
