@@ -7,9 +7,10 @@ training, 1024 held out for validation) by minimising, through the whole n-step 
 
 i.e. maximising the mean PSNR, starting (default ``init="bespoke"``) from a Bespoke solver of
 the same NFE fitted first on the same GT with ``BESPOKE_SHARE`` of the budget and rewritten
-exactly in BNS form (method.md section 6), with full-batch L-BFGS (first on ``warmup_pairs``
-pairs, then on all), Adam, or (default, ``"auto"``) L-BFGS that hands over to Adam, from the
-best parameters so far, when it stalls, converges or uses its iterations. The budget is in
+exactly in BNS form (method.md section 6), with full-batch L-BFGS (after a Levenberg-Marquardt
+warm-up on ``warmup_pairs`` pairs, ``bespoke_fast.fitting.gauss_newton``), Adam, or (default,
+``"auto"``) L-BFGS that hands over to Adam, from the best parameters so far, when it stalls,
+converges or uses its iterations. The budget is in
 model evaluations (``budget_evals``, forward-equivalents, counted exactly, the Bespoke start's
 included), the same on every device. Training stops when the validation score stops improving, within a time / iteration
 budget (``bespoke_fast.fitting.stopping``). The parameters with the best validation score are kept (the
@@ -35,6 +36,7 @@ from .common import (CommonOptions, KindTrainer, average_gradients, check_budget
                      option)
 from .evals import EvalLedger
 from .gt import TrajectorySet
+from .gauss_newton import LevenbergMarquardt, lm_step, MAX_TRIALS
 from .loop import Phase, Stopping, lbfgs_step, run_phases
 from .stopping import check_stopping
 from .trajectories import Trajectories
@@ -124,7 +126,7 @@ def _lr_at(k: int, iters: int, lr: float, lr_final: float) -> float:
 
 
 BESPOKE_SHARE = 0.4   # of the budgets for the Bespoke stage of init="bespoke"
-WARMUP_SHARE = 0.3    # the warm-up L-BFGS on warmup_pairs: at most this share, from its start
+WARMUP_SHARE = 0.3    # the Levenberg-Marquardt warm-up on warmup_pairs: at most this share, from its start
 
 
 def _check_init(init, n_steps: int):
@@ -223,8 +225,8 @@ class BNSOptions(CommonOptions):
     adam_iters: int = option(3000, "'auto': cap on the Adam continuation, in iterations; "
                                    "default 3000")
     adam_lr: float = option(3e-3, "'auto' and 'adam': Adam's learning rate; default 3e-3")
-    warmup_pairs: int = option(32, "pairs of the warm-up: L-BFGS on these few first (cheap "
-                                   "iterations find the basin), then on all (0: none); "
+    warmup_pairs: int = option(32, "pairs of the warm-up: Levenberg-Marquardt on these few "
+                                   "first (it finds the basin), then L-BFGS on all (0: none); "
                                    "default 32")
     budget_seconds: float | None = option(None, "wall-time cap on the whole fit (its Bespoke "
                                                 "start included), in seconds, besides "
@@ -285,9 +287,11 @@ class BNSTrainer(KindTrainer):
         iters = options.iters or 300
         pairs = min(options.num_train or DEFAULT_NUM_TRAIN, num_train)
         warm = min(options.warmup_pairs, pairs)
-        train = int(1.3 * iters * (pairs + warm) * 3 * nfe) + options.adam_iters * min(
-            options.batch_size, pairs) * 3 * nfe
-        validations = (2 + 2 * math.ceil(iters / options.val_every)
+        n_params = sum(p.numel() for p in NonStationarySolver(options.n_steps, init="euler").parameters())
+        train = (int(1.3 * iters * pairs * 3 * nfe)
+                 + (iters * (n_params + 1 + MAX_TRIALS) * warm * nfe if warm else 0)  # LM
+                 + options.adam_iters * min(options.batch_size, pairs) * 3 * nfe)
+        validations = (2 + math.ceil(iters / options.val_every) + (iters if warm else 0)
                        + math.ceil(options.adam_iters / options.val_every)) * num_val * nfe
         at_caps = start + train + validations
         return at_caps if options.budget_evals is None else min(at_caps, options.budget_evals)
@@ -397,12 +401,17 @@ class BNSTrainer(KindTrainer):
             return k + 1, loss
 
         # L-BFGS on a few pairs first (cheap iterations find the basin), then on all of them
-        warmup = Phase("warmup", iters, lambda: new_lbfgs(solver.parameters(), lr),
-                       lbfgs_step(closure_on(warmup_set), checkpoint_every,
-                                  3 * solver.nfe * len(warmup_set)),
-                       budget_share=WARMUP_SHARE, budget_from_start=True, val_every=val_every,
+        def endpoints(part):    # the warm-up's samples: float64 state, the model in model_dtype
+            x0 = part.x0 if dtype is None else part.x0.to(dtype)
+            return solver.sample(model, x0, model_dtype=model_dtype, **part.extras).double()
+
+        n_params = sum(p.numel() for p in solver.parameters())
+        warmup = Phase("warmup", iters, lambda: LevenbergMarquardt(solver.parameters()),
+                       lm_step(warmup_set, endpoints, batch_size,
+                               (n_params + 2) * solver.nfe * len(warmup_set)),
+                       budget_share=WARMUP_SHARE, budget_from_start=True, val_every=1,
                        cap_within_max_iters=True,
-                       record={"optimizer": "lbfgs", "pairs": len(warmup_set)})
+                       record={"optimizer": "levenberg-marquardt", "pairs": len(warmup_set)})
         lbfgs = Phase("lbfgs", iters, lambda: new_lbfgs(solver.parameters(), lr),
                       lbfgs_step(closure_on(train_set), checkpoint_every,
                                  3 * solver.nfe * len(train_set)), val_every=val_every,
@@ -473,8 +482,9 @@ train_bns = keyword_trainer(TRAINER, "train_bns", """Fit a :class:`~bespoke_fast
             ``iters`` with a warm-up, plus ``adam_iters``), a non-finite loss (the phase's best
             parameters are restored; ``events`` says where); keep the best ``select`` score
             (default per-sample PSNR).
-        warmup_pairs: L-BFGS on this many training pairs first (at most ``WARMUP_SHARE`` of
-            the budget from its start), then on all of them; 0: none.
+        warmup_pairs: Levenberg-Marquardt on this many training pairs first (at most
+            ``WARMUP_SHARE`` of the budget from its start, validated every iteration), then
+            L-BFGS on all of them; 0: none.
         batch_size: Adam's batch (``>= num_train``: the whole training set every step);
             L-BFGS always uses the whole training set and evaluates it in chunks of
             ``batch_size`` pairs (gradient accumulation: bounds memory).

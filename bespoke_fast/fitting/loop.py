@@ -356,9 +356,12 @@ def run_phases(solver, model, val_set, phases: list, *, config: dict, gen, stopp
     def elapsed():
         return state.wall_total + time.perf_counter() - started
 
-    if saved is None and start is not None:
-        with ledger.charging("start"):
-            start(state, elapsed)
+    if saved is None:
+        if start is not None:
+            with ledger.charging("start"):
+                start(state, elapsed)
+        # the first phase starts now: after the start, and after what the ledger counted before
+        # the loop (BNS's Bespoke stage), so its budget share counts from here
         state.phase_wall, state.phase_evals = elapsed(), ledger.equivalent()
 
     def validate(done, loss, phase):
