@@ -54,6 +54,7 @@ import re
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -203,6 +204,17 @@ def fit_budget(args, gt_record) -> int:
     return max(1, DEFAULT_BUDGET_EVALS - gt_record["train_gt_evaluations"])
 
 
+def _fitting_code() -> str:
+    """A short hash of the code that fits solvers (``bespoke_fast/fitting``, the peers): a
+    cached solver fitted by other code is never reused."""
+    import hashlib
+    h = hashlib.sha256()
+    for path in sorted(Path(bf.__file__).parent.joinpath("fitting").glob("*.py")) + [
+            Path(peers_learned.__file__)]:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:10]
+
+
 def trained_solver(kind, base, n, name, zm, train, args, cache_tag, budget_evals):
     """Train (or load from the cache) one solver; returns (solver, train record).
 
@@ -212,7 +224,7 @@ def trained_solver(kind, base, n, name, zm, train, args, cache_tag, budget_evals
     on the rest (at most ``--bns-num-train``), with their own defaults. The record's
     ``evaluations`` is the fit's exact cost in forward-equivalents."""
     stop = _given(args, budget_seconds="budget_seconds")
-    key = f"{kind}-{base}-n{n}-N{len(train)}-s{args.seed}-b{budget_evals}-" + "-".join(
+    key = f"{kind}-{base}-n{n}-N{len(train)}-s{args.seed}-b{budget_evals}-{_fitting_code()}-" + "-".join(
         f"{k}{getattr(args, k)}" for k in ("iters", "finetune_iters", "train_batch", "num_val",
                                              "bns_iters", "bns_num_train", "budget_seconds"))
     d = os.path.join(args.cache, "solvers", f"{name}-{cache_tag}")

@@ -100,3 +100,23 @@ def test_the_state_round_trips_through_a_checkpoint():
     again = LevenbergMarquardt([torch.zeros(3, requires_grad=True)])
     again.load_state_dict(opt.state_dict())
     assert (again.lam, again.n_iter) == (0.25, 7)
+
+
+def test_a_jacobian_too_large_for_memory_is_built_in_smaller_chunks(gmm_gt, monkeypatch):
+    import bespoke_fast.fitting.gauss_newton as gn
+    model, gt = gmm_gt
+    solver = BespokeSolver("rk2", 3)
+    data = gt.subset(range(16))
+    whole = gauss_newton_system(_endpoints(solver, model), solver.parameters(), data, chunk=16)
+    calls = []
+
+    def counted(part):
+        calls.append(len(part))
+        return _endpoints(solver, model)(part)
+    monkeypatch.setattr(gn, "JACOBIAN_BYTES", 3 * 24 * 8 * 8)    # 3 rows of D = 8, P = 24
+    parts = gauss_newton_system(counted, solver.parameters(), data, chunk=16)
+    assert max(calls) == 3
+    # the same sums over rows; only the model's float32 rounding at another batch size differs
+    assert parts[0] == pytest.approx(whole[0], rel=1e-6)
+    for got, want in zip(parts[1:], whole[1:]):
+        assert torch.allclose(got, want, rtol=1e-2, atol=1e-3 * float(want.abs().max()))

@@ -34,9 +34,10 @@ import torch
 from ..utils import dist_info
 
 __all__ = ["LevenbergMarquardt", "lm_step", "gauss_newton_system", "FD_STEP", "MAX_TRIALS",
-           "LAMBDA0"]
+           "LAMBDA0", "JACOBIAN_BYTES"]
 
 FD_STEP = 1e-3      # forward-difference step, relative to max(1, |theta_k|)
+JACOBIAN_BYTES = 256 * 2 ** 20  # one chunk's float64 Jacobian at most (fewer rows per chunk)
 MAX_TRIALS = 8      # damping trials per iteration before the phase counts as converged
 LAMBDA0 = 1e-3      # the first damping, relative to diag(H)
 _TINY = 1e-20       # keeps log m_i and 1 / m_i finite for an exact endpoint
@@ -90,12 +91,14 @@ def gauss_newton_system(endpoints, params, data, chunk: int, step: float = FD_ST
     """``(loss, g, H)`` of the end-to-end loss on ``data`` at the current ``params`` (see the
     module docstring): ``loss`` the mean of ``log m_i`` (float), ``g`` [P] and ``H`` [P, P] in
     float64. ``endpoints(part) -> x_n`` samples the rows of ``part`` (a TrajectorySet) with the
-    current parameters; it is called on chunks of ``chunk`` rows, ``P + 1`` times each, so
-    memory is one chunk's Jacobian (``chunk`` x D x P float64). The parameters end as they
-    began."""
+    current parameters; it is called on chunks of at most ``chunk`` rows, ``P + 1`` times
+    each, so memory is one chunk's Jacobian (rows x D x P float64, at most
+    ``JACOBIAN_BYTES``). The parameters end as they began."""
     params = list(params)
     theta = _flat(params)
     P, B = theta.numel(), len(data)
+    per_row = P * 8 * max(1, data.x1[0].numel())
+    chunk = max(1, min(chunk, JACOBIAN_BYTES // per_row))
     g = torch.zeros(P, dtype=torch.float64)
     H = torch.zeros(P, P, dtype=torch.float64)
     total = 0.0
