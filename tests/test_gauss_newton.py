@@ -5,23 +5,17 @@ import math
 import pytest
 import torch
 
-import bespoke_fast as bf
 from bespoke_fast.fitting.common import in_dtype
 from bespoke_fast.fitting.gauss_newton import LevenbergMarquardt, gauss_newton_system, lm_step
 from bespoke_fast.fitting.loop import Phase, Stopping, run_phases
 from bespoke_fast.solvers.bespoke import BespokeSolver
 
-from .helpers import smooth_gmm
+from .helpers import gmm_trajectories
 
 
 @pytest.fixture(scope="module")
 def gmm_gt(tmp_path_factory):
-    torch.manual_seed(0)
-    model = smooth_gmm(dim=8, k=4, std_range=(0.1, 0.3))
-    out = tmp_path_factory.mktemp("gn") / "gt"
-    bf.generate_trajectories(model, 48, (8,), out, batch_size=48, progress=False,
-                             measure_interpolation=0)
-    return model, bf.load_trajectories(out)
+    return gmm_trajectories(tmp_path_factory.mktemp("gn") / "gt", 48, 48)
 
 
 def _endpoints(solver, model):
@@ -51,7 +45,7 @@ def test_the_gauss_newton_gradient_is_the_loss_gradient(gmm_gt):
     before = [p.detach().clone() for p in solver.parameters()]
     loss, g, H = gauss_newton_system(_endpoints(solver, model), solver.parameters(), data, chunk=7)
     want_loss, want_g = _loss_and_grad(solver, model, data)
-    assert loss == pytest.approx(want_loss, rel=1e-9)
+    assert loss == pytest.approx(want_loss, rel=1e-6)     # float32 model: batch-size rounding
     assert torch.allclose(g, want_g, rtol=2e-2, atol=1e-3 * float(want_g.abs().max()))
     assert torch.allclose(H, H.T) and float(torch.linalg.eigvalsh(H).min()) > -1e-9
     assert all(torch.equal(p, q) for p, q in zip(solver.parameters(), before))  # left as found
@@ -113,7 +107,7 @@ def test_a_jacobian_too_large_for_memory_is_built_in_smaller_chunks(gmm_gt, monk
     def counted(part):
         calls.append(len(part))
         return _endpoints(solver, model)(part)
-    monkeypatch.setattr(gn, "JACOBIAN_BYTES", 3 * 24 * 8 * 8)    # 3 rows of D = 8, P = 24
+    monkeypatch.setattr(gn, "JACOBIAN_BYTES", 3 * 24 * 8 * 16)   # 3 rows of D = 16, P = 24
     parts = gauss_newton_system(counted, solver.parameters(), data, chunk=16)
     assert max(calls) == 3
     # the same sums over rows; only the model's float32 rounding at another batch size differs
