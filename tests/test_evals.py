@@ -168,9 +168,9 @@ def test_a_diverging_bns_phase_hands_over_with_the_best_parameters(counted_gt):
     diverging.load_state_dict(model.state_dict())
     solver, report = train_bns(diverging, gt, n_steps=4, val=24, init="midpoint",
                                warmup_pairs=16, iters=20, budget_evals=60_000, progress=False)
-    # the warm-up (no gradients: it runs clean) ends on its 30% share of the budget; L-BFGS on
-    # all pairs turns NaN at once, and so does the Adam that takes over from its best
-    assert report["phase_stop_reasons"] == {"warmup": "budget", "lbfgs": "nonfinite",
+    # the warm-up (no gradients: it runs clean) ends on its cap; L-BFGS on all pairs turns NaN
+    # at once, and so does the Adam that takes over from its best
+    assert report["phase_stop_reasons"] == {"warmup": "max_iters", "lbfgs": "nonfinite",
                                             "adam": "nonfinite"}
     assert [e["phase"] for e in report["events"]] == ["lbfgs", "adam"]
     assert report["stop_reason"] == "nonfinite"

@@ -114,3 +114,4 @@ def test_a_jacobian_too_large_for_memory_is_built_in_smaller_chunks(gmm_gt, monk
     assert parts[0] == pytest.approx(whole[0], rel=1e-6)
     for got, want in zip(parts[1:], whole[1:]):
         assert torch.allclose(got, want, rtol=1e-2, atol=1e-3 * float(want.abs().max()))
+

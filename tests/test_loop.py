@@ -127,3 +127,15 @@ def test_bns_trains_on_a_streamed_set_as_on_the_loaded_one(gmm_gt, gt_dir):
     assert all(torch.equal(p, q) for p, q in zip(loaded.parameters(), streamed.parameters()))
     with pytest.raises(TypeError, match="trajectories must be a TrajectorySet"):
         train_bns(flow, {"x0": gt.x0}, **kw)
+
+
+def test_a_share_counted_from_the_phase_start_never_passes_the_whole_budget():
+    from bespoke_fast.fitting.loop import Phase, Stopping, _deadlines
+    phase = Phase("warmup", 10, None, None, budget_share=0.5, budget_from_start=True)
+    state = TrainState(phase_evals=150_000, phase_wall=80.0)
+    seconds, evals = _deadlines(phase, state, Stopping(max_iters=10, budget_seconds=100.0,
+                                                       budget_evals=200_000))
+    assert (seconds, evals) == (100.0, 200_000)        # not 130 s and 250,000
+    state = TrainState(phase_evals=20_000, phase_wall=10.0)
+    assert _deadlines(phase, state, Stopping(max_iters=10, budget_seconds=100.0,
+                                             budget_evals=200_000)) == (60.0, 120_000)

@@ -126,7 +126,7 @@ def _lr_at(k: int, iters: int, lr: float, lr_final: float) -> float:
 
 
 BESPOKE_SHARE = 0.4   # of the budgets for the Bespoke stage of init="bespoke"
-WARMUP_SHARE = 0.3    # the Levenberg-Marquardt warm-up on warmup_pairs: at most this share, from its start
+WARMUP_SHARE = 0.5    # the Levenberg-Marquardt warm-up on warmup_pairs: at most this share, from its start
 
 
 def _check_init(init, n_steps: int):

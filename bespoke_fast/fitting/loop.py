@@ -304,14 +304,16 @@ def lbfgs_step(closure, checkpoint_every: int | None = None, cost: int = 0):
 
 
 def _deadlines(phase: Phase, state: TrainState, stopping: Stopping):
-    """The phase's deadlines: (fit seconds, forward-equivalents), None where there is none."""
+    """The phase's deadlines: (fit seconds, forward-equivalents), None where there is none; a
+    share counted from the phase's start never reaches past the whole budget."""
     seconds = evals = None
     if stopping.budget_seconds is not None:
         origin = state.phase_wall if phase.budget_from_start else 0.0
-        seconds = origin + stopping.budget_seconds * phase.budget_share
+        seconds = min(origin + stopping.budget_seconds * phase.budget_share,
+                      stopping.budget_seconds)
     if stopping.budget_evals is not None:
         origin = state.phase_evals if phase.budget_from_start else 0
-        evals = origin + stopping.budget_evals * phase.budget_share
+        evals = min(origin + stopping.budget_evals * phase.budget_share, stopping.budget_evals)
     return seconds, evals
 
 
