@@ -115,3 +115,21 @@ def test_a_jacobian_too_large_for_memory_is_built_in_smaller_chunks(gmm_gt, monk
     for got, want in zip(parts[1:], whole[1:]):
         assert torch.allclose(got, want, rtol=1e-2, atol=1e-3 * float(want.abs().max()))
 
+
+
+@pytest.mark.parametrize("budget", [5_000, 5_300, 6_000, 9_000, 12_000])
+def test_the_warm_up_never_spends_past_its_budget(gmm_gt, budget):
+    """Neither an iteration (its Jacobian) nor a damping trial starts where it would not fit."""
+    from bespoke_fast.fitting.evals import EvalLedger
+    model, gt = gmm_gt
+    solver = BespokeSolver("rk2", 3)
+    ledger = EvalLedger()
+    counted = ledger.wrap(model)
+    train, val = gt.split(16)
+    phase = Phase("warmup", 50, lambda: LevenbergMarquardt(solver.parameters()),
+                  lm_step(train, _endpoints(solver, counted), chunk=32, cost=0), val_every=1)
+    state = run_phases(solver, model, val, [phase], config={}, gen=torch.Generator(),
+                       stopping=Stopping(max_iters=50, budget_evals=budget), checkpoint=None,
+                       progress=False, ledger=ledger)
+    assert ledger.equivalent() <= budget
+    assert state.stop_reason == "budget"

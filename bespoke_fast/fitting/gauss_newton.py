@@ -141,8 +141,8 @@ def lm_step(data, endpoints, chunk: int, cost: int):
     rows of ``part`` with the solver's current parameters (float64 state); ``chunk``: rows per
     sampler call; ``cost``: the forward-equivalents of one iteration until one is measured.
 
-    An iteration that would pass the phase's evaluation deadline is not started (the loop then
-    ends the phase); a non-finite loss, gradient or curvature ends it with a NaN loss (the loop
+    An iteration that would pass the phase's evaluation deadline is not started, nor a damping
+    trial (the loop then ends the phase); a non-finite loss, gradient or curvature ends it with a NaN loss (the loop
     restores the phase's best parameters); no accepted trial sets ``state.converged``. Under
     torchrun every rank computes the same step on the same rows, and rank 0's parameters are
     broadcast after it."""
@@ -157,6 +157,7 @@ def lm_step(data, endpoints, chunk: int, cost: int):
         params = opt.params
         loss, g, H = gauss_newton_system(endpoints, params, data, chunk)
         state.loss_evals += 1
+        trial_cost = (ctx.spent() - before) / (_flat(params).numel() + 1)   # one sampler pass
         if not (math.isfinite(loss) and bool(torch.isfinite(g).all())
                 and bool(torch.isfinite(H).all())):
             state.last_loss = math.nan
@@ -164,6 +165,11 @@ def lm_step(data, endpoints, chunk: int, cost: int):
         theta, new = _flat(params), loss
         damping = torch.diag(torch.diag(H).clamp_min(_TINY))
         for _ in range(MAX_TRIALS):
+            if (ctx.eval_budget is not None
+                    and ctx.spent() + trial_cost + ctx.reserve > ctx.eval_budget):
+                _assign(params, theta)  # no room for another trial: keep the last accepted point
+                ctx.out_of_budget = True
+                break
             try:
                 delta = torch.linalg.solve(H + opt.lam * damping, -g)
             except RuntimeError:        # singular at this damping: damp more
@@ -179,6 +185,8 @@ def lm_step(data, endpoints, chunk: int, cost: int):
         else:
             _assign(params, theta)      # no trial lowered the loss: a minimum at this precision
             state.converged = True
+        if ctx.out_of_budget:
+            new = loss
         _, world, _ = dist_info()
         if world > 1:
             for p in params:
