@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -207,7 +208,6 @@ def fit_budget(args, gt_record) -> int:
 def _fitting_code() -> str:
     """A short hash of the code that fits solvers (``bespoke_fast/fitting``, the peers): a
     cached solver fitted by other code is never reused."""
-    import hashlib
     h = hashlib.sha256()
     for path in sorted(Path(bf.__file__).parent.joinpath("fitting").glob("*.py")) + [
             Path(peers_learned.__file__)]:

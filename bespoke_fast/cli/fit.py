@@ -25,8 +25,8 @@ def run(args):
                      budget_seconds=args.budget_seconds, device=resolve_device(args.device),
                      **({} if args.budget_evals is None else
                         {"budget_evals": args.budget_evals or None}),
-                     **job_flag_values(args, args.solver), progress=not args.quiet, log=log, plan_only=args.plan,
-                     overwrite=args.overwrite)
+                     **job_flag_values(args, args.solver), progress=not args.quiet, log=log,
+                     plan_only=args.plan, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, TypeError) as e:
         raise CLIError(str(e)) from e
     if args.json:

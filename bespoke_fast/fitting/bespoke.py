@@ -23,8 +23,8 @@ all of them (the polish: what generalises), each phase until its validation scor
 improving or its share of the budget is spent. The paper's RMSE-bound phase (``iters``) and an
 Adam fine-tune on batches (``finetune_iters``) are there to be switched on; both are off by
 default: at a few hundred thousand evaluations these second-order phases from a searched start
-gave more held-out PSNR per evaluation (``bench/fit_cost.py --pareto``). The checkpoint kept is the one with the best
-validation score (default the mean per-sample PSNR; ``select``, see
+gave more held-out PSNR per evaluation (``bench/fit_cost.py --pareto``). The checkpoint kept is
+the one with the best validation score (default the mean per-sample PSNR; ``select``, see
 ``bespoke_fast.fitting.stopping``), and the report says why training stopped.
 
 The fit ends in the basin it starts in; ``init="auto"`` (ours) screens a few starting solvers

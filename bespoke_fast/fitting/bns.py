@@ -400,7 +400,7 @@ class BNSTrainer(KindTrainer):
             state.loss_evals += 1
             return k + 1, loss
 
-        # L-BFGS on a few pairs first (cheap iterations find the basin), then on all of them
+        # Levenberg-Marquardt on a few pairs first (it finds the basin), then L-BFGS on all
         def endpoints(part):    # the warm-up's samples: float64 state, the model in model_dtype
             x0 = part.x0 if dtype is None else part.x0.to(dtype)
             return solver.sample(model, x0, model_dtype=model_dtype, **part.extras).double()

@@ -99,6 +99,7 @@ def gauss_newton_system(endpoints, params, data, chunk: int, step: float = FD_ST
     P, B = theta.numel(), len(data)
     per_row = P * 8 * max(1, data.x1[0].numel())
     chunk = max(1, min(chunk, JACOBIAN_BYTES // per_row))
+    steps = (step * theta.abs().clamp_min(1.0)).tolist()     # one host sync for all P
     g = torch.zeros(P, dtype=torch.float64)
     H = torch.zeros(P, P, dtype=torch.float64)
     total = 0.0
@@ -109,8 +110,7 @@ def gauss_newton_system(endpoints, params, data, chunk: int, step: float = FD_ST
             f0 = endpoints(part)
             r, m = _log_mse(f0, x1)
             J = torch.empty(r.shape[0], r.shape[1], P, dtype=torch.float64, device=r.device)
-            for k in range(P):
-                h = step * max(1.0, abs(float(theta[k])))
+            for k, h in enumerate(steps):
                 moved = theta.clone()
                 moved[k] += h
                 _assign(params, moved)
@@ -157,12 +157,12 @@ def lm_step(data, endpoints, chunk: int, cost: int):
         params = opt.params
         loss, g, H = gauss_newton_system(endpoints, params, data, chunk)
         state.loss_evals += 1
-        trial_cost = (ctx.spent() - before) / (_flat(params).numel() + 1)   # one sampler pass
+        theta, new = _flat(params), loss
+        trial_cost = (ctx.spent() - before) / (theta.numel() + 1)   # one sampler pass
         if not (math.isfinite(loss) and bool(torch.isfinite(g).all())
                 and bool(torch.isfinite(H).all())):
             state.last_loss = math.nan
             return k + 1, math.nan
-        theta, new = _flat(params), loss
         damping = torch.diag(torch.diag(H).clamp_min(_TINY))
         for _ in range(MAX_TRIALS):
             if (ctx.eval_budget is not None
